@@ -1,0 +1,124 @@
+"""Resident slabs: where each (layer, slot, tensor) lives in one device allocation.
+
+Symbols: L layers, S slots per rank, T tensors per expert (``len(spec)``).
+
+One rank keeps all its experts in a single ``uint8`` allocation::
+
+    storage: uint8 [L * layer_bytes]
+      layer l  at  l * layer_bytes
+        tensor t  at  + region_offsets[t]          (aligned to REGION_ALIGN)
+          slot s  at  + s * spec.tensors[t].nbytes  (slots side by side)
+
+so ``storage[region].view(dtype).view(S, *shape)`` is a contiguous, zero-copy
+``[S, *shape]`` view per (layer, tensor) whose address never changes while the
+store lives: CUDA graphs captured against it stay valid.
+
+A *transfer slab* is ``uint8 [n * spec.record_bytes]``: n expert records, each
+with tensor t at ``spec.record_offsets[t]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import SpecError, StoreError
+from .spec import ExpertSpec
+
+__all__ = ["SlabLayout", "ResidentSlabs", "REGION_ALIGN"]
+
+# 256 bytes: every (layer, tensor) region starts on a 256-byte boundary, which
+# satisfies any dtype's view alignment and the widest (16-byte) vector access,
+# and keeps regions on separate L2 sectors.
+REGION_ALIGN = 256
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class SlabLayout:
+    """Byte layout of one rank's resident slabs (pure arithmetic, no memory)."""
+
+    spec: ExpertSpec
+    num_layers: int
+    slots: int
+    region_offsets: tuple[int, ...]  # per tensor, within a layer
+    layer_bytes: int
+
+    @classmethod
+    def build(cls, spec: ExpertSpec, *, num_layers: int, slots: int) -> SlabLayout:
+        if not isinstance(spec, ExpertSpec):
+            raise SpecError(f"spec must be an ExpertSpec, got {type(spec).__name__}")
+        if num_layers <= 0 or slots <= 0:
+            raise SpecError(f"need num_layers > 0 and slots > 0, got num_layers={num_layers}, slots={slots}")
+        offsets = []
+        off = 0
+        for t in spec.tensors:
+            offsets.append(off)
+            off = _align(off + slots * t.nbytes, REGION_ALIGN)
+        return cls(spec=spec, num_layers=num_layers, slots=slots, region_offsets=tuple(offsets), layer_bytes=off)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.num_layers * self.layer_bytes
+
+    def slot_offset(self, layer: int, slot: int, tensor: int) -> int:
+        """Byte offset of (layer, slot, tensor) in the storage."""
+        t = self.spec.tensors[tensor]
+        return layer * self.layer_bytes + self.region_offsets[tensor] + slot * t.nbytes
+
+    def tensor_table(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """int64 [T, 3]: (tensor nbytes, resident region offset, record offset) per tensor."""
+        rows = [
+            [t.nbytes, self.region_offsets[i], self.spec.record_offsets[i]] for i, t in enumerate(self.spec.tensors)
+        ]
+        return torch.tensor(rows, dtype=torch.int64, device=device)
+
+
+class ResidentSlabs:
+    """One rank's resident experts: one allocation, stable per-tensor views.
+
+    ``storage`` is ``uint8 [L * layer_bytes]`` on ``device``; ``weights(name,
+    layer)`` returns the ``[S, *shape]`` view of that tensor in that layer. The
+    allocation is made once and never replaced, so view addresses are stable.
+    """
+
+    def __init__(self, layout: SlabLayout, device: torch.device | str, *, fill: int | None = None) -> None:
+        self.layout = layout
+        self.device = torch.device(device)
+        try:
+            if fill is None:
+                self.storage = torch.empty(layout.total_bytes, dtype=torch.uint8, device=self.device)
+            else:
+                self.storage = torch.full((layout.total_bytes,), fill, dtype=torch.uint8, device=self.device)
+        except RuntimeError as e:  # out of memory, bad device
+            raise StoreError(
+                f"cannot allocate {layout.total_bytes} bytes of resident slabs on {self.device}: {e}"
+            ) from None
+        spec = layout.spec
+        self._views: list[list[torch.Tensor]] = []
+        for layer in range(layout.num_layers):
+            row = []
+            for i, t in enumerate(spec.tensors):
+                start = layer * layout.layer_bytes + layout.region_offsets[i]
+                raw = self.storage[start : start + layout.slots * t.nbytes]
+                row.append(raw.view(t.dtype).view(layout.slots, *t.shape))
+            self._views.append(row)
+
+    @property
+    def spec(self) -> ExpertSpec:
+        return self.layout.spec
+
+    def weights(self, name: str, layer: int) -> torch.Tensor:
+        """``[S, *shape]`` view of tensor ``name`` in ``layer`` (zero-copy, stable address)."""
+        i = self.spec.index(name)
+        if not 0 <= layer < self.layout.num_layers:
+            raise StoreError(f"layer {layer} out of range: the store holds layers 0..{self.layout.num_layers - 1}")
+        return self._views[layer][i]
+
+    def slot_tensors(self, layer: int, slot: int) -> dict[str, torch.Tensor]:
+        """{name: view of one slot} for (layer, slot): what a checkpoint read fills."""
+        return {t.name: self._views[layer][i][slot] for i, t in enumerate(self.spec.tensors)}

@@ -1,0 +1,1 @@
+"""Triton kernels of expert-store, installed as ``expert_store.kernels``."""
