@@ -1,8 +1,10 @@
 """expert-store: keep and move Mixture-of-Experts weights across GPUs.
 
-See README.md for the user's manual and DESIGN (section 3) for the API contract.
+See README.md for the user's manual and the design notes for the API contract.
 """
 
+from . import eplb
+from .checkpoint import Checkpoint
 from .errors import (
     AgreementError,
     CheckpointError,
@@ -14,21 +16,32 @@ from .errors import (
     StoreError,
 )
 from .layout import ResidentSlabs, SlabLayout
+from .manifest import Manifest, ManifestLog
+from .placement import Placement
 from .spec import ExpertSpec, TensorSpec
+from .store import DEFAULT_STAGING_BYTES, ExpertStore, RebalanceReport
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_STAGING_BYTES",
     "AgreementError",
+    "Checkpoint",
     "CheckpointError",
     "ExpertSpec",
+    "ExpertStore",
     "IntegrityError",
+    "Manifest",
     "ManifestError",
+    "ManifestLog",
     "PeerTimeoutError",
+    "Placement",
     "PlacementError",
+    "RebalanceReport",
     "ResidentSlabs",
     "SlabLayout",
     "SpecError",
     "StoreError",
     "TensorSpec",
+    "eplb",
 ]

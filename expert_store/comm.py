@@ -1,0 +1,184 @@
+"""Point-to-point messaging among the *live* ranks only.
+
+The store never calls a collective of the whole process group: a dead rank
+would never enter it and the survivors would hang. Everything here is built
+from point-to-point operations between live ranks (torch.distributed P2P on
+NCCL or gloo, the same code path), and every host-side wait has a deadline
+that raises :class:`PeerTimeoutError` naming the ranks that did not answer.
+
+Ranks are the store's ranks (0..R-1, the group's ranks); they are mapped to
+global ranks for torch.distributed calls.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+
+import torch
+
+from .errors import PeerTimeoutError, StoreError
+
+__all__ = ["Comm", "DEFAULT_TIMEOUT_S"]
+
+# 300 s: long enough for a first NCCL connection between two ranks on a loaded
+# machine, short enough that a lost peer is reported within minutes.
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class Comm:
+    """Messaging of one rank with its live peers.
+
+    Args:
+        group: a torch.distributed process group (None = the default group), or
+            ignored when ``world_size == 1``.
+        rank, world_size: this rank and R, as the store numbers them.
+        device: the store's device; NCCL needs transport tensors on the GPU.
+        timeout_s: deadline of each host-side wait.
+    """
+
+    def __init__(
+        self,
+        group,
+        *,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        self.group = group
+        self.transport_device = torch.device("cpu")
+        if world_size == 1:
+            self._dist = None
+            return
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise StoreError(
+                f"rank {rank}: world_size={world_size} needs an initialized torch.distributed process group"
+            )
+        self._dist = dist
+        group_size = dist.get_world_size(group)
+        my_rank = dist.get_rank(group)
+        if group_size != world_size:
+            raise StoreError(f"rank {rank}: process group has {group_size} ranks, the store was given {world_size}")
+        if my_rank != rank:
+            raise StoreError(f"store rank {rank} differs from this process's group rank {my_rank}")
+        backend = str(dist.get_backend(group)).lower()
+        self.backend = backend
+        if "nccl" in backend:
+            if device.type != "cuda":
+                raise StoreError(f"rank {rank}: the NCCL backend needs a CUDA device, got {device}")
+            self.transport_device = device
+
+    # -- rank mapping ---------------------------------------------------------
+    def _global(self, r: int) -> int:
+        if self.group is None:
+            return r
+        return self._dist.get_global_rank(self.group, r)
+
+    # -- waits ----------------------------------------------------------------
+    def _wait(self, works: Sequence, peers: Sequence[int], what: str) -> None:
+        deadline = timedelta(seconds=self.timeout_s)
+        for w, p in zip(works, peers):
+            try:
+                ok = w.wait(timeout=deadline)
+            except RuntimeError as e:  # torch raises RuntimeError (or a subclass) on timeout / abort
+                raise PeerTimeoutError(
+                    f"rank {self.rank}: {what} with rank {p} failed or did not finish within {self.timeout_s:.0f} s: "
+                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                ) from None
+            if ok is False:
+                raise PeerTimeoutError(
+                    f"rank {self.rank}: {what} with rank {p} did not finish within {self.timeout_s:.0f} s"
+                )
+
+    # -- bulk exchange ----------------------------------------------------------
+    def start_exchange(self, sends: Mapping[int, torch.Tensor], recvs: Mapping[int, torch.Tensor]) -> list:
+        """Post one send and/or one receive per peer in one batch; returns the works.
+
+        Peers are visited in ascending rank order on both sides so that the
+        pairing is identical everywhere."""
+        if not sends and not recvs:
+            return []
+        if self._dist is None:
+            raise StoreError(f"rank {self.rank}: no peers in a world of one rank")
+        dist = self._dist
+        ops = []
+        peers = []
+        for p in sorted(set(sends) | set(recvs)):
+            if p == self.rank:
+                raise StoreError(f"rank {self.rank}: a rank cannot exchange with itself")
+            if p in sends:
+                ops.append(dist.P2POp(dist.isend, sends[p], self._global(p), self.group))
+                peers.append(p)
+            if p in recvs:
+                ops.append(dist.P2POp(dist.irecv, recvs[p], self._global(p), self.group))
+                peers.append(p)
+        works = dist.batch_isend_irecv(ops)
+        return [(w, p) for w, p in zip(works, peers)]
+
+    def finish_exchange(self, works: list, *, what: str = "slab exchange") -> None:
+        """Wait for works from :meth:`start_exchange`.
+
+        On NCCL this only orders the current stream after the transfers (the
+        host does not block, so the next round's packing overlaps); the host
+        deadline is applied by :meth:`sync_device`. On gloo it blocks with the
+        deadline."""
+        if not works:
+            return
+        if self.transport_device.type == "cuda":
+            for w, _ in works:
+                w.wait()
+        else:
+            self._wait([w for w, _ in works], [p for _, p in works], what)
+
+    def sync_device(self, device: torch.device, *, what: str) -> None:
+        """Wait for all work queued on ``device``'s current stream, with the deadline."""
+        if device.type != "cuda":
+            return
+        ev = torch.cuda.Event()
+        ev.record()
+        deadline = time.monotonic() + self.timeout_s
+        while not ev.query():
+            if time.monotonic() > deadline:
+                raise PeerTimeoutError(f"rank {self.rank}: {what} did not finish within {self.timeout_s:.0f} s")
+            time.sleep(0.0002)
+
+    # -- small all-gather through a leader ------------------------------------
+    def allgather_live(self, live: Sequence[int], row: torch.Tensor, *, what: str) -> torch.Tensor:
+        """All-gather one int64 row per live rank, via the lowest live rank.
+
+        Args:
+            live: ascending live ranks (must include this rank); dead ranks are never contacted.
+            row: int64 [K], the same K on every live rank.
+        Returns:
+            int64 [len(live), K] on the CPU, row i from live[i].
+        """
+        live = sorted(int(r) for r in live)
+        if self.rank not in live:
+            raise StoreError(f"rank {self.rank} is not among the live ranks {live}")
+        row = row.to(torch.int64).reshape(-1).cpu()
+        if len(live) == 1:
+            return row.unsqueeze(0).clone()
+        dist = self._dist
+        dev = self.transport_device
+        leader = live[0]
+        k = row.numel()
+        if self.rank == leader:
+            bufs = {p: torch.empty(k, dtype=torch.int64, device=dev) for p in live[1:]}
+            works = [dist.irecv(bufs[p], self._global(p), self.group) for p in live[1:]]
+            self._wait(works, live[1:], f"{what} (gather)")
+            table = torch.stack([row.to(dev)] + [bufs[p] for p in live[1:]])
+            works = [dist.isend(table, self._global(p), self.group) for p in live[1:]]
+            self._wait(works, live[1:], f"{what} (broadcast)")
+            return table.cpu()
+        send = row.to(dev)
+        self._wait([dist.isend(send, self._global(leader), self.group)], [leader], f"{what} (gather)")
+        table = torch.empty(len(live), k, dtype=torch.int64, device=dev)
+        self._wait([dist.irecv(table, self._global(leader), self.group)], [leader], f"{what} (broadcast)")
+        return table.cpu()

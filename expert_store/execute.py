@@ -1,0 +1,284 @@
+"""Carry out one rank's part of a rebalance plan.
+
+Symbols: L layers, S slots per rank, n records in a round, B the per-round
+staging budget (bytes). A *round* is a list of :class:`~expert_store.plan.Move`;
+this rank's view of round k:
+
+    buffer k % 2: uint8 [n_k * record_bytes]
+        [ local move records | records sent to peer q (ascending q) | records received from q ]
+
+Pipeline (one packing launch and one unpacking launch per round)::
+
+    pack(0); issue(0)
+    for k: pack(k+1); finish(k); issue(k+1); unpack(k)
+
+``pack(k+1)`` never reads a slot that ``unpack(k)`` writes: the schedule puts a
+move writing slot X no earlier than the last move reading X's old content, so
+packing the next round ahead of unpacking this one is safe, and on NCCL the
+transfer of round k+1 overlaps the unpacking of round k and the packing of
+round k+2. Two buffers are in use at a time, so staging never exceeds 2 B.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from expert_store.kernels import pack_records, unpack_records
+
+from .checkpoint import Checkpoint
+from .comm import Comm
+from .errors import StoreError
+from .layout import ResidentSlabs
+from .plan import DiskRead, Move, PostCopy, Round
+
+__all__ = ["ExecutionStats", "execute_rounds", "run_disk_reads", "run_post_copies", "copy_slots"]
+
+
+@dataclass
+class ExecutionStats:
+    rounds: int = 0
+    staging_peak: int = 0  # bytes of staging allocated at once on this rank
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _idx(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.int64).to(device, non_blocking=True)
+
+
+class _RoundIO:
+    """This rank's records of one round, in buffer order."""
+
+    def __init__(self, rank: int, rnd: Round) -> None:
+        moves = rnd.moves
+        local = [m for m in moves if m.is_local and m.src_rank == rank]
+        out: dict[int, list[Move]] = {}
+        inc: dict[int, list[Move]] = {}
+        for m in moves:
+            if m.is_local:
+                continue
+            if m.src_rank == rank:
+                out.setdefault(m.dst_rank, []).append(m)
+            elif m.dst_rank == rank:
+                inc.setdefault(m.src_rank, []).append(m)
+        self.parks = [p for p in rnd.parks if p.rank == rank]
+        self.local = local
+        self.out = dict(sorted(out.items()))
+        self.inc = dict(sorted(inc.items()))
+        self.n_pack = len(local) + sum(len(v) for v in self.out.values())
+        self.n_total = self.n_pack + sum(len(v) for v in self.inc.values())
+
+    @property
+    def empty(self) -> bool:
+        return not self.n_total and not self.parks
+
+    def pack_lists(self) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+        """(layers, slots, buffer positions) packed from slots; (park ids, positions) copied from parks."""
+        ms = self.local + [m for v in self.out.values() for m in v]
+        layers, slots, pos, park_ids, park_pos = [], [], [], [], []
+        for i, m in enumerate(ms):
+            if m.src_park >= 0:
+                park_ids.append(m.src_park)
+                park_pos.append(i)
+            else:
+                layers.append(m.layer)
+                slots.append(m.src_slot)
+                pos.append(i)
+        return layers, slots, pos, park_ids, park_pos
+
+    def unpack_lists(self) -> tuple[list[int], list[int], list[int]]:
+        layers, slots, recs = [], [], []
+        for i, m in enumerate(self.local):
+            layers.append(m.layer)
+            slots.append(m.dst_slot)
+            recs.append(i)
+        pos = self.n_pack
+        for v in self.inc.values():
+            for m in v:
+                layers.append(m.layer)
+                slots.append(m.dst_slot)
+                recs.append(pos)
+                pos += 1
+        return layers, slots, recs
+
+
+def execute_rounds(
+    rounds: list[Round],
+    *,
+    rank: int,
+    slabs: ResidentSlabs,
+    comm: Comm,
+    stats: ExecutionStats,
+    staging_bytes: int,
+) -> None:
+    """Run every round that involves this rank (parks, sends, receives, local moves).
+
+    ``rounds`` come from :func:`~expert_store.plan.schedule_rounds` with a budget of
+    ``staging_bytes // 2`` per round; staging never exceeds ``staging_bytes``."""
+    rb = slabs.spec.record_bytes
+    dev = slabs.device
+    ios = [io for io in (_RoundIO(rank, r) for r in rounds) if not io.empty]
+    if not ios:
+        return
+    cap = max(max(io.n_total for io in ios), 1) * rb
+    n_parks = max((p.park + 1 for io in ios for p in io.parks), default=0)
+    # Two buffers let round k+1 be packed while round k is in flight; the schedule
+    # keeps cap and the parks each within staging_bytes / 2, so one buffer always fits.
+    nbuf = 2 if len(ios) > 1 and 2 * cap + n_parks * rb <= staging_bytes else 1
+    try:
+        bufs = [torch.empty(cap, dtype=torch.uint8, device=dev) for _ in range(nbuf)]
+        park_buf = torch.empty(n_parks * rb, dtype=torch.uint8, device=dev)
+    except RuntimeError as e:
+        raise StoreError(f"rank {rank}: cannot allocate {nbuf} x {cap} bytes of staging on {dev}: {e}") from None
+    stats.staging_peak = max(stats.staging_peak, nbuf * cap + n_parks * rb)
+    stats.rounds = len(ios)
+    t_pack = t_unpack = t_wait = 0.0
+    storage = slabs.storage
+    layout = slabs.layout
+
+    def pack(k: int) -> None:
+        io = ios[k]
+        buf = bufs[k % nbuf]
+        if io.parks:
+            pack_records(
+                storage,
+                layout,
+                _idx([p.layer for p in io.parks], dev),
+                _idx([p.slot for p in io.parks], dev),
+                out=park_buf,
+                records=_idx([p.park for p in io.parks], dev),
+            )
+        layers, slots, pos, park_ids, park_pos = io.pack_lists()
+        if layers:
+            pack_records(storage, layout, _idx(layers, dev), _idx(slots, dev), out=buf, records=_idx(pos, dev))
+        if park_ids:
+            rows = buf[: io.n_pack * rb].view(io.n_pack, rb)
+            rows[_idx(park_pos, dev)] = park_buf.view(n_parks, rb)[_idx(park_ids, dev)]
+
+    def issue(k: int) -> list:
+        io = ios[k]
+        buf = bufs[k % nbuf]
+        sends, recvs = {}, {}
+        pos = len(io.local)
+        for q, v in io.out.items():
+            sends[q] = buf[pos * rb : (pos + len(v)) * rb]
+            pos += len(v)
+        for q, v in io.inc.items():
+            recvs[q] = buf[pos * rb : (pos + len(v)) * rb]
+            pos += len(v)
+        return comm.start_exchange(sends, recvs)
+
+    def unpack(k: int) -> None:
+        layers, slots, recs = ios[k].unpack_lists()
+        if layers:
+            unpack_records(
+                bufs[k % nbuf], storage, layout, _idx(layers, dev), _idx(slots, dev), records=_idx(recs, dev)
+            )
+
+    if nbuf == 1:
+        for k in range(len(ios)):
+            t0 = time.perf_counter()
+            pack(k)
+            works = issue(k)
+            t1 = time.perf_counter()
+            comm.finish_exchange(works, what=f"round {k} exchange")
+            t2 = time.perf_counter()
+            unpack(k)
+            t_pack += t1 - t0
+            t_wait += t2 - t1
+            t_unpack += time.perf_counter() - t2
+        ios = []
+    else:
+        t0 = time.perf_counter()
+        pack(0)
+        t_pack += time.perf_counter() - t0
+        works = issue(0)
+    for k in range(len(ios)):
+        t0 = time.perf_counter()
+        if k + 1 < len(ios):
+            pack(k + 1)
+        t1 = time.perf_counter()
+        comm.finish_exchange(works, what=f"round {k} exchange")
+        t2 = time.perf_counter()
+        works = issue(k + 1) if k + 1 < len(ios) else []
+        unpack(k)
+        t3 = time.perf_counter()
+        t_pack += t1 - t0
+        t_wait += t2 - t1
+        t_unpack += t3 - t2
+    comm.sync_device(dev, what="rebalance rounds")
+    stats.seconds["host_pack"] = t_pack
+    stats.seconds["host_wait"] = t_wait
+    stats.seconds["host_unpack"] = t_unpack
+    del bufs, park_buf
+
+
+def run_disk_reads(
+    reads: Sequence[DiskRead], *, slabs: ResidentSlabs, checkpoint: Checkpoint, staging_bytes: int | None
+) -> int:
+    """Read experts from the checkpoint straight into their slots; returns bytes read."""
+    if not reads:
+        return 0
+    targets = [(d.layer, d.expert, slabs.slot_tensors(d.layer, d.slot)) for d in reads]
+    return checkpoint.read_into(slabs.spec, targets, staging_bytes=staging_bytes)
+
+
+class DiskReader:
+    """Runs :func:`run_disk_reads` in a background thread, re-raising its error on join."""
+
+    def __init__(self, reads, **kw) -> None:
+        self._error: BaseException | None = None
+        self.nbytes = 0
+        self.seconds = 0.0
+
+        def work() -> None:
+            t0 = time.perf_counter()
+            try:
+                self.nbytes = run_disk_reads(reads, **kw)
+            except BaseException as e:  # re-raised in join()
+                self._error = e
+            self.seconds = time.perf_counter() - t0
+
+        self._thread = threading.Thread(target=work, name="expert-store-disk", daemon=True)
+        self._thread.start()
+
+    def join(self) -> int:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.nbytes
+
+
+def copy_slots(
+    slabs: ResidentSlabs, layers: Sequence[int], src_slots: Sequence[int], dst_slots: Sequence[int], *, budget: int
+) -> int:
+    """Copy experts slot to slot within this rank through a staging slab of at most ``budget`` bytes.
+
+    Sources must not be destinations of the same call. Returns the staging bytes used."""
+    n = len(layers)
+    if n == 0:
+        return 0
+    rb = slabs.spec.record_bytes
+    per = max(1, budget // rb)
+    dev = slabs.device
+    buf = torch.empty(min(per, n) * rb, dtype=torch.uint8, device=dev)
+    for a in range(0, n, per):
+        b = min(n, a + per)
+        lt = _idx(layers[a:b], dev)
+        pack_records(slabs.storage, slabs.layout, lt, _idx(src_slots[a:b], dev), out=buf)
+        unpack_records(buf, slabs.storage, slabs.layout, lt, _idx(dst_slots[a:b], dev))
+    return buf.numel()
+
+
+def run_post_copies(copies: Sequence[PostCopy], *, slabs: ResidentSlabs, budget: int) -> int:
+    return copy_slots(
+        slabs,
+        [c.layer for c in copies],
+        [c.src_slot for c in copies],
+        [c.dst_slot for c in copies],
+        budget=budget,
+    )

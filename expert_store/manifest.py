@@ -1,0 +1,705 @@
+"""Versioned manifests: one msgpack file per placement version, committed atomically.
+
+Symbols: L MoE layers, E logical experts per layer, R ranks, S slots per rank,
+P = R * S physical slots.
+
+File format (``FORMAT_VERSION`` 1). A manifest file is exactly one msgpack map
+with string keys, written in a fixed key order so that the same
+:class:`Manifest` always gives the same bytes::
+
+    kind            "expert-store-manifest"
+    format_version  1
+    version         int >= 1
+    parent          int | nil
+    created         float64 (unix seconds)
+    reason          str
+    spec            [{"name", "shape", "dtype"}, ...]       (ExpertSpec.to_list())
+    num_layers, num_experts, num_ranks, slots_per_rank       int
+    ranks_per_node  int | nil
+    phy2log         array int64 [L, P]
+    alive           array bool [R]
+    checkpoint      {"layers": [int] | nil, "names": {str: str | [str]}, "path": str}
+    checksums       array int64 [L, E]
+    stats           {str: int | float | str | bool}
+    sha256          bin 32                                   (always the last entry)
+
+An *array* is ``{"dtype": "int64" | "bool", "shape": [...], "data": bin}``
+(keys in that order) with ``data`` the raw little-endian bytes (bool: one
+byte, 0 or 1). Every other nested map is written with sorted keys. ``sha256`` is the hash of every byte of the file
+before the ``sha256`` entry, so truncation and bit rot are detected even where
+msgpack would still parse; the file stays one plain msgpack map that any
+msgpack tool can read.
+
+Directory layout: ``<root>/manifests/v{version:08d}.msgpack``. The committed
+versions are exactly the files with that name. A commit writes a temporary
+file (``.v…tmp``) in the same directory, fsyncs it, links it to its final name
+(the commit point: a link never replaces an existing file, so two writers of
+one version cannot silently overwrite each other), then fsyncs the directory.
+Readers never see a partial file, and a crash at any moment leaves the last
+committed version readable; leftover temporary files are ignored and removed
+later by :meth:`ManifestLog.clean_temporaries`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import math
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+
+from .errors import ManifestError, PlacementError, SpecError
+from .placement import Placement
+from .spec import ExpertSpec
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_KIND",
+    "Manifest",
+    "ManifestLog",
+    "decode_manifest",
+    "encode_manifest",
+    "manifest_to_json",
+]
+
+FORMAT_VERSION = 1
+MANIFEST_KIND = "expert-store-manifest"
+
+# The last entry of every manifest: fixstr "sha256" (0xa6 + 6 bytes), then bin8
+# of 32 bytes (0xc4 0x20), then the digest. Fixed length, so the checked range
+# (everything before it) is known without parsing.
+_SUM_KEY = "sha256"
+_SUM_PREFIX = b"\xa6sha256\xc4\x20"
+_SUM_LEN = len(_SUM_PREFIX) + 32
+
+# Key order of the top-level map (the checksum entry follows them).
+_FIELDS = (
+    "kind",
+    "format_version",
+    "version",
+    "parent",
+    "created",
+    "reason",
+    "spec",
+    "num_layers",
+    "num_experts",
+    "num_ranks",
+    "slots_per_rank",
+    "ranks_per_node",
+    "phy2log",
+    "alive",
+    "checkpoint",
+    "checksums",
+    "stats",
+)
+
+# Array dtypes a manifest may hold, by their name in the file.
+_ARRAY_DTYPES: dict[str, tuple[torch.dtype, str]] = {
+    "int64": (torch.int64, "<i8"),
+    "bool": (torch.bool, "u1"),
+}
+
+_FILE_RE = re.compile(r"^v(\d{8,})\.msgpack$")
+_TMP_RE = re.compile(r"^\.v\d{8,}\..*\.tmp$")
+
+
+@dataclass(frozen=True, eq=False)
+class Manifest:
+    """One version of a store: its placement, live ranks, checkpoint and checksums.
+
+    Attributes:
+        version: this version (>= 1).
+        parent: the version it was derived from; None for the first.
+        created: creation time, unix seconds.
+        reason: why this version exists ("create", "rebalance", ...).
+        spec: what one expert is made of.
+        num_layers, num_experts, num_ranks, slots_per_rank: L, E, R, S.
+        ranks_per_node: ranks per host, or None when unknown.
+        phy2log: int64 ``[L, P]``.
+        alive: bool ``[R]``, the live ranks.
+        checkpoint: ``Checkpoint.to_dict()``: ``{"path": str, "names": {str: str | [str]},
+            "layers": [int] | None}``.
+        checksums: int64 ``[L, E]``, the checksum of each (layer, logical expert).
+        stats: rebalance statistics (str keys; int, float, str or bool values).
+        format_version: the file format; only :data:`FORMAT_VERSION` can be written.
+    """
+
+    version: int
+    parent: int | None
+    created: float
+    reason: str
+    spec: ExpertSpec
+    num_layers: int
+    num_experts: int
+    num_ranks: int
+    slots_per_rank: int
+    ranks_per_node: int | None
+    phy2log: torch.Tensor
+    alive: torch.Tensor
+    checkpoint: dict
+    checksums: torch.Tensor
+    stats: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def placement(self) -> Placement:
+        """The validated :class:`Placement` of this version (a new object each call)."""
+        return Placement(self.phy2log, num_ranks=self.num_ranks, num_experts=self.num_experts)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Manifest):
+            return NotImplemented
+        for name in self.__dataclass_fields__:
+            a, b = getattr(self, name), getattr(other, name)
+            if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+                if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+                    return False
+                if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a.cpu(), b.cpu()):
+                    return False
+            elif a != b:
+                return False
+        return True
+
+    __hash__ = None  # type: ignore[assignment]  # holds tensors and dicts
+
+    def __repr__(self) -> str:
+        return (
+            f"Manifest(version={self.version}, parent={self.parent}, reason={self.reason!r}, "
+            f"L={self.num_layers}, E={self.num_experts}, R={self.num_ranks}, S={self.slots_per_rank}, "
+            f"alive={int(self.alive.sum()) if isinstance(self.alive, torch.Tensor) else '?'}/{self.num_ranks})"
+        )
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check(m: Manifest, where: str) -> None:
+    """Validate every field of ``m``; errors name ``where`` (a file or "manifest vN")."""
+
+    def bad(msg: str) -> ManifestError:
+        return ManifestError(f"{where}: {msg}")
+
+    if not _is_int(m.format_version) or m.format_version != FORMAT_VERSION:
+        raise bad(f"format_version must be {FORMAT_VERSION}, got {m.format_version!r}")
+    if not _is_int(m.version) or m.version < 1:
+        raise bad(f"version must be an int >= 1, got {m.version!r}")
+    if m.parent is not None and (not _is_int(m.parent) or not 1 <= m.parent < m.version):
+        raise bad(f"parent must be None or an int in [1, version={m.version}), got {m.parent!r}")
+    if isinstance(m.created, bool) or not isinstance(m.created, (int, float)) or not math.isfinite(m.created):
+        raise bad(f"created must be a finite float (unix seconds), got {m.created!r}")
+    if not isinstance(m.reason, str):
+        raise bad(f"reason must be a str, got {type(m.reason).__name__}")
+    if not isinstance(m.spec, ExpertSpec):
+        raise bad(f"spec must be an ExpertSpec, got {type(m.spec).__name__}")
+    for name in ("num_layers", "num_experts", "num_ranks", "slots_per_rank"):
+        v = getattr(m, name)
+        if not _is_int(v) or v < 1:
+            raise bad(f"{name} must be an int >= 1, got {v!r}")
+    if m.ranks_per_node is not None and (not _is_int(m.ranks_per_node) or m.ranks_per_node < 1):
+        raise bad(f"ranks_per_node must be None or an int >= 1, got {m.ranks_per_node!r}")
+    L, E, R, S = m.num_layers, m.num_experts, m.num_ranks, m.slots_per_rank
+    for name, dtype, shape in (
+        ("phy2log", torch.int64, (L, R * S)),
+        ("alive", torch.bool, (R,)),
+        ("checksums", torch.int64, (L, E)),
+    ):
+        t = getattr(m, name)
+        if not isinstance(t, torch.Tensor):
+            raise bad(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise bad(f"{name} must be {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
+    try:
+        m.placement()
+    except PlacementError as e:
+        raise bad(f"phy2log is not a valid placement: {e}") from None
+    _check_checkpoint(m.checkpoint, bad)
+    if not isinstance(m.stats, dict):
+        raise bad(f"stats must be a dict, got {type(m.stats).__name__}")
+    for k, v in m.stats.items():
+        if not isinstance(k, str):
+            raise bad(f"stats keys must be str, got {k!r}")
+        if not isinstance(v, (int, float, str)):
+            raise bad(f"stats[{k!r}] must be an int, float or str, got {type(v).__name__}")
+        if _is_int(v) and not -(2**63) <= v < 2**64:
+            raise bad(f"stats[{k!r}] = {v} does not fit in 64 bits")
+
+
+def _check_checkpoint(ck: Any, bad: Callable[[str], ManifestError]) -> None:
+    if not isinstance(ck, dict):
+        raise bad(f"checkpoint must be a dict, got {type(ck).__name__}")
+    if set(ck) != {"path", "names", "layers"}:
+        raise bad(f"checkpoint must have exactly the keys ['layers', 'names', 'path'], got {sorted(map(str, ck))}")
+    if not isinstance(ck["path"], str):
+        raise bad(f"checkpoint['path'] must be a str, got {type(ck['path']).__name__}")
+    names = ck["names"]
+    if not isinstance(names, dict):
+        raise bad(f"checkpoint['names'] must be a dict, got {type(names).__name__}")
+    for k, v in names.items():
+        if not isinstance(k, str):
+            raise bad(f"checkpoint['names'] keys must be str, got {k!r}")
+        ok = isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(s, str) for s in v))
+        if not ok:
+            raise bad(f"checkpoint['names'][{k!r}] must be a str or a non-empty list of str, got {v!r}")
+    layers = ck["layers"]
+    if layers is not None and not (isinstance(layers, list) and all(_is_int(x) and x >= 0 for x in layers)):
+        raise bad(f"checkpoint['layers'] must be None or a list of ints >= 0, got {layers!r}")
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _array(t: torch.Tensor) -> dict[str, Any]:
+    name = "int64" if t.dtype == torch.int64 else "bool"
+    a = t.detach().cpu().contiguous().numpy()
+    # astype(..., copy=False) is free on little-endian hosts and byte-swaps elsewhere.
+    data = a.astype(_ARRAY_DTYPES[name][1], copy=False).tobytes()
+    return {"dtype": name, "shape": list(t.shape), "data": data}
+
+
+def _sorted_map(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: d[k] for k in sorted(d)}
+
+
+def _seal(payload: Mapping[str, Any]) -> bytes:
+    """msgpack ``payload`` (in its key order) and append the sha256 entry.
+
+    Private; the tests use it to build files that are well sealed but wrong.
+    """
+    packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+    parts = [packer.pack_map_header(len(payload) + 1)]
+    for k, v in payload.items():
+        parts.append(packer.pack(k))
+        parts.append(packer.pack(v))
+    body = b"".join(parts)
+    return body + _SUM_PREFIX + hashlib.sha256(body).digest()
+
+
+def encode_manifest(m: Manifest) -> bytes:
+    """The file bytes of ``m``; deterministic (same manifest, same bytes).
+
+    Raises:
+        ManifestError: a field has the wrong type, shape or dtype.
+    """
+    if not isinstance(m, Manifest):
+        raise ManifestError(f"encode_manifest takes a Manifest, got {type(m).__name__}")
+    where = f"manifest v{m.version}"
+    _check(m, where)
+    ck = m.checkpoint
+    payload = {
+        "kind": MANIFEST_KIND,
+        "format_version": FORMAT_VERSION,
+        "version": m.version,
+        "parent": m.parent,
+        "created": float(m.created),
+        "reason": m.reason,
+        "spec": [_sorted_map(t) for t in m.spec.to_list()],
+        "num_layers": m.num_layers,
+        "num_experts": m.num_experts,
+        "num_ranks": m.num_ranks,
+        "slots_per_rank": m.slots_per_rank,
+        "ranks_per_node": m.ranks_per_node,
+        "phy2log": _array(m.phy2log),
+        "alive": _array(m.alive),
+        "checkpoint": {"layers": ck["layers"], "names": _sorted_map(ck["names"]), "path": ck["path"]},
+        "checksums": _array(m.checksums),
+        "stats": _sorted_map(m.stats),
+    }
+    try:
+        return _seal(payload)
+    except (OverflowError, TypeError, ValueError) as e:
+        raise ManifestError(f"{where}: cannot be encoded as msgpack: {e}") from None
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _field(d: dict, key: str, types: type | tuple[type, ...], source: str, *, nullable: bool = False) -> Any:
+    if key not in d:
+        raise ManifestError(f"{source}: field {key!r} is missing")
+    v = d[key]
+    if v is None and nullable:
+        return None
+    if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        ok = False
+    else:
+        ok = isinstance(v, types)
+    if not ok:
+        want = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
+        raise ManifestError(f"{source}: field {key!r} must be {want}{' or nil' if nullable else ''}, got {v!r:.80}")
+    return v
+
+
+def _decode_array(d: dict, key: str, source: str) -> torch.Tensor:
+    a = _field(d, key, dict, source)
+    if set(a) != {"dtype", "shape", "data"}:
+        raise ManifestError(f"{source}: array {key!r} must have keys dtype, shape, data; got {sorted(map(str, a))}")
+    name, shape, data = a["dtype"], a["shape"], a["data"]
+    if not isinstance(name, str) or name not in _ARRAY_DTYPES:
+        raise ManifestError(f"{source}: array {key!r} has unknown dtype {name!r:.60}")
+    if not isinstance(shape, list) or not all(_is_int(x) and x >= 0 for x in shape):
+        raise ManifestError(f"{source}: array {key!r} has a malformed shape {shape!r}")
+    if not isinstance(data, bytes):
+        raise ManifestError(f"{source}: array {key!r} data must be bin, got {type(data).__name__}")
+    np_dtype = np.dtype(_ARRAY_DTYPES[name][1])
+    want = math.prod(shape) * np_dtype.itemsize
+    if len(data) != want:
+        raise ManifestError(
+            f"{source}: array {key!r} ({name} {shape}) needs {want} bytes of data, the file holds {len(data)}"
+        )
+    # astype copies into native byte order and gives torch a writable array.
+    arr = np.frombuffer(data, dtype=np_dtype).astype(np_dtype.newbyteorder("="))
+    if name == "bool":
+        if arr.size and int(arr.max()) > 1:
+            raise ManifestError(f"{source}: array {key!r} (bool) holds a byte other than 0 or 1")
+        return torch.from_numpy(arr.view(np.bool_)).reshape(shape)
+    return torch.from_numpy(arr).reshape(shape)
+
+
+def decode_manifest(data: bytes, *, source: str = "<bytes>") -> Manifest:
+    """Parse and check manifest file bytes.
+
+    Args:
+        data: the file's bytes.
+        source: what to call the bytes in error messages (the file's path).
+
+    Raises:
+        ManifestError: naming ``source``, for any corruption (truncated, not
+            msgpack, wrong kind, checksum mismatch, missing or ill-typed field,
+            array length not matching dtype and shape) or a format_version newer
+            than :data:`FORMAT_VERSION`.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ManifestError(f"{source}: manifest data must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    try:
+        d = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except Exception as e:  # msgpack raises many types (ValueError, FormatError, StackError, ...)
+        raise ManifestError(
+            f"{source}: not a readable manifest (truncated or not msgpack, {len(data)} bytes): {type(e).__name__}: {e}"
+        ) from None
+    if not isinstance(d, dict):
+        raise ManifestError(f"{source}: not a manifest (the file holds a msgpack {type(d).__name__}, not a map)")
+    if d.get("kind") != MANIFEST_KIND:
+        raise ManifestError(f"{source}: not an expert-store manifest (kind {d.get('kind')!r:.60})")
+    fv = _field(d, "format_version", int, source)
+    if fv > FORMAT_VERSION:
+        raise ManifestError(
+            f"{source}: format_version {fv} is newer than this expert-store reads ({FORMAT_VERSION}); "
+            "upgrade expert-store to read it"
+        )
+    if fv < 1:
+        raise ManifestError(f"{source}: invalid format_version {fv}")
+    body = data[:-_SUM_LEN]
+    if (
+        len(data) < _SUM_LEN
+        or data[-_SUM_LEN:-32] != _SUM_PREFIX
+        or d.get(_SUM_KEY) != data[-32:]
+        or hashlib.sha256(body).digest() != data[-32:]
+    ):
+        raise ManifestError(f"{source}: checksum mismatch (the file is corrupt or was truncated)")
+    extra = set(d) - set(_FIELDS) - {_SUM_KEY}
+    if extra:
+        raise ManifestError(f"{source}: unknown field(s) {sorted(extra)}")
+
+    try:
+        spec = ExpertSpec.from_list(_field(d, "spec", list, source))
+    except SpecError as e:
+        raise ManifestError(f"{source}: malformed spec: {e}") from None
+    created = _field(d, "created", (float, int), source)
+    ck = _field(d, "checkpoint", dict, source)
+    stats = _field(d, "stats", dict, source)
+    m = Manifest(
+        version=_field(d, "version", int, source),
+        parent=_field(d, "parent", int, source, nullable=True),
+        created=float(created),
+        reason=_field(d, "reason", str, source),
+        spec=spec,
+        num_layers=_field(d, "num_layers", int, source),
+        num_experts=_field(d, "num_experts", int, source),
+        num_ranks=_field(d, "num_ranks", int, source),
+        slots_per_rank=_field(d, "slots_per_rank", int, source),
+        ranks_per_node=_field(d, "ranks_per_node", int, source, nullable=True),
+        phy2log=_decode_array(d, "phy2log", source),
+        alive=_decode_array(d, "alive", source),
+        checkpoint=ck,
+        checksums=_decode_array(d, "checksums", source),
+        stats=stats,
+        format_version=fv,
+    )
+    _check(m, source)
+    return m
+
+
+def manifest_to_json(m: Manifest) -> dict[str, Any]:
+    """A JSON-friendly summary of ``m`` (arrays as nested lists) for operator tools."""
+    return {
+        "kind": MANIFEST_KIND,
+        "format_version": m.format_version,
+        "version": m.version,
+        "parent": m.parent,
+        "created": m.created,
+        "created_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.created)),
+        "reason": m.reason,
+        "spec": m.spec.to_list(),
+        "expert_nbytes": m.spec.nbytes,
+        "num_layers": m.num_layers,
+        "num_experts": m.num_experts,
+        "num_ranks": m.num_ranks,
+        "slots_per_rank": m.slots_per_rank,
+        "ranks_per_node": m.ranks_per_node,
+        "alive": m.alive.tolist(),
+        "phy2log": m.phy2log.tolist(),
+        "checkpoint": {
+            "path": m.checkpoint["path"],
+            "names": {k: (v if isinstance(v, str) else list(v)) for k, v in m.checkpoint["names"].items()},
+            "layers": None if m.checkpoint["layers"] is None else list(m.checkpoint["layers"]),
+        },
+        "checksums": m.checksums.tolist(),
+        "stats": dict(m.stats),
+        "placement_digest": m.placement().digest().hex(),
+    }
+
+
+# --------------------------------------------------------------------------- the log
+
+# Test seam: called with "written", "synced", "linked" after each step of a
+# commit, so that crash tests can kill the process at each point.
+_after_step: Callable[[str], None] | None = None
+
+
+def _step(name: str) -> None:
+    if _after_step is not None:
+        _after_step(name)
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory so that a rename or unlink in it survives a crash."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot open the directory to fsync it: {e}") from None
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # Some platforms (Windows) and file systems cannot fsync a directory.
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.EACCES):
+            raise ManifestError(f"{path}: fsync of the directory failed: {e}") from None
+    finally:
+        os.close(fd)
+
+
+class ManifestLog:
+    """The versions of one store: ``<root>/manifests/v{version:08d}.msgpack``.
+
+    Several ranks may share one root (they commit the same bytes) or each keep
+    its own; both work. Methods raise :class:`ManifestError` naming the file.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.dir = self.root / "manifests"
+
+    def __repr__(self) -> str:
+        return f"ManifestLog({str(self.root)!r})"
+
+    def path_of(self, version: int) -> Path:
+        """Where ``version`` is (or would be) committed."""
+        if not _is_int(version) or version < 1:
+            raise ManifestError(f"{self.dir}: a manifest version is an int >= 1, got {version!r}")
+        return self.dir / f"v{version:08d}.msgpack"
+
+    def versions(self) -> list[int]:
+        """Committed versions, ascending (temporary files are not versions)."""
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise ManifestError(f"{self.dir}: cannot list manifests: {e}") from None
+        out = []
+        for n in names:
+            mt = _FILE_RE.match(n)
+            if mt and n == f"v{int(mt.group(1)):08d}.msgpack":
+                out.append(int(mt.group(1)))
+        return sorted(out)
+
+    def latest(self) -> int | None:
+        """The newest committed version, or None if there is none."""
+        vs = self.versions()
+        return vs[-1] if vs else None
+
+    def read(self, version: int | None = None) -> Manifest:
+        """Read and check one version (None: the latest committed).
+
+        A corrupt file raises :class:`ManifestError` naming it; reading never
+        falls back to another version.
+        """
+        if version is None:
+            version = self.latest()
+            if version is None:
+                raise ManifestError(f"{self.dir}: no committed manifest")
+        path = self.path_of(version)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ManifestError(f"{path}: manifest version {version} is not committed") from None
+        except OSError as e:
+            raise ManifestError(f"{path}: cannot read: {e}") from None
+        m = decode_manifest(data, source=str(path))
+        if m.version != version:
+            raise ManifestError(f"{path}: the file holds version {m.version}, not {version}")
+        return m
+
+    def _same_as_committed(self, path: Path, data: bytes, version: int) -> bool:
+        try:
+            existing = path.read_bytes()
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise ManifestError(f"{path}: cannot read the committed manifest: {e}") from None
+        if existing != data:
+            raise ManifestError(
+                f"{path}: version {version} is already committed with different content (stale writer?)"
+            )
+        return True
+
+    def commit(self, m: Manifest) -> Path:
+        """Commit ``m`` atomically as ``path_of(m.version)``; returns that path.
+
+        Re-committing the identical bytes of an existing version is allowed (ranks
+        sharing one root all commit the same manifest).
+
+        Raises:
+            ManifestError: the version exists with different content, or
+                ``m.parent`` is not the latest committed version.
+        """
+        data = encode_manifest(m)
+        final = self.path_of(m.version)
+        if not self.dir.is_dir():
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ManifestError(f"{self.dir}: cannot create the manifest directory: {e}") from None
+            _fsync_dir(self.dir.parent)
+        if self._same_as_committed(final, data, m.version):
+            _fsync_dir(self.dir)  # the first writer may have crashed before its own directory fsync
+            return final
+        latest = self.latest()
+        if m.parent != latest:
+            raise ManifestError(
+                f"{final}: parent {m.parent} is not the latest committed version ({latest}) of {self.dir}"
+            )
+
+        tmp = self.dir / f".v{m.version:08d}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                _step("written")
+                os.fsync(fd)
+                _step("synced")
+            finally:
+                os.close(fd)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise ManifestError(f"{tmp}: cannot write the manifest: {e}") from None
+
+        try:
+            self._publish(tmp, final)
+            _step("linked")
+        except FileExistsError:
+            # Another writer committed this version between our check and the link.
+            if not self._same_as_committed(final, data, m.version):
+                raise ManifestError(f"{final}: appeared and vanished while committing (concurrent prune?)") from None
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        _fsync_dir(self.dir)
+        return final
+
+    @staticmethod
+    def _publish(tmp: Path, final: Path) -> None:
+        """Make ``tmp`` visible as ``final``: the commit point.
+
+        A hard link fails if ``final`` exists, so a concurrent writer of the same
+        version is detected instead of overwritten. File systems without hard
+        links get an atomic rename instead, after an existence check.
+        """
+        try:
+            os.link(tmp, final)
+            return
+        except FileExistsError:
+            raise
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS):
+                raise ManifestError(f"{final}: cannot commit the manifest: {e}") from None
+        if final.exists():
+            raise FileExistsError(errno.EEXIST, "exists", str(final))
+        try:
+            os.replace(tmp, final)
+        except OSError as e:
+            raise ManifestError(f"{final}: cannot commit the manifest: {e}") from None
+
+    def clean_temporaries(self, *, older_than: float = 60.0) -> list[Path]:
+        """Remove temporary files left by crashed commits, if older than ``older_than`` seconds.
+
+        The age guard keeps the in-flight commits of other ranks sharing the
+        root; a commit takes milliseconds. Returns the removed paths.
+        """
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return []
+        now = time.time()
+        removed = []
+        for n in names:
+            if not _TMP_RE.match(n):
+                continue
+            p = self.dir / n
+            try:
+                if now - p.stat().st_mtime >= older_than:
+                    p.unlink()
+                    removed.append(p)
+            except FileNotFoundError:
+                continue  # another rank removed it
+        return sorted(removed)
+
+    def prune(self, *, keep: int) -> list[int]:
+        """Delete the oldest committed versions beyond the newest ``keep`` (>= 1).
+
+        The latest version is never deleted. Also removes stale temporary files.
+        Returns the versions beyond ``keep`` that are now gone (including any a
+        rank sharing the root removed at the same time), ascending.
+        """
+        if not _is_int(keep) or keep < 1:
+            raise ManifestError(f"{self.dir}: prune keeps at least one version, got keep={keep!r}")
+        versions = self.versions()
+        doomed = versions[:-keep] if len(versions) > keep else []
+        for v in doomed:
+            try:
+                self.path_of(v).unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise ManifestError(f"{self.path_of(v)}: cannot delete: {e}") from None
+        self.clean_temporaries()
+        if doomed:
+            _fsync_dir(self.dir)
+        return doomed

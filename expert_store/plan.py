@@ -1,0 +1,408 @@
+"""Rebalance planning: who gets which expert from where, and in which round.
+
+Pure and deterministic: every live rank computes the same plan from the same
+(old placement, new placement, old alive mask, alive, fresh, ranks_per_node),
+so no plan is ever sent over the wire.
+
+Symbols: L layers, E logical experts, R ranks, S slots per rank, P = R * S.
+Slots in a plan are *local* slot indices (0..S-1) of the rank named beside them.
+
+For each live rank r and layer l, with H = experts r held before (empty if r is
+fresh or was dead in the old version) and the slots whose expert changes:
+
+* the first changed slot wanting an expert e not in H *obtains* e: a
+  :class:`Move` from a live, non-fresh holder (``bytes_p2p``), or a
+  :class:`DiskRead` when no live holder exists (``bytes_disk``, ``missing``);
+* every other changed slot is a local copy (``bytes_local``): a :class:`Move`
+  from the rank's own old slot when every old slot of e changes (its old
+  content must be packed before it is overwritten), otherwise a
+  :class:`PostCopy` after all moves, from a slot that holds e by then;
+* unchanged slots cost nothing.
+
+Moves are then scheduled into rounds (:func:`schedule_rounds`) so that each
+rank's staging per round stays within a budget and no slot is overwritten
+before every move reading its old content has been packed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from .errors import PlacementError, StoreError
+from .placement import Placement
+
+__all__ = [
+    "DiskRead",
+    "Move",
+    "Park",
+    "PostCopy",
+    "Round",
+    "RankAccount",
+    "RebalancePlan",
+    "plan_rebalance",
+    "schedule_rounds",
+]
+
+
+@dataclass(frozen=True)
+class Move:
+    """One expert record from (src_rank, layer, src_slot) to (dst_rank, layer, dst_slot).
+
+    ``src_rank == dst_rank`` is a local move of old content within a rank."""
+
+    layer: int
+    expert: int
+    src_rank: int
+    src_slot: int
+    dst_rank: int
+    dst_slot: int
+    src_park: int = -1  # >= 0: read from this park record of src_rank instead of the slot
+
+    @property
+    def is_local(self) -> bool:
+        return self.src_rank == self.dst_rank
+
+
+@dataclass(frozen=True)
+class Park:
+    """Save the old content of (rank, layer, slot) into park record ``park`` of that rank.
+
+    Breaks a cycle of moves that does not fit one round: the parked slot may
+    then be overwritten, and the moves that needed its old content read the
+    park record instead."""
+
+    rank: int
+    layer: int
+    slot: int
+    park: int
+
+
+@dataclass
+class Round:
+    """One round: parks are packed first, then every move's record, then moves are unpacked."""
+
+    parks: list[Park]
+    moves: list[Move]
+
+
+@dataclass(frozen=True)
+class DiskRead:
+    """Read (layer, expert) from the checkpoint into local slot ``slot`` of ``rank``."""
+
+    rank: int
+    layer: int
+    expert: int
+    slot: int
+
+
+@dataclass(frozen=True)
+class PostCopy:
+    """After all moves and reads: copy local slot src_slot to dst_slot of ``rank`` (same expert)."""
+
+    rank: int
+    layer: int
+    expert: int
+    src_slot: int
+    dst_slot: int
+
+
+@dataclass
+class RankAccount:
+    """Exact accounting of one rank (DESIGN.md section 3)."""
+
+    bytes_p2p: int = 0
+    bytes_local: int = 0
+    bytes_disk: int = 0
+    missing: dict[int, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class RebalancePlan:
+    """The whole plan; every live rank holds an identical copy."""
+
+    num_ranks: int
+    slots_per_rank: int
+    alive: tuple[bool, ...]
+    holders_valid: tuple[bool, ...]  # rank's old slots hold valid content (alive before and now, not fresh)
+    moves: list[Move]
+    disk_reads: list[DiskRead]
+    post_copies: list[PostCopy]
+    accounts: dict[int, RankAccount]
+    changed: set[tuple[int, int, int]]  # (rank, layer, local slot) whose content is (re)written
+
+    def moves_of(self, rank: int) -> list[Move]:
+        return [m for m in self.moves if m.src_rank == rank or m.dst_rank == rank]
+
+
+def _as_mask(values: Sequence[bool] | torch.Tensor | None, n: int, what: str) -> tuple[bool, ...]:
+    if values is None:
+        return (True,) * n
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    values = tuple(bool(v) for v in values)
+    if len(values) != n:
+        raise PlacementError(f"{what} must have one entry per rank ({n}), got {len(values)}")
+    return values
+
+
+def plan_rebalance(
+    old: Placement,
+    new: Placement,
+    *,
+    expert_bytes: int,
+    old_alive: Sequence[bool] | torch.Tensor | None = None,
+    alive: Sequence[bool] | torch.Tensor | None = None,
+    fresh: Iterable[int] = (),
+    ranks_per_node: int | None = None,
+) -> RebalancePlan:
+    """Compute the rebalance plan from ``old`` to ``new``.
+
+    Args:
+        old, new: placements with the same L, E, R and S.
+        expert_bytes: bytes of one expert (``spec.nbytes``), for the accounting.
+        old_alive: bool [R]: ranks whose slots were filled in the old version.
+        alive: bool [R]: ranks taking part now (dead ranks are never sources or destinations).
+        fresh: live ranks whose memory is empty (restarted); destinations only.
+        ranks_per_node: when set, a holder on the destination's node is preferred.
+    """
+    if (old.num_layers, old.num_experts, old.num_ranks, old.slots_per_rank) != (
+        new.num_layers,
+        new.num_experts,
+        new.num_ranks,
+        new.slots_per_rank,
+    ):
+        raise PlacementError(
+            "new placement has (L, E, R, S) = "
+            f"{(new.num_layers, new.num_experts, new.num_ranks, new.slots_per_rank)}, the store has "
+            f"{(old.num_layers, old.num_experts, old.num_ranks, old.slots_per_rank)}"
+        )
+    R, S, L = new.num_ranks, new.slots_per_rank, new.num_layers
+    alive_t = _as_mask(alive, R, "alive")
+    old_alive_t = _as_mask(old_alive, R, "old alive mask")
+    fresh_set = set()
+    for r in fresh:
+        r = int(r)
+        if not 0 <= r < R:
+            raise PlacementError(f"fresh rank {r} out of range 0..{R - 1}")
+        if not alive_t[r]:
+            raise PlacementError(f"rank {r} is listed as fresh but not alive")
+        fresh_set.add(r)
+    if not any(alive_t):
+        raise PlacementError("no rank is alive")
+    if ranks_per_node is not None and ranks_per_node <= 0:
+        raise PlacementError(f"ranks_per_node must be positive, got {ranks_per_node}")
+    valid = tuple(alive_t[r] and old_alive_t[r] and r not in fresh_set for r in range(R))
+    new.check_servable(torch.tensor(alive_t))
+
+    old_np = old.phy2log.numpy()
+    new_np = new.phy2log.numpy()
+    moves: list[Move] = []
+    disk: list[DiskRead] = []
+    post: list[PostCopy] = []
+    accounts = {r: RankAccount() for r in range(R) if alive_t[r]}
+    changed: set[tuple[int, int, int]] = set()
+    sent_bytes = [0] * R  # load already given to each holder, for spreading
+    node_of = (lambda r: r // ranks_per_node) if ranks_per_node else (lambda r: 0)
+    live_ranks = [r for r in range(R) if alive_t[r]]
+
+    for layer in range(L):
+        o = old_np[layer].reshape(R, S)
+        n = new_np[layer].reshape(R, S)
+        # holders[e] = [(rank, first local slot)] over valid holders, ascending rank
+        holders: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        for r in range(R):
+            if not valid[r]:
+                continue
+            seen: set[int] = set()
+            for s in range(S):
+                e = int(o[r, s])
+                if e not in seen:
+                    seen.add(e)
+                    holders[e].append((r, s))
+        for r in live_ranks:
+            acct = accounts[r]
+            orow, nrow = o[r], n[r]
+            if valid[r]:
+                changed_slots = np.nonzero(orow != nrow)[0].tolist()
+                if not changed_slots:
+                    continue
+                held = {int(e) for e in orow}
+                unchanged_home = {int(nrow[s]): s for s in range(S) if orow[s] == nrow[s]}
+                old_home: dict[int, int] = {}
+                for s in range(S):
+                    old_home.setdefault(int(orow[s]), s)
+            else:
+                changed_slots = list(range(S))
+                held, unchanged_home, old_home = set(), {}, {}
+            filled: dict[int, int] = {}  # expert -> slot that holds it once moves/reads are done
+            for s in changed_slots:
+                e = int(nrow[s])
+                changed.add((r, layer, s))
+                if e in filled or e in unchanged_home:
+                    src = filled.get(e, unchanged_home.get(e))
+                    post.append(PostCopy(r, layer, e, src, s))
+                    acct.bytes_local += expert_bytes
+                elif e in held:
+                    moves.append(Move(layer, e, r, old_home[e], r, s))
+                    filled[e] = s
+                    acct.bytes_local += expert_bytes
+                elif e in holders:
+                    cands = holders[e]
+                    if ranks_per_node:
+                        same = [c for c in cands if node_of(c[0]) == node_of(r)]
+                        if same:
+                            cands = same
+                    src_rank, src_slot = min(cands, key=lambda c: (sent_bytes[c[0]], c[0]))
+                    sent_bytes[src_rank] += expert_bytes
+                    moves.append(Move(layer, e, src_rank, src_slot, r, s))
+                    filled[e] = s
+                    acct.bytes_p2p += expert_bytes
+                else:
+                    disk.append(DiskRead(r, layer, e, s))
+                    filled[e] = s
+                    acct.bytes_disk += expert_bytes
+                    acct.missing.setdefault(layer, []).append(e)
+    for acct in accounts.values():
+        for lst in acct.missing.values():
+            lst.sort()
+    return RebalancePlan(
+        num_ranks=R,
+        slots_per_rank=S,
+        alive=alive_t,
+        holders_valid=valid,
+        moves=moves,
+        disk_reads=disk,
+        post_copies=post,
+        accounts=accounts,
+        changed=changed,
+    )
+
+
+def schedule_rounds(plan: RebalancePlan, *, record_bytes: int, budget_bytes: int) -> list[Round]:
+    """Split ``plan.moves`` into rounds.
+
+    In every round each rank packs all the records it sends (and its local
+    moves) before it unpacks anything, so a move may write slot X in round k
+    only if every move reading X's old content is in round <= k. Per rank and
+    round, bytes sent + bytes received + bytes parked (a local move counts
+    once) stay within ``budget_bytes``. When no move can go (a cycle of moves
+    larger than a round), one blocked slot is *parked*: its old content is
+    kept in a park record until every move needing it has run. Deterministic:
+    every rank gets the same rounds.
+
+    Raises StoreError when the budget is below two records, or when parked
+    records alone fill a rank's budget.
+    """
+    moves = list(plan.moves)
+    if not moves:
+        return []
+    if budget_bytes < 2 * record_bytes:
+        raise StoreError(
+            f"staging budget of {budget_bytes} bytes per round is below two expert records "
+            f"({2 * record_bytes} bytes); raise staging_bytes"
+        )
+
+    def src_key(m: Move) -> tuple[int, int, int] | None:
+        return None if m.src_park >= 0 else (m.src_rank, m.layer, m.src_slot)
+
+    def dst_key(m: Move) -> tuple[int, int, int]:
+        return (m.dst_rank, m.layer, m.dst_slot)
+
+    dests = {dst_key(m) for m in moves}
+    pending = Counter(src_key(m) for m in moves if src_key(m) in dests)
+    # Evacuations first: a move whose source slot is about to be overwritten frees that slot.
+    remaining = sorted(range(len(moves)), key=lambda i: (src_key(moves[i]) not in dests, i))
+    park_refs: dict[tuple[int, int], int] = {}  # (rank, park id) -> moves still reading it
+    free_parks: dict[int, list[int]] = defaultdict(list)
+    next_park: dict[int, int] = defaultdict(int)
+    rounds: list[Round] = []
+    while remaining:
+        parks: list[Park] = []
+        used: dict[int, int] = defaultdict(int)
+        for rank, _ in park_refs:
+            used[rank] += record_bytes
+
+        def fits(m: Move, used=used) -> bool:
+            if m.is_local:
+                return used[m.src_rank] + record_bytes <= budget_bytes
+            return used[m.src_rank] + record_bytes <= budget_bytes and used[m.dst_rank] + record_bytes <= budget_bytes
+
+        def take(m: Move, sign: int, used=used) -> None:
+            used[m.src_rank] += sign * record_bytes
+            if not m.is_local:
+                used[m.dst_rank] += sign * record_bytes
+
+        def blocked(m: Move, reads: Counter) -> bool:
+            return pending[dst_key(m)] - reads[dst_key(m)] > 0
+
+        chosen: dict[int, Move] = {}
+        while True:
+            for i in remaining:
+                if i not in chosen and fits(moves[i]):
+                    chosen[i] = moves[i]
+                    take(moves[i], +1)
+            # Drop moves whose destination still has unread old content after this round
+            # (fixpoint: dropping a move removes a read, which can block another destination).
+            while True:
+                reads = Counter(src_key(m) for m in chosen.values())
+                drop = [i for i, m in chosen.items() if blocked(m, reads)]
+                if not drop:
+                    break
+                for i in drop:
+                    take(chosen.pop(i), -1)
+            # Refill with moves that are ready given this round's reads (more reads never block).
+            added = True
+            while added:
+                added = False
+                reads = Counter(src_key(m) for m in chosen.values())
+                for i in remaining:
+                    m = moves[i]
+                    if i not in chosen and not blocked(m, reads) and fits(m):
+                        chosen[i] = m
+                        take(m, +1)
+                        reads[src_key(m)] += 1
+                        added = True
+            if chosen:
+                break
+            # Deadlock: park the destination of the first blocked remaining move.
+            no_reads: Counter = Counter()
+            m0 = next((moves[i] for i in remaining if blocked(moves[i], no_reads)), None)
+            if m0 is None:
+                raise StoreError(
+                    f"cannot schedule {len(remaining)} remaining moves within {budget_bytes} staging bytes per "
+                    "round; raise staging_bytes"
+                )
+            rank, layer, slot = dst_key(m0)
+            if used[rank] + 2 * record_bytes > budget_bytes:
+                raise StoreError(
+                    f"cannot schedule {len(remaining)} remaining moves within {budget_bytes} staging bytes per "
+                    f"round: rank {rank} already parks {used[rank] // record_bytes} records; raise staging_bytes"
+                )
+            pid = free_parks[rank].pop() if free_parks[rank] else next_park[rank]
+            next_park[rank] = max(next_park[rank], pid + 1)
+            parks.append(Park(rank, layer, slot, pid))
+            used[rank] += record_bytes
+            readers = [i for i in remaining if src_key(moves[i]) == (rank, layer, slot)]
+            for i in readers:
+                moves[i] = replace(moves[i], src_park=pid)
+            park_refs[(rank, pid)] = len(readers)
+            pending[(rank, layer, slot)] = 0
+        for m in chosen.values():
+            k = src_key(m)
+            if k is None:
+                key = (m.src_rank, m.src_park)
+                park_refs[key] -= 1
+            elif k in pending:
+                pending[k] -= 1
+        for key in [k for k, v in park_refs.items() if v == 0]:
+            del park_refs[key]
+            free_parks[key[0]].append(key[1])
+        rounds.append(Round(parks=parks, moves=[chosen[i] for i in sorted(chosen)]))
+        chosen_set = set(chosen)
+        remaining = [i for i in remaining if i not in chosen_set]
+    return rounds

@@ -1,0 +1,684 @@
+"""ExpertStore: one rank's experts in resident slabs, versioned by manifests.
+
+Symbols: L layers, E logical experts, R ranks (world size), S slots per rank,
+P = R * S physical slots; local slot s of rank r is physical slot r * S + s.
+
+Lifecycle (DESIGN.md section 3):
+
+* :meth:`ExpertStore.create` loads this rank's slots from the checkpoint and
+  commits version 1 with a checksum per (layer, logical expert);
+* :meth:`ExpertStore.open` reopens the current version and reloads this rank's
+  slots (checked against the manifest's checksums);
+* :meth:`ExpertStore.join` gives a restarted rank an empty store at the
+  current version, to be filled by ``rebalance(..., fresh=(rank,))``;
+* :meth:`ExpertStore.rebalance` is collective over the live ranks: agree,
+  plan, move (packed slabs per peer, local copies, checkpoint reads), verify
+  (optional), commit version + 1.
+
+A store never claims a version whose bytes are not in place: if a rebalance
+fails after bytes started to move, the store is marked unusable until it is
+reopened, and the manifest is not advanced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from expert_store.kernels import resident_checksums
+
+from .checkpoint import Checkpoint
+from .comm import DEFAULT_TIMEOUT_S, Comm
+from .errors import AgreementError, IntegrityError, ManifestError, PlacementError, StoreError
+from .execute import DiskReader, ExecutionStats, copy_slots, execute_rounds, run_post_copies
+from .layout import ResidentSlabs, SlabLayout
+from .manifest import Manifest, ManifestLog
+from .placement import Placement
+from .plan import plan_rebalance, schedule_rounds
+from .spec import ExpertSpec
+
+__all__ = ["DEFAULT_STAGING_BYTES", "ExpertStore", "RebalanceReport"]
+
+# 1 GiB: two 512 MiB rounds in flight. A 512 MiB slab already runs NCCL at
+# ~93% of its 1 GiB one-way rate on H200s (320 vs 353 GB/s measured for 256 MiB
+# vs 1 GiB), and 1 GiB is under 1% of an H200's memory.
+DEFAULT_STAGING_BYTES = 1 << 30
+
+
+@dataclass
+class RebalanceReport:
+    """What one rank did in one rebalance (byte counts exactly as DESIGN.md section 3)."""
+
+    version: int
+    bytes_p2p: int
+    bytes_local: int
+    bytes_disk: int
+    missing: dict[int, list[int]]
+    seconds: float
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    staging_peak: int = 0
+    rounds: int = 0
+    verified: bool = False
+
+
+def _device(device) -> torch.device:
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", torch.cuda.current_device())
+    return d
+
+
+def _digest_words(*parts: bytes) -> list[int]:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(struct.pack("<Q", len(p)))
+        h.update(p)
+    return list(struct.unpack("<4q", h.digest()))
+
+
+class ExpertStore:
+    """One rank's experts. Build with :meth:`create`, :meth:`open` or :meth:`join`."""
+
+    def __init__(self, *, _token: object = None) -> None:
+        if _token is not _PRIVATE:
+            raise StoreError("use ExpertStore.create, ExpertStore.open or ExpertStore.join")
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def _new(
+        cls,
+        root,
+        *,
+        spec: ExpertSpec,
+        placement: Placement,
+        checkpoint: Checkpoint,
+        rank: int,
+        world_size: int,
+        device,
+        group,
+        ranks_per_node: int | None,
+        timeout_s: float,
+    ) -> ExpertStore:
+        self = cls(_token=_PRIVATE)
+        if not isinstance(spec, ExpertSpec):
+            raise StoreError(f"spec must be an ExpertSpec, got {type(spec).__name__}")
+        if not isinstance(placement, Placement):
+            raise StoreError(f"placement must be an es.Placement, got {type(placement).__name__}")
+        if not isinstance(checkpoint, Checkpoint):
+            raise StoreError(f"checkpoint must be an es.Checkpoint, got {type(checkpoint).__name__}")
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size <= 0:
+            raise StoreError(f"world_size must be a positive int, got {world_size!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise StoreError(f"rank must be an int in 0..{world_size - 1}, got {rank!r}")
+        if placement.num_ranks != world_size:
+            raise StoreError(
+                f"rank {rank}: the placement is for {placement.num_ranks} ranks, world_size is {world_size}"
+            )
+        if ranks_per_node is not None and (not isinstance(ranks_per_node, int) or ranks_per_node <= 0):
+            raise StoreError(f"ranks_per_node must be a positive int or None, got {ranks_per_node!r}")
+        self.root = Path(root)
+        self.spec = spec
+        self.checkpoint = checkpoint
+        self.rank = rank
+        self.world_size = world_size
+        self.device = _device(device)
+        self.ranks_per_node = ranks_per_node
+        self._placement = placement
+        self.layout = SlabLayout.build(spec, num_layers=placement.num_layers, slots=placement.slots_per_rank)
+        self.log = ManifestLog(self.root)
+        self.comm = Comm(group, rank=rank, world_size=world_size, device=self.device, timeout_s=timeout_s)
+        self.slabs = ResidentSlabs(self.layout, self.device)
+        self._version = 0
+        self._alive = torch.ones(world_size, dtype=torch.bool)
+        self._checksums = torch.zeros(placement.num_layers, placement.num_experts, dtype=torch.int64)
+        self._empty = False  # joined, not yet filled
+        self._broken: str | None = None  # set when bytes may not match the version
+        return self
+
+    @classmethod
+    def create(
+        cls,
+        root,
+        *,
+        spec: ExpertSpec,
+        placement: Placement,
+        checkpoint: Checkpoint,
+        rank: int = 0,
+        world_size: int = 1,
+        device="cpu",
+        group=None,
+        ranks_per_node: int | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> ExpertStore:
+        """Load this rank's slots from ``checkpoint`` and commit version 1.
+
+        Collective over all R ranks (all are alive at creation)."""
+        t0 = time.perf_counter()
+        self = cls._new(
+            root,
+            spec=spec,
+            placement=placement,
+            checkpoint=checkpoint,
+            rank=rank,
+            world_size=world_size,
+            device=device,
+            group=group,
+            ranks_per_node=ranks_per_node,
+            timeout_s=timeout_s,
+        )
+        live = list(range(world_size))
+        status = 0
+        existing = self.log.latest()
+        if existing is not None:
+            status = 1
+        row = torch.tensor([status, *_digest_words(repr(spec).encode(), placement.digest())], dtype=torch.int64)
+        table = self.comm.allgather_live(live, row, what="create agreement")
+        if existing is not None:
+            raise ManifestError(
+                f"rank {rank}: a store already exists under {self.log.path_of(existing)} (version {existing}); "
+                "use ExpertStore.open"
+            )
+        bad = [live[i] for i in range(len(live)) if int(table[i, 0]) != 0]
+        if bad:
+            raise ManifestError(f"rank {rank}: ranks {bad} found an existing store at their root; nothing created")
+        differ = [live[i] for i in range(len(live)) if not torch.equal(table[i, 1:], table[0, 1:])]
+        if differ:
+            raise AgreementError(
+                f"rank {rank}: ranks {differ} were given another spec or placement than rank {live[0]}"
+            )
+        checkpoint.validate(spec, num_layers=placement.num_layers, num_experts=placement.num_experts)
+        self._load_own_slots()
+        sums = self._own_checksums()
+        self._checksums = self._gather_checksums(sums, live)
+        self._commit(version=1, parent=None, reason="create", stats={"seconds_create": time.perf_counter() - t0})
+        return self
+
+    @classmethod
+    def _from_manifest(
+        cls, root, *, checkpoint, rank, world_size, device, group, timeout_s
+    ) -> tuple[ExpertStore, Manifest]:
+        log = ManifestLog(Path(root))
+        m = log.read()  # latest; ManifestError naming the file if missing or corrupt
+        if checkpoint is None:
+            ck = m.checkpoint
+            checkpoint = Checkpoint(ck["path"], names=ck["names"], layers=ck.get("layers"))
+        elif not isinstance(checkpoint, Checkpoint):
+            raise StoreError(f"checkpoint must be an es.Checkpoint or None, got {type(checkpoint).__name__}")
+        else:
+            mine = checkpoint.to_dict()
+            if mine["names"] != m.checkpoint["names"] or mine["layers"] != m.checkpoint.get("layers"):
+                raise StoreError(
+                    f"rank {rank}: checkpoint name mapping/layers differ from those recorded in "
+                    f"{log.path_of(m.version)}"
+                )
+        if world_size != m.num_ranks:
+            raise StoreError(
+                f"rank {rank}: {log.path_of(m.version)} is for {m.num_ranks} ranks, world_size is {world_size}"
+            )
+        self = cls._new(
+            root,
+            spec=m.spec,
+            placement=m.placement(),
+            checkpoint=checkpoint,
+            rank=rank,
+            world_size=world_size,
+            device=device,
+            group=group,
+            ranks_per_node=m.ranks_per_node,
+            timeout_s=timeout_s,
+        )
+        self._version = m.version
+        self._alive = m.alive.clone()
+        self._checksums = m.checksums.clone()
+        return self, m
+
+    @classmethod
+    def open(
+        cls,
+        root,
+        *,
+        checkpoint: Checkpoint | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        device="cpu",
+        group=None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> ExpertStore:
+        """Reopen the current version and reload this rank's slots (checked against the manifest).
+
+        Not collective: each rank reopens on its own. ``checkpoint=None`` uses
+        the checkpoint recorded in the manifest."""
+        self, m = cls._from_manifest(
+            root,
+            checkpoint=checkpoint,
+            rank=rank,
+            world_size=world_size,
+            device=device,
+            group=group,
+            timeout_s=timeout_s,
+        )
+        if not bool(m.alive[rank]):
+            raise StoreError(
+                f"rank {rank} holds no slots in version {m.version} of {self.root} (it was dead); "
+                "use ExpertStore.join and a rebalance with fresh=(rank,)"
+            )
+        self.checkpoint.validate(self.spec, num_layers=m.num_layers, num_experts=m.num_experts)
+        self._load_own_slots()
+        self.verify()
+        return self
+
+    @classmethod
+    def join(
+        cls,
+        root,
+        *,
+        checkpoint: Checkpoint | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        device="cpu",
+        group=None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> ExpertStore:
+        """A restarted rank: an empty store at the current version; fill it with
+        ``rebalance(..., fresh=(rank,))`` called by every live rank."""
+        self, _ = cls._from_manifest(
+            root,
+            checkpoint=checkpoint,
+            rank=rank,
+            world_size=world_size,
+            device=device,
+            group=group,
+            timeout_s=timeout_s,
+        )
+        self._empty = True
+        return self
+
+    # ----------------------------------------------------------------- access
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def placement(self) -> Placement:
+        return self._placement
+
+    @property
+    def alive(self) -> torch.Tensor:
+        """bool [R]: ranks whose slots are filled in the current version."""
+        return self._alive.clone()
+
+    @property
+    def checksums(self) -> torch.Tensor:
+        """int64 [L, E]: the manifest's checksum of each (layer, logical expert)."""
+        return self._checksums.clone()
+
+    def weights(self, name: str, layer: int) -> torch.Tensor:
+        """``[S, *shape]`` zero-copy view of tensor ``name`` in ``layer``; its address never changes."""
+        return self.slabs.weights(name, layer)
+
+    def local_experts(self) -> torch.Tensor:
+        """int64 [L, S]: logical expert in each of this rank's slots (current version)."""
+        return self._placement.rank_experts(self.rank)
+
+    # ---------------------------------------------------------------- loading
+    def _load_own_slots(self) -> None:
+        """Read each distinct expert of this rank once from the checkpoint, then copy duplicates."""
+        experts = self.local_experts()
+        targets = []
+        dup_l, dup_src, dup_dst = [], [], []
+        for layer in range(self.layout.num_layers):
+            first: dict[int, int] = {}
+            for s, e in enumerate(experts[layer].tolist()):
+                if e in first:
+                    dup_l.append(layer)
+                    dup_src.append(first[e])
+                    dup_dst.append(s)
+                else:
+                    first[e] = s
+                    targets.append((layer, e, self.slabs.slot_tensors(layer, s)))
+        self.checkpoint.read_into(self.spec, targets)
+        copy_slots(self.slabs, dup_l, dup_src, dup_dst, budget=DEFAULT_STAGING_BYTES // 4)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _own_checksums(self) -> torch.Tensor:
+        """int64 [L, S] checksum of every local slot (Triton kernel)."""
+        L, S = self.layout.num_layers, self.layout.slots
+        layers = torch.arange(L, dtype=torch.int64).repeat_interleave(S)
+        slots = torch.arange(S, dtype=torch.int64).repeat(L)
+        return resident_checksums(self.slabs.storage, self.layout, layers, slots).cpu().view(L, S)
+
+    def _gather_checksums(self, own: torch.Tensor, live: list[int]) -> torch.Tensor:
+        """Combine every rank's slot checksums into the [L, E] table (holders must agree)."""
+        L, E = self._placement.num_layers, self._placement.num_experts
+        experts = self.local_experts()
+        table = torch.zeros(L, E, dtype=torch.int64)
+        held = torch.zeros(L, E, dtype=torch.int64)
+        table.scatter_(1, experts, own)
+        held.scatter_(1, experts, torch.ones_like(own))
+        # Duplicates of one expert on this rank must agree too.
+        again = torch.zeros(L, E, dtype=torch.int64).scatter_(1, experts, own)
+        if not torch.equal(torch.gather(again, 1, experts), own):
+            raise IntegrityError(f"rank {self.rank}: two slots of one expert hold different bytes after loading")
+        rows = self.comm.allgather_live(live, torch.cat([table.view(-1), held.view(-1)]), what="checksum table")
+        sums = rows[:, : L * E].view(-1, L, E)
+        have = rows[:, L * E :].view(-1, L, E).bool()
+        out = torch.zeros(L, E, dtype=torch.int64)
+        seen = torch.zeros(L, E, dtype=torch.bool)
+        for i in range(len(live)):
+            clash = seen & have[i] & (out != sums[i])
+            if bool(clash.any()):
+                layer, e = (int(v) for v in clash.nonzero()[0])
+                raise IntegrityError(
+                    f"rank {live[i]} loaded layer {layer} expert {e} with other bytes than another rank"
+                )
+            out = torch.where(have[i] & ~seen, sums[i], out)
+            seen |= have[i]
+        if not bool(seen.all()):
+            layer, e = (int(v) for v in (~seen).nonzero()[0])
+            raise IntegrityError(f"no rank holds layer {layer} expert {e} after create")
+        return out
+
+    # ------------------------------------------------------------------ verify
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise StoreError(f"rank {self.rank}: store is unusable ({self._broken}); reopen it with ExpertStore.open")
+
+    def verify(self, *, slots: Iterable[tuple[int, int]] | None = None) -> int:
+        """Recompute slot checksums (Triton kernel) and compare them with the manifest.
+
+        Args:
+            slots: (layer, local slot) pairs to check; default all of this rank's slots.
+        Returns the number of slots checked. Raises IntegrityError naming layer,
+        slot and expert at the first mismatch."""
+        self._check_usable()
+        if self._empty:
+            raise StoreError(f"rank {self.rank}: store was joined and holds nothing yet; rebalance with fresh=(rank,)")
+        if not bool(self._alive[self.rank]):
+            raise StoreError(f"rank {self.rank} holds no slots in version {self._version}")
+        experts = self.local_experts()
+        S = self.layout.slots
+        if slots is None:
+            pairs = [(layer, s) for layer in range(self.layout.num_layers) for s in range(S)]
+        else:
+            pairs = [(int(a), int(b)) for a, b in slots]
+        if not pairs:
+            return 0
+        layers = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
+        sl = torch.tensor([p[1] for p in pairs], dtype=torch.int64)
+        got = resident_checksums(self.slabs.storage, self.layout, layers, sl).cpu()
+        want = self._checksums[layers, experts[layers, sl]]
+        bad = (got != want).nonzero()
+        if bad.numel():
+            i = int(bad[0, 0])
+            layer, s = pairs[i]
+            raise IntegrityError(
+                f"rank {self.rank}: layer {layer} slot {s} (physical {self.rank * S + s}) should hold expert "
+                f"{int(experts[layer, s])} of version {self._version} but its checksum differs "
+                f"({int(bad.shape[0])} of {len(pairs)} slots differ)"
+            )
+        return len(pairs)
+
+    # --------------------------------------------------------------- rebalance
+    def rebalance(
+        self,
+        new_placement: Placement,
+        alive: Sequence[bool] | torch.Tensor | None = None,
+        fresh: Iterable[int] = (),
+        staging_bytes: int | None = None,
+        verify: bool = False,
+    ) -> RebalanceReport:
+        """Move to ``new_placement``; collective over the live ranks (``alive[r]`` true).
+
+        Dead ranks must not call it; they are never contacted. ``fresh`` lists
+        live ranks whose memory is empty (joined). Staging memory on this rank
+        never exceeds ``staging_bytes`` (default :data:`DEFAULT_STAGING_BYTES`)."""
+        t_start = time.perf_counter()
+        phases: dict[str, float] = {}
+        R = self.world_size
+        # -- local validation; errors are shared through the agreement so all ranks fail together
+        problem: StoreError | None = None
+        try:
+            self._check_usable()
+            if not isinstance(new_placement, Placement):
+                raise PlacementError(f"new_placement must be an es.Placement, got {type(new_placement).__name__}")
+            alive_t = _mask(alive, R)
+            fresh_t = sorted({int(r) for r in fresh})
+            if staging_bytes is None:
+                staging_bytes = DEFAULT_STAGING_BYTES
+            if isinstance(staging_bytes, bool) or not isinstance(staging_bytes, int) or staging_bytes <= 0:
+                raise StoreError(f"staging_bytes must be a positive int, got {staging_bytes!r}")
+            if not alive_t[self.rank]:
+                raise StoreError(f"rank {self.rank} is marked dead in `alive` but called rebalance")
+            if self._empty and self.rank not in fresh_t:
+                raise StoreError(f"rank {self.rank} was joined (holds nothing) but is not listed in fresh")
+            p = new_placement
+            if (p.num_layers, p.num_experts, p.num_ranks, p.slots_per_rank) != (
+                self._placement.num_layers,
+                self._placement.num_experts,
+                self._placement.num_ranks,
+                self._placement.slots_per_rank,
+            ):
+                raise PlacementError(
+                    f"new placement (L, E, R, S) = {(p.num_layers, p.num_experts, p.num_ranks, p.slots_per_rank)} "
+                    f"differs from the store's "
+                    f"{(self._placement.num_layers, self._placement.num_experts, R, self._placement.slots_per_rank)}"
+                )
+            for r in fresh_t:
+                if not 0 <= r < R or not alive_t[r]:
+                    raise StoreError(f"fresh rank {r} is not a live rank")
+            new_placement.check_servable(torch.tensor(alive_t))
+        except StoreError as e:
+            problem = e
+            alive_t = _mask(alive, R) if _mask_ok(alive, R) else (True,) * R
+            fresh_t = []
+        live = [r for r in range(R) if alive_t[r]]
+        if self.rank not in live:
+            live = sorted([*live, self.rank])
+        # -- agreement: same (version, new placement, alive, fresh, staging) everywhere
+        t0 = time.perf_counter()
+        words = _digest_words(
+            struct.pack("<q", self._version),
+            new_placement.digest() if isinstance(new_placement, Placement) else b"?",
+            bytes(alive_t),
+            struct.pack(f"<{len(fresh_t)}q", *fresh_t),
+            struct.pack("<q", staging_bytes if isinstance(staging_bytes, int) else -1),
+            struct.pack("<?", bool(verify)),
+        )
+        row = torch.tensor([0 if problem is None else 1, *words], dtype=torch.int64)
+        table = self.comm.allgather_live(live, row, what="rebalance agreement")
+        phases["agree"] = time.perf_counter() - t0
+        if problem is not None:
+            raise problem
+        refused = [live[i] for i in range(len(live)) if int(table[i, 0]) != 0]
+        if refused:
+            raise StoreError(f"rank {self.rank}: rebalance refused by ranks {refused} before anything moved")
+        differ = [live[i] for i in range(len(live)) if not torch.equal(table[i, 1:], table[0, 1:])]
+        if differ:
+            raise AgreementError(
+                f"rank {self.rank}: ranks {differ} disagree with rank {live[0]} on (version, new placement, alive, "
+                f"fresh, staging_bytes, verify); nothing moved, version stays {self._version}"
+            )
+        # -- plan (identical on every live rank)
+        t0 = time.perf_counter()
+        plan = plan_rebalance(
+            self._placement,
+            new_placement,
+            expert_bytes=self.spec.nbytes,
+            old_alive=self._alive,
+            alive=alive_t,
+            fresh=fresh_t,
+            ranks_per_node=self.ranks_per_node,
+        )
+        rounds = schedule_rounds(plan, record_bytes=self.spec.record_bytes, budget_bytes=staging_bytes // 2)
+        phases["plan"] = time.perf_counter() - t0
+        acct = plan.accounts[self.rank]
+        stats = ExecutionStats()
+        # -- execute: from here on, bytes move
+        my_disk = [d for d in plan.disk_reads if d.rank == self.rank]
+        my_post = [c for c in plan.post_copies if c.rank == self.rank]
+        read_first = {(m.src_rank, m.layer, m.src_slot) for m in plan.moves}
+        early = [d for d in my_disk if (d.rank, d.layer, d.slot) not in read_first]
+        late = [d for d in my_disk if (d.rank, d.layer, d.slot) in read_first]
+        disk_budget = staging_bytes // 4
+        try:
+            t0 = time.perf_counter()
+            reader = (
+                DiskReader(early, slabs=self.slabs, checkpoint=self.checkpoint, staging_bytes=disk_budget)
+                if early
+                else None
+            )
+            execute_rounds(
+                rounds, rank=self.rank, slabs=self.slabs, comm=self.comm, stats=stats, staging_bytes=staging_bytes
+            )
+            phases["exchange"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if reader is not None:
+                reader.join()
+            if late:
+                r2 = DiskReader(late, slabs=self.slabs, checkpoint=self.checkpoint, staging_bytes=disk_budget)
+                r2.join()
+            phases["disk_wait"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            used = run_post_copies(my_post, slabs=self.slabs, budget=staging_bytes // 2)
+            stats.staging_peak = max(stats.staging_peak, used)
+            if self.device.type == "cuda":
+                self.comm.sync_device(self.device, what="post copies")
+            phases["local_copy"] = time.perf_counter() - t0
+        except BaseException as e:
+            self._broken = f"rebalance to version {self._version + 1} failed while moving bytes: {e}"
+            raise
+        # -- bytes are in place on this rank; adopt the new placement, then check
+        self._placement = new_placement
+        self._empty = False
+        old_alive = self._alive
+        self._alive = torch.tensor(alive_t, dtype=torch.bool)
+        ok = 1
+        verify_error = ""
+        if verify:
+            t0 = time.perf_counter()
+            changed = sorted((layer, s) for (r, layer, s) in plan.changed if r == self.rank)
+            try:
+                self.verify(slots=changed)
+            except IntegrityError as e:
+                ok = 0
+                verify_error = str(e)
+            phases["verify"] = time.perf_counter() - t0
+        # -- commit once every live rank has finished
+        t0 = time.perf_counter()
+        row = torch.tensor(
+            [ok, acct.bytes_p2p, acct.bytes_local, acct.bytes_disk, time.time_ns(), stats.staging_peak],
+            dtype=torch.int64,
+        )
+        try:
+            done = self.comm.allgather_live(live, row, what="rebalance completion")
+        except StoreError as e:
+            self._broken = f"rebalance to version {self._version + 1} did not complete on every rank: {e}"
+            raise
+        failed = [live[i] for i in range(len(live)) if int(done[i, 0]) != 1]
+        if failed:
+            self._broken = f"verification failed on ranks {failed} after rebalance to version {self._version + 1}"
+            self._alive = old_alive
+            raise IntegrityError(
+                f"rank {self.rank}: rebalance not committed: verification failed on ranks {failed}"
+                + (f" ({verify_error})" if verify_error else "")
+            )
+        totals = done.sum(dim=0)
+        created = int(done[0, 4]) / 1e9
+        new_version = self._version + 1
+        self._commit(
+            version=new_version,
+            parent=self._version,
+            reason="rebalance",
+            created=created,
+            stats={
+                "bytes_p2p": int(totals[1]),
+                "bytes_local": int(totals[2]),
+                "bytes_disk": int(totals[3]),
+                "moves": len(plan.moves),
+                "disk_reads": len(plan.disk_reads),
+                "post_copies": len(plan.post_copies),
+                "rounds": len(rounds),
+                "staging_bytes": staging_bytes,
+                "live_ranks": len(live),
+                "fresh_ranks": len(fresh_t),
+            },
+        )
+        phases["commit"] = time.perf_counter() - t0
+        return RebalanceReport(
+            version=new_version,
+            bytes_p2p=acct.bytes_p2p,
+            bytes_local=acct.bytes_local,
+            bytes_disk=acct.bytes_disk,
+            missing={k: list(v) for k, v in sorted(acct.missing.items())},
+            seconds=time.perf_counter() - t_start,
+            phase_seconds=phases,
+            staging_peak=stats.staging_peak,
+            rounds=stats.rounds,
+            verified=bool(verify),
+        )
+
+    # ------------------------------------------------------------------ commit
+    def _commit(self, *, version: int, parent: int | None, reason: str, stats: dict, created: float | None = None):
+        m = Manifest(
+            version=version,
+            parent=parent,
+            created=time.time() if created is None else created,
+            reason=reason,
+            spec=self.spec,
+            num_layers=self._placement.num_layers,
+            num_experts=self._placement.num_experts,
+            num_ranks=self.world_size,
+            slots_per_rank=self._placement.slots_per_rank,
+            ranks_per_node=self.ranks_per_node,
+            phy2log=self._placement.phy2log,
+            alive=self._alive.clone(),
+            checkpoint=self.checkpoint.to_dict(),
+            checksums=self._checksums.clone(),
+            stats={k: v for k, v in sorted(stats.items())},
+        )
+        try:
+            self.log.commit(m)
+        except BaseException:
+            self._broken = f"commit of version {version} under {self.root} failed"
+            raise
+        self._version = version
+
+    def __repr__(self) -> str:
+        L, S = self.layout.num_layers, self.layout.slots
+        return (
+            f"ExpertStore(root={os.fspath(self.root)!r}, rank={self.rank}/{self.world_size}, version={self._version}, "
+            f"L={L}, S={S}, E={self._placement.num_experts}, device={self.device})"
+        )
+
+
+_PRIVATE = object()
+
+
+def _mask_ok(alive, n: int) -> bool:
+    try:
+        _mask(alive, n)
+        return True
+    except StoreError:
+        return False
+
+
+def _mask(alive, n: int) -> tuple[bool, ...]:
+    if alive is None:
+        return (True,) * n
+    if isinstance(alive, torch.Tensor):
+        alive = alive.tolist()
+    try:
+        values = tuple(bool(v) for v in alive)
+    except TypeError:
+        raise StoreError(f"alive must be a sequence of {n} bools, got {type(alive).__name__}") from None
+    if len(values) != n:
+        raise StoreError(f"alive must have one entry per rank ({n}), got {len(values)}")
+    return values

@@ -1,0 +1,194 @@
+"""Plain-torch reference of every kernel in :mod:`expert_store.kernels.records`.
+
+The reference is the test oracle of the Triton kernels and the CPU fallback of
+the public launchers (CPU tensors without ``TRITON_INTERPRET=1``), which the
+multi-process gloo tests of the store run on. It is vectorized per tensor of
+the spec (a Python loop over the T tensors, never over experts or bytes), so
+small CPU cases take milliseconds; it runs on CUDA tensors too.
+
+Symbols: L layers, S slots per rank, T tensors per expert, n experts in one
+call, K records a transfer slab can hold (``slab.numel() // record_bytes``).
+
+These functions trust their inputs: the launchers in ``records.py`` validate
+dtypes, devices, sizes and index ranges before calling them.
+
+Checksum of one expert (the definition the kernels implement bit for bit)::
+
+    W = spec.word_bytes; total = 0 (uint64, wrapping)
+    for tensor t, for i in range(nbytes_t // W):
+        w = little-endian unsigned W-byte word i of tensor t, zero-extended
+        p = spec.record_offsets[t] // W + i
+        z = w + (p + 1) * 0x9E3779B97F4A7C15
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+        z = z ^ (z >> 31)
+        total += z
+    result: int64 holding total's bits
+
+It hashes each word together with its position inside the record (a
+splitmix64 finalizer), so swapped words, a flipped bit or an expert placed in
+another tensor position change the sum; padding bytes are never read, so a
+resident slot and a record holding the same expert have the same checksum.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from expert_store.layout import SlabLayout
+from expert_store.spec import ExpertSpec
+
+__all__ = [
+    "CHECKSUM_GOLDEN",
+    "CHECKSUM_MIX1",
+    "CHECKSUM_MIX2",
+    "pack_records_reference",
+    "resident_checksums_reference",
+    "slab_checksums_reference",
+    "unpack_records_reference",
+]
+
+# splitmix64 constants (the golden-ratio increment and the two finalizer multipliers).
+CHECKSUM_GOLDEN = 0x9E3779B97F4A7C15
+CHECKSUM_MIX1 = 0xBF58476D1CE4E5B9
+CHECKSUM_MIX2 = 0x94D049BB133111EB
+
+# The same constants as signed int64 (torch has no general uint64 arithmetic):
+# int64 multiplication and addition wrap, which gives the uint64 bits.
+_GOLDEN_S = CHECKSUM_GOLDEN - (1 << 64)
+_MIX1_S = CHECKSUM_MIX1 - (1 << 64)
+_MIX2_S = CHECKSUM_MIX2 - (1 << 64)
+
+# Words hashed per torch op: bounds the int64 temporaries to ~32 MiB each,
+# whatever the expert size (a DeepSeek-V3 w13 is 7.3 M words).
+_CHECKSUM_PIECE_WORDS = 1 << 22
+
+_WORD_DTYPE = {4: torch.int32, 2: torch.int16, 1: torch.uint8}
+_WORD_MASK = {4: 0xFFFFFFFF, 2: 0xFFFF, 1: 0xFF}
+
+
+def _resident_rows(storage: torch.Tensor, layout: SlabLayout, t: int) -> torch.Tensor:
+    """uint8 [L, S, nbytes_t] view of tensor t of every (layer, slot)."""
+    nb = layout.spec.tensors[t].nbytes
+    start = layout.region_offsets[t]
+    per_layer = storage.view(layout.num_layers, layout.layer_bytes)
+    return per_layer[:, start : start + layout.slots * nb].view(layout.num_layers, layout.slots, nb)
+
+
+def _record_rows(slab: torch.Tensor, spec: ExpertSpec, t: int) -> torch.Tensor:
+    """uint8 [K, nbytes_t] view of tensor t of every record the slab can hold."""
+    cap = slab.numel() // spec.record_bytes
+    start = spec.record_offsets[t]
+    records = slab[: cap * spec.record_bytes].view(cap, spec.record_bytes)
+    return records[:, start : start + spec.tensors[t].nbytes]
+
+
+def _default_records(records: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    if records is None:
+        return torch.arange(n, dtype=torch.int64, device=device)
+    return records.to(device)
+
+
+def pack_records_reference(
+    storage: torch.Tensor,
+    layout: SlabLayout,
+    layers: torch.Tensor,
+    slots: torch.Tensor,
+    out: torch.Tensor,
+    records: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Copy expert (layers[i], slots[i]) into record records[i] (default i) of ``out``.
+
+    Args:
+        storage: uint8 [L * layout.layer_bytes], resident slabs.
+        layout: where each (layer, slot, tensor) lives in ``storage``.
+        layers, slots: int64 [n].
+        out: uint8 [>= K * record_bytes], the transfer slab written in place.
+        records: int64 [n] or None (= arange(n)).
+
+    Returns ``out``. Padding bytes of the records are left as they were.
+    """
+    dev = storage.device
+    layers, slots = layers.to(dev), slots.to(dev)
+    records = _default_records(records, layers.numel(), dev)
+    for t in range(len(layout.spec)):
+        _record_rows(out, layout.spec, t)[records] = _resident_rows(storage, layout, t)[layers, slots]
+    return out
+
+
+def unpack_records_reference(
+    slab: torch.Tensor,
+    storage: torch.Tensor,
+    layout: SlabLayout,
+    layers: torch.Tensor,
+    slots: torch.Tensor,
+    records: torch.Tensor | None = None,
+) -> None:
+    """Copy record records[i] (default i) of ``slab`` into (layers[i], slots[i]) of ``storage``.
+
+    Args:
+        slab: uint8 [>= K * record_bytes], the transfer slab (only tensor bytes are read).
+        storage: uint8 [L * layout.layer_bytes], written in place.
+        layers, slots: int64 [n], distinct (layer, slot) pairs.
+        records: int64 [n] or None (= arange(n)); may repeat.
+    """
+    dev = storage.device
+    layers, slots = layers.to(dev), slots.to(dev)
+    records = _default_records(records, layers.numel(), dev)
+    for t in range(len(layout.spec)):
+        _resident_rows(storage, layout, t)[layers, slots] = _record_rows(slab, layout.spec, t)[records]
+
+
+def _hash_words(words: torch.Tensor, first_position: int) -> torch.Tensor:
+    """int64 [m]: wrapping sum over columns of the mixed words.
+
+    words: int64 [m, k], zero-extended words at record positions
+    first_position .. first_position + k - 1.
+    """
+    k = words.shape[1]
+    p1 = torch.arange(first_position + 1, first_position + 1 + k, dtype=torch.int64, device=words.device)
+    z = words + p1 * _GOLDEN_S
+    # ``>>`` on int64 is arithmetic; masking off the copied sign bits makes it logical.
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * _MIX1_S
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * _MIX2_S
+    z = z ^ ((z >> 31) & ((1 << 33) - 1))
+    return z.sum(dim=1)
+
+
+def _checksum_rows(rows_of: list[torch.Tensor], spec: ExpertSpec) -> torch.Tensor:
+    """int64 [n]: checksum of n experts given, per tensor t, its uint8 [n, nbytes_t] rows (any strides)."""
+    w = spec.word_bytes
+    n = rows_of[0].shape[0]
+    total = torch.zeros(n, dtype=torch.int64, device=rows_of[0].device)
+    for t, rows in enumerate(rows_of):
+        nwords = spec.tensors[t].nbytes // w
+        first = spec.record_offsets[t] // w
+        piece = _CHECKSUM_PIECE_WORDS
+        group = max(1, piece // min(nwords, piece))
+        for i0 in range(0, n, group):
+            for c0 in range(0, nwords, piece):
+                c1 = min(nwords, c0 + piece)
+                part = rows[i0 : i0 + group, c0 * w : c1 * w].contiguous()
+                words = part.view(_WORD_DTYPE[w]).to(torch.int64) & _WORD_MASK[w]
+                total[i0 : i0 + group] += _hash_words(words, first + c0)
+    return total
+
+
+def resident_checksums_reference(
+    storage: torch.Tensor, layout: SlabLayout, layers: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
+    """int64 [n]: checksum of expert (layers[i], slots[i]) of ``storage`` (uint8 [L * layer_bytes])."""
+    dev = storage.device
+    layers, slots = layers.to(dev), slots.to(dev)
+    if layers.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64, device=dev)
+    rows = [_resident_rows(storage, layout, t)[layers, slots] for t in range(len(layout.spec))]
+    return _checksum_rows(rows, layout.spec)
+
+
+def slab_checksums_reference(slab: torch.Tensor, spec: ExpertSpec, n: int) -> torch.Tensor:
+    """int64 [n]: checksum of records 0..n-1 of ``slab`` (uint8 [>= n * record_bytes])."""
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64, device=slab.device)
+    rows = [_record_rows(slab, spec, t)[:n] for t in range(len(spec))]
+    return _checksum_rows(rows, spec)

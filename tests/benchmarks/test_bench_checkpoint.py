@@ -1,0 +1,152 @@
+"""Benchmarks: reading experts out of a checkpoint, against their ceilings in the same run.
+
+Symbols: N experts in the checkpoint, K experts read, H hidden size, I expert
+intermediate size.
+
+* CPU (runs everywhere): ``read_into`` CPU destinations, warm page cache, vs one
+  ``preadv`` of the same number of contiguous bytes from the same file.
+* CUDA (skipped without a GPU): ``read_into`` slots of a resident slab, warm and
+  cold, vs ``safe_open(device="cuda")`` on the same tensors (target: warm >= 5x)
+  and vs a plain sequential read of the same number of bytes (target: cold >= 0.8x).
+
+The baselines are the ones of ``tools/bench_checkpoint_gpu.py`` (the standalone,
+larger version of the CUDA benchmark). Ratios go to ``benchmark.extra_info`` and
+are printed; nothing here asserts on time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import statistics
+import time
+from pathlib import Path
+
+import ckpt_factory as cf
+import pytest
+import torch
+
+from expert_store.layout import ResidentSlabs, SlabLayout
+
+_TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_checkpoint_gpu.py"
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("bench_checkpoint_gpu", _TOOL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _median_seconds(fn, *, repeats: int = 3, setup=None) -> float:
+    times = []
+    for _ in range(repeats):
+        if setup is not None:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _report(benchmark, name: str, nbytes: int, ours_s: float, ceilings: dict[str, float]) -> None:
+    benchmark.extra_info["bytes"] = nbytes
+    benchmark.extra_info["gbps"] = nbytes / ours_s / 1e9
+    line = [f"{name}: {nbytes / ours_s / 1e9:.2f} GB/s"]
+    for what, seconds in ceilings.items():
+        benchmark.extra_info[f"{what}_gbps"] = nbytes / seconds / 1e9
+        benchmark.extra_info[f"ratio_vs_{what}"] = seconds / ours_s
+        line.append(f"{what} {nbytes / seconds / 1e9:.2f} GB/s (ratio {seconds / ours_s:.2f})")
+    print("\n" + "; ".join(line))
+
+
+def test_bench_read_into_cpu_warm(benchmark, tmp_path):
+    """Warm page cache, CPU destinations: K=8 of N=32 bf16 experts (1.5 MB each) vs a single-thread
+    preadv of the same number of contiguous bytes of the same file."""
+    info = cf.write_qwen(tmp_path, H=512, I=512, num_layers=1, num_experts=32, extras=False)
+    experts = [1, 5, 6, 11, 17, 22, 28, 31]
+    targets = [(0, e, {t.name: torch.empty(t.shape, dtype=t.dtype) for t in info.spec}) for e in experts]
+    nbytes = len(experts) * info.spec.nbytes
+    buf = bytearray(nbytes)
+    fd = os.open(info.path, os.O_RDONLY)
+    ceiling = lambda: os.preadv(fd, [buf], 8)
+    try:
+        with info.checkpoint() as ckpt:
+            run = lambda: ckpt.read_into(info.spec, targets)
+            run()
+            ceiling()
+            ours = _median_seconds(run)
+            seq = _median_seconds(ceiling)
+            benchmark.pedantic(run, rounds=3, iterations=1)
+    finally:
+        os.close(fd)
+    _report(benchmark, "read_into CPU warm", nbytes, ours, {"preadv_same_bytes": seq})
+
+
+@pytest.fixture(scope="module")
+def gpu_setup(tmp_path_factory):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    tool = _tool()
+    # DeepSeek-V3 expert dims (44 MB per expert), N=32, K=8: 1.4 GB written, 352 MB read.
+    info = cf.write_deepseek(
+        tmp_path_factory.mktemp("ds"), H=7168, I=2048, num_layers=1, num_experts=32, num_shards=2, extras=False
+    )
+    files = list(info.files)
+    for f in files:
+        cf.evict_page_cache(f)
+    experts = [0, 3, 9, 12, 18, 21, 27, 30]
+    slabs = ResidentSlabs(SlabLayout.build(info.spec, num_layers=1, slots=len(experts)), "cuda", fill=0xA5)
+    targets = [(0, e, slabs.slot_tensors(0, s)) for s, e in enumerate(experts)]
+    ckpt = info.checkpoint()
+    yield tool, info, files, targets, ckpt
+    ckpt.close()
+
+
+def _evict(files):
+    return lambda: [cf.evict_page_cache(f) for f in files]
+
+
+@pytest.mark.gpu
+def test_bench_read_into_cuda_warm(benchmark, gpu_setup):
+    """Warm page cache, CUDA slots: read_into vs safe_open(device="cuda") on the same tensors (target >= 5x)."""
+    tool, info, _files, targets, ckpt = gpu_setup
+    nbytes = len(targets) * info.spec.nbytes
+
+    def run():
+        ckpt.read_into(info.spec, targets)
+        torch.cuda.synchronize()
+
+    st = tool.safetensors_cuda_reader(info, targets)
+    h2d = tool.pinned_h2d(nbytes)
+    for fn in (run, st, h2d):
+        fn()
+    ours = _median_seconds(run)
+    ceilings = {"safe_open_cuda": _median_seconds(st), "pinned_h2d": _median_seconds(h2d)}
+    benchmark.pedantic(run, rounds=3, iterations=1)
+    _report(benchmark, "read_into CUDA warm", nbytes, ours, ceilings)
+
+
+@pytest.mark.gpu
+def test_bench_read_into_cuda_cold(benchmark, gpu_setup):
+    """Cold page cache (DONTNEED before each run, checked with mincore), CUDA slots: read_into vs a
+    plain sequential read of the same number of bytes (target >= 0.8x) and vs safe_open(device="cuda")."""
+    tool, info, files, targets, ckpt = gpu_setup
+    nbytes = len(targets) * info.spec.nbytes
+    evict = _evict(files)
+    evict()
+    resident = max(cf.resident_fraction(f) for f in files)
+    if resident > 0.05:
+        pytest.skip(f"POSIX_FADV_DONTNEED does not evict here ({resident:.0%} resident)")
+
+    def run():
+        ckpt.read_into(info.spec, targets)
+        torch.cuda.synchronize()
+
+    ours = _median_seconds(run, setup=evict)
+    ceilings = {
+        "sequential_read": _median_seconds(tool.sequential_reader(files, nbytes), setup=evict),
+        "safe_open_cuda": _median_seconds(tool.safetensors_cuda_reader(info, targets), setup=evict),
+    }
+    benchmark.pedantic(run, setup=evict, rounds=3, iterations=1)
+    _report(benchmark, "read_into CUDA cold", nbytes, ours, ceilings)

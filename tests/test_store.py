@@ -1,0 +1,117 @@
+"""Single-rank ExpertStore: create, stable views, local rebalance, reopen, verify, bad input."""
+
+from __future__ import annotations
+
+import ckpt_factory as cf
+import pytest
+import torch
+from store_util import assert_slots_exact, expected_accounting, random_placement
+
+import expert_store as es
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    """A DeepSeek-style fp8 checkpoint: 2 MoE layers from layer 3, 8 experts, sharded with an index."""
+    return cf.write_deepseek(tmp_path_factory.mktemp("ds"), H=256, I=128, num_layers=2, num_experts=8)
+
+
+def _create(tmp_path, info, placement, **kw):
+    return es.ExpertStore.create(
+        tmp_path / "store", spec=info.spec, placement=placement, checkpoint=info.checkpoint(), **kw
+    )
+
+
+def test_create_loads_own_slots_exact(tmp_path, ds):
+    """create() fills every slot with the checkpoint bytes of its expert and commits version 1."""
+    placement = es.Placement.contiguous(num_layers=2, num_experts=8, num_ranks=1, slots_per_rank=10)
+    store = _create(tmp_path, ds, placement)
+    assert store.version == 1
+    assert_slots_exact(store, ds, what="after create")
+    w = store.weights("w13", 1)
+    assert w.shape == (10, *ds.spec["w13"].shape) and w.dtype == torch.float8_e4m3fn and w.is_contiguous()
+    assert store.verify() == 20
+    m = es.ManifestLog(tmp_path / "store").read()
+    assert m.version == 1 and m.parent is None and m.reason == "create"
+    assert torch.equal(m.phy2log, placement.phy2log)
+
+
+def test_local_rebalance_moves_and_accounts_exactly(tmp_path, ds):
+    """A one-rank rebalance permutes and duplicates experts in place, with exact accounting,
+    stable view addresses, and a new version that open() reloads."""
+    gen = torch.Generator().manual_seed(7)
+    old = random_placement(gen, L=2, E=8, R=1, S=11)
+    store = _create(tmp_path, ds, old)
+    ptrs = {(n, layer): store.weights(n, layer).data_ptr() for n in ds.spec.names for layer in range(2)}
+    for step in range(4):
+        new = random_placement(gen, L=2, E=8, R=1, S=11)
+        report = store.rebalance(new, verify=True, staging_bytes=4 * ds.spec.record_bytes)
+        want = expected_accounting(
+            old, new, rank=0, expert_bytes=ds.spec.nbytes, old_alive=[True], alive=[True], fresh=()
+        )
+        assert (report.bytes_p2p, report.bytes_local, report.bytes_disk, report.missing) == want
+        assert report.version == step + 2 == store.version
+        assert report.staging_peak <= 4 * ds.spec.record_bytes
+        assert_slots_exact(store, ds, what=f"step {step}")
+        old = new
+    assert ptrs == {(n, layer): store.weights(n, layer).data_ptr() for n in ds.spec.names for layer in range(2)}
+    reopened = es.ExpertStore.open(tmp_path / "store", checkpoint=ds.checkpoint())
+    assert reopened.version == 5 and reopened.placement == old
+    assert_slots_exact(reopened, ds, what="reopened")
+
+
+def test_unchanged_placement_costs_nothing(tmp_path, ds):
+    """Rebalancing to the same placement moves no byte but still commits a new version."""
+    p = es.Placement.contiguous(num_layers=2, num_experts=8, num_ranks=1, slots_per_rank=8)
+    store = _create(tmp_path, ds, p)
+    r = store.rebalance(p)
+    assert (r.bytes_p2p, r.bytes_local, r.bytes_disk, r.missing) == (0, 0, 0, {})
+    assert store.version == 2
+
+
+def test_verify_names_corrupted_slot(tmp_path, ds):
+    """verify() raises IntegrityError naming layer, slot and expert when a slot's bytes change."""
+    p = es.Placement.contiguous(num_layers=2, num_experts=8, num_ranks=1, slots_per_rank=8)
+    store = _create(tmp_path, ds, p)
+    store.weights("w2_scale", 1)[5].view(torch.uint8).reshape(-1)[0] ^= 1
+    with pytest.raises(es.IntegrityError, match=r"layer 1 slot 5 .*expert 5"):
+        store.verify()
+
+
+def test_open_without_checkpoint_uses_manifest_and_detects_changed_checkpoint(tmp_path, ds, tmp_path_factory):
+    """open(checkpoint=None) rebuilds the checkpoint from the manifest; a checkpoint with other bytes is refused."""
+    p = es.Placement.contiguous(num_layers=2, num_experts=8, num_ranks=1, slots_per_rank=8)
+    _create(tmp_path, ds, p)
+    again = es.ExpertStore.open(tmp_path / "store")
+    assert_slots_exact(again, ds, what="open from manifest")
+    other = cf.write_deepseek(
+        tmp_path_factory.mktemp("other"), H=256, I=128, num_layers=2, num_experts=8, first_layer=4
+    )
+    ck = es.Checkpoint(other.path, names=ds.names, layers=ds.layers)
+    with pytest.raises(es.StoreError):
+        es.ExpertStore.open(tmp_path / "store", checkpoint=ck)
+
+
+def test_create_refuses_existing_store(tmp_path, ds):
+    """create() on a root that already holds a store raises instead of overwriting history."""
+    p = es.Placement.contiguous(num_layers=2, num_experts=8, num_ranks=1, slots_per_rank=8)
+    _create(tmp_path, ds, p)
+    with pytest.raises(es.ManifestError, match="already exists"):
+        _create(tmp_path, ds, p)
+
+
+def test_bad_rebalance_input_moves_nothing(tmp_path, ds):
+    """Wrong dimensions, an alive mask of the wrong length or a bad staging size raise before any byte moves."""
+    p = es.Placement.contiguous(num_layers=2, num_experts=8, num_ranks=1, slots_per_rank=8)
+    store = _create(tmp_path, ds, p)
+    before = store.slabs.storage.clone()
+    wrong = es.Placement.contiguous(num_layers=2, num_experts=8, num_ranks=1, slots_per_rank=9)
+    with pytest.raises(es.PlacementError, match="differs"):
+        store.rebalance(wrong)
+    with pytest.raises(es.StoreError, match="alive"):
+        store.rebalance(p, alive=[True, True])
+    with pytest.raises(es.StoreError, match="staging_bytes"):
+        store.rebalance(p, staging_bytes=0)
+    with pytest.raises(es.StoreError, match="staging"):
+        store.rebalance(random_placement(torch.Generator().manual_seed(1), L=2, E=8, R=1, S=8), staging_bytes=16)
+    assert torch.equal(before, store.slabs.storage) and store.version == 1
