@@ -59,9 +59,10 @@ __all__ = [
 
 INDEX_NAME = "model.safetensors.index.json"
 
-# 8 reader threads: enough to keep ~8 preadv copies (each ~5 GB/s from the page
-# cache) in flight against one 55 GB/s pinned H2D stream, while leaving half of
-# a 16-core host to the engine.
+# 8 reader threads: page-cache-to-pinned copies run at 5-17 GB/s per thread
+# (17 on the CI VM, less on a busy server socket), so 8 in flight keep a 55 GB/s
+# pinned H2D stream busy with room to spare, while leaving half of a 16-core
+# host to the engine.
 DEFAULT_THREADS = 8
 # 256 MiB of pinned staging: 2 buffers per thread of 16 MiB each, so each
 # thread can fill one buffer while its previous one is still being copied.
@@ -72,13 +73,15 @@ DEFAULT_STAGING_BYTES = 256 << 20
 # several threads.
 DEFAULT_CHUNK_BYTES = 16 << 20
 # "pread" (preadv into the destination / staging buffer) rather than "mmap"
-# (numpy copy out of the map). Measured on a 2-core VM, ext4 on virtio, 512 MiB,
-# 16 MiB chunks, one thread: warm 17.0 GB/s pread vs 19.0 GB/s mmap (18.7 with
-# MADV_POPULATE_READ), cold 3.6 GB/s pread vs 1.7 GB/s mmap. Cold reads, the
-# ones that matter, are twice as fast with preadv (the kernel reads ahead for
-# large requests; mmap faults read 128 KiB at a time), warm ones within 11%,
-# and a file truncated under us gives a short read instead of SIGBUS.
-# tools/bench_checkpoint_gpu.py measures both on the GPU machine.
+# (numpy copy out of the map). Measured on the 2-core CI VM, ext4 on virtio,
+# 512 MiB, 16 MiB chunks, one thread: warm 17.0 GB/s pread vs 19.0 GB/s mmap
+# (18.7 with MADV_POPULATE_READ first, so page-fault cost is not what bounds the
+# map), cold 3.6 GB/s pread vs 1.7 GB/s mmap. Reading 2 of 64 experts (3.1% of
+# the file) cold left 3.6% of the file in the page cache with preadv and 22.6%
+# with mmap (fault read-around pulls in the neighbours). So: cold reads twice as
+# fast, no bytes of other experts, warm within 11%, and a file truncated under
+# us gives a short read instead of SIGBUS. tools/bench_checkpoint_gpu.py
+# measures both on the GPU machine (row "es.read_into mmap").
 DEFAULT_METHOD = "pread"
 
 _PAGE = 4096
@@ -223,7 +226,7 @@ class Checkpoint:
 
     # -- opening ------------------------------------------------------------
     def _build_weight_map(self) -> dict[str, str]:
-        """{checkpoint tensor name: absolute shard path}."""
+        """{checkpoint tensor name: path of its shard}."""
         if os.path.isfile(self.path):
             header = self._header(self.path)
             return dict.fromkeys(header.tensors, header.path)

@@ -221,13 +221,14 @@ class MappedFile:
                 raise CheckpointError(
                     f"{self.path}: file size changed from {header.file_size} to {size} bytes since its header was read"
                 )
-            if hasattr(os, "posix_fadvise"):
+            if hasattr(os, "posix_fadvise"):  # a hint: filesystems may refuse it (OSError)
                 # RANDOM turns off the kernel's readahead on this descriptor: a
                 # pread then reads exactly the requested range (in one go, however
                 # large) and nothing of the neighbouring experts we were not asked
                 # for. Queue depth for cold reads comes from explicit WILLNEED
                 # hints on the needed ranges instead (advise_willneed).
-                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
             self._map = mmap.mmap(self.fd, size, prot=mmap.PROT_READ)
         except BaseException:
             os.close(self.fd)

@@ -197,7 +197,10 @@ class ExpertStore:
         self._load_own_slots()
         sums = self._own_checksums()
         self._checksums = self._gather_checksums(sums, live)
-        self._commit(version=1, parent=None, reason="create", stats={"seconds_create": time.perf_counter() - t0})
+        # Every rank commits the same bytes (a shared root accepts identical commits): the
+        # creation time is the leader's.
+        stamp = self.comm.allgather_live(live, torch.tensor([time.time_ns()]), what="create completion")
+        self._commit(version=1, parent=None, reason="create", stats={}, created=int(stamp[0, 0]) / 1e9)
         return self
 
     @classmethod

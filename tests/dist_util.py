@@ -1,7 +1,7 @@
 """Run a function on several gloo processes (CPU), failing instead of hanging.
 
 ``run_ranks(fn, world_size, *args, timeout_s=...)`` spawns one process per
-rank, initializes a gloo process group on a free loopback port, calls
+rank, initializes a gloo (or NCCL) process group on a free loopback port, calls
 ``fn(rank, world_size, *args)`` and returns the per-rank results. Any rank's
 exception fails the call with every rank's traceback; a rank still running at
 the deadline is killed and the call fails (a hang is a failure).
@@ -24,17 +24,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, world_size, port, pg_timeout_s, args, queue) -> None:
+def _entry(fn, rank, world_size, port, pg_timeout_s, backend, args, queue) -> None:
     try:
+        import torch
         import torch.distributed as dist
 
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+        kw = {}
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+            kw["device_id"] = torch.device("cuda", rank)
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world_size,
             timeout=timedelta(seconds=pg_timeout_s),
+            **kw,
         )
         try:
             result = fn(rank, world_size, *args)
@@ -46,13 +51,19 @@ def _entry(fn, rank, world_size, port, pg_timeout_s, args, queue) -> None:
         queue.put((rank, "error", traceback.format_exc()))
 
 
-def run_ranks(fn, world_size: int, *args, timeout_s: float = 120.0, pg_timeout_s: float = 60.0) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; return the results by rank."""
+def run_ranks(
+    fn, world_size: int, *args, timeout_s: float = 120.0, pg_timeout_s: float = 60.0, backend: str = "gloo"
+) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return the results by rank.
+
+    ``backend`` "gloo" (CPU) or "nccl" (one GPU per rank). NVLink multicast stays off
+    (NCCL_NVLS_ENABLE=0): the GPU machines are shared."""
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_entry, args=(fn, r, world_size, port, pg_timeout_s, args, queue), daemon=True)
+        ctx.Process(target=_entry, args=(fn, r, world_size, port, pg_timeout_s, backend, args, queue), daemon=True)
         for r in range(world_size)
     ]
     for p in procs:
