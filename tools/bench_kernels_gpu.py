@@ -209,7 +209,7 @@ def time_baselines(case: Case) -> dict[str, float]:
     picks = [torch.arange(r, ROTATE * n, ROTATE, device=DEVICE) for r in range(ROTATE)]
     sel_out = [torch.empty(n, spec.nbytes // 4, dtype=torch.int32, device=DEVICE) for _ in range(ROTATE)]
     out["index_select"] = median_seconds(
-        rotating([lambda p=p, o=o: torch.index_select(stacked, 0, p, out=o) for p, o in zip(picks, sel_out)])
+        rotating([lambda p=p, o=o, x=stacked: torch.index_select(x, 0, p, out=o) for p, o in zip(picks, sel_out)])
     )
     del stacked, sel_out
     # Per-tensor copy_ loop into records (what engines do today: n x T copies).
@@ -240,6 +240,10 @@ def unpack_fns(case: Case, cfg: KernelConfig) -> list[Callable[[], object]]:
         lambda r=r: unpack_records(case.slabs[r], case.storage, case.layout, *case.items[r], config=cfg)
         for r in range(ROTATE)
     ]
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes // 1024}K" if nbytes % 1024 == 0 else f"{nbytes}B"
 
 
 def gbps(case: Case, seconds: float) -> float:
@@ -296,16 +300,18 @@ def main() -> int:
                 print(f"{what:<44} {gbps(case, s):8.0f} {copy_s / s:8.1%}")
             for cfg in sweep:
                 c = chunks_per_expert(spec, config=cfg)
-                label = f"chunk={cfg.chunk_bytes // 1024}K block={cfg.block_bytes // 1024}K warps={cfg.num_warps}"
+                label = f"chunk={_size(cfg.chunk_bytes)} block={_size(cfg.block_bytes)} warps={cfg.num_warps}"
                 for op, fns in (("pack", pack_fns(case, cfg)), ("unpack", unpack_fns(case, cfg))):
                     s = median_seconds(rotating(fns))
                     scores[cfg].append(copy_s / s)
                     print(f"{op + ' ' + label:<44} {gbps(case, s):8.0f} {copy_s / s:8.1%}   ({n * c} programs)")
             # Checksums read once: report read bandwidth beside the copy's.
-            sums = [lambda r=r: resident_checksums(case.storage, case.layout, *case.items[r]) for r in range(ROTATE)]
+            sums = [lambda r=r, c=case: resident_checksums(c.storage, c.layout, *c.items[r]) for r in range(ROTATE)]
             s = median_seconds(rotating(sums))
             print(f"{'resident_checksums (GB/s read)':<44} {n * spec.nbytes / s / 1e9:8.0f}")
-            s = median_seconds(rotating([lambda r=r: slab_checksums(case.slabs[r], spec, n) for r in range(ROTATE)]))
+            s = median_seconds(
+                rotating([lambda r=r, c=case: slab_checksums(c.slabs[r], c.spec, c.n) for r in range(ROTATE)])
+            )
             print(f"{'slab_checksums (GB/s read)':<44} {n * spec.nbytes / s / 1e9:8.0f}")
             host = host_microseconds(rotating(pack_fns(case, DEFAULT_CONFIG)))
             if host is not None:

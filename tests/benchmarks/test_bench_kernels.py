@@ -1,0 +1,176 @@
+"""Benchmarks: pack / unpack records vs torch's device copy of the same bytes (CUDA only).
+
+Run on the GPU machine with ``pytest tests/benchmarks/test_bench_kernels.py --benchmark-only``.
+
+Symbols: n experts per call, H hidden size, I intermediate size.
+
+Each benchmark builds slabs of >= 64 MiB (64 and 256 MiB) of bf16 experts
+(H=2048, I=768, 9.4 MB each) or DeepSeek-V3 fp8 experts with fp32 block scales
+(H=7168, I=2048, 44 MB each), and in the same run times
+
+* the operation, and
+* the ceiling: ``dst.copy_(src)`` of the same n * spec.nbytes bytes,
+
+both with ``triton.testing.do_bench`` (median), each rotating among three
+buffer sets so that L2 never serves the previous call. Bandwidth counts bytes
+read plus written (2 x n x spec.nbytes). ``benchmark.extra_info`` holds both
+bandwidths, the ratio (target >= 0.90), the device name and library versions;
+pytest-benchmark's own statistics time the operation followed by
+``torch.cuda.synchronize()``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from expert_store.kernels import pack_records, resident_checksums, unpack_records
+from expert_store.layout import SlabLayout
+from expert_store.spec import ExpertSpec, TensorSpec
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+MiB = 1 << 20
+ROTATE = 3  # buffer sets per timed function; each >= 64 MiB, beyond L2 (50-60 MB)
+
+
+def spec_bf16() -> ExpertSpec:
+    h, i = 2048, 768
+    return ExpertSpec([TensorSpec("w13", (2 * i, h), torch.bfloat16), TensorSpec("w2", (h, i), torch.bfloat16)])
+
+
+def spec_fp8_dsv3() -> ExpertSpec:
+    h, i = 7168, 2048
+    return ExpertSpec(
+        [
+            TensorSpec("w13", (2 * i, h), torch.float8_e4m3fn),
+            TensorSpec("w13_scale", (2 * i // 128, h // 128), torch.float32),
+            TensorSpec("w2", (h, i), torch.float8_e4m3fn),
+            TensorSpec("w2_scale", (h // 128, i // 128), torch.float32),
+        ]
+    )
+
+
+KINDS = {"bf16": spec_bf16, "fp8-dsv3": spec_fp8_dsv3}
+
+
+def _random_bytes(numel: int, seed: int) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randint(0, 256, (numel,), dtype=torch.uint8, device="cuda", generator=g)
+
+
+class _Case:
+    """ROTATE disjoint sets of n resident experts (over 2 layers) and ROTATE slabs, plus copy buffers."""
+
+    def __init__(self, spec: ExpertSpec, slab_mib: int) -> None:
+        self.spec = spec
+        self.n = n = -(-slab_mib * MiB // spec.record_bytes)
+        slots = -(-ROTATE * n // 2)
+        self.layout = SlabLayout.build(spec, num_layers=2, slots=slots)
+        self.storage = _random_bytes(self.layout.total_bytes, 1)
+        order = torch.randperm(2 * slots, generator=torch.Generator().manual_seed(2)).tolist()
+        self.items = []
+        for r in range(ROTATE):
+            flat = order[r * n : (r + 1) * n]
+            self.items.append((torch.tensor([f // slots for f in flat]), torch.tensor([f % slots for f in flat])))
+        self.slabs = [_random_bytes(n * spec.record_bytes, 10 + r) for r in range(ROTATE)]
+        self.copy_src = [_random_bytes(n * spec.nbytes, 20 + r) for r in range(ROTATE)]
+        self.copy_dst = [torch.empty_like(s) for s in self.copy_src]
+        self.bytes_moved = 2 * n * spec.nbytes
+
+
+def _rotating(fns):
+    state = [0]
+
+    def run() -> None:
+        fns[state[0] % len(fns)]()
+        state[0] += 1
+
+    return run
+
+
+def _median_seconds(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
+
+
+def _versions() -> dict[str, str]:
+    import triton
+
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+
+
+def _op_fns(case: _Case, op: str):
+    if op == "pack":
+        return [
+            lambda r=r: pack_records(case.storage, case.layout, *case.items[r], out=case.slabs[r])
+            for r in range(ROTATE)
+        ]
+    return [lambda r=r: unpack_records(case.slabs[r], case.storage, case.layout, *case.items[r]) for r in range(ROTATE)]
+
+
+@pytest.mark.parametrize("op", ["pack", "unpack"])
+@pytest.mark.parametrize("slab_mib", [64, 256])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_bench_records(benchmark, kind, slab_mib, op):
+    """pack / unpack bandwidth vs the device copy of the same bytes in the same run (target ratio >= 0.90)."""
+    case = _Case(KINDS[kind](), slab_mib)
+    op_run = _rotating(_op_fns(case, op))
+    copy_run = _rotating([lambda d=d, s=s: d.copy_(s) for d, s in zip(case.copy_dst, case.copy_src)])
+    copy_s = _median_seconds(copy_run)
+    op_s = _median_seconds(op_run)
+    copy_gbps = case.bytes_moved / copy_s / 1e9
+    op_gbps = case.bytes_moved / op_s / 1e9
+
+    def timed() -> None:
+        op_run()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(timed, rounds=20, warmup_rounds=3, iterations=1)
+    benchmark.extra_info.update(
+        _versions()
+        | {
+            "kind": kind,
+            "op": op,
+            "experts": case.n,
+            "slab_bytes": case.n * case.spec.record_bytes,
+            "bytes_read_written": case.bytes_moved,
+            "op_GBps": round(op_gbps, 1),
+            "copy_GBps": round(copy_gbps, 1),
+            "ratio_to_copy": round(copy_s / op_s, 4),
+        }
+    )
+    print(
+        f"\n{op} {kind} n={case.n} ({case.n * case.spec.record_bytes / MiB:.0f} MiB): {op_gbps:.0f} GB/s, "
+        f"copy {copy_gbps:.0f} GB/s, ratio {copy_s / op_s:.1%} on {torch.cuda.get_device_name()}"
+    )
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_bench_resident_checksums(benchmark, kind):
+    """Checksum read bandwidth beside the device copy's (read+written) bandwidth; no target, for the record."""
+    case = _Case(KINDS[kind](), 256)
+    run = _rotating([lambda r=r: resident_checksums(case.storage, case.layout, *case.items[r]) for r in range(ROTATE)])
+    copy_run = _rotating([lambda d=d, s=s: d.copy_(s) for d, s in zip(case.copy_dst, case.copy_src)])
+    copy_s = _median_seconds(copy_run)
+    s = _median_seconds(run)
+    read_gbps = case.n * case.spec.nbytes / s / 1e9
+    copy_gbps = case.bytes_moved / copy_s / 1e9
+
+    def timed() -> None:
+        run()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(timed, rounds=20, warmup_rounds=3, iterations=1)
+    benchmark.extra_info.update(
+        _versions()
+        | {
+            "kind": kind,
+            "experts": case.n,
+            "read_GBps": round(read_gbps, 1),
+            "copy_GBps": round(copy_gbps, 1),
+            "ratio_to_copy": round(read_gbps / copy_gbps, 4),
+        }
+    )
+    print(f"\nresident_checksums {kind} n={case.n}: {read_gbps:.0f} GB/s read, copy {copy_gbps:.0f} GB/s")
