@@ -20,7 +20,7 @@ import torch
 
 from .errors import PeerTimeoutError, StoreError
 
-__all__ = ["Comm", "DEFAULT_TIMEOUT_S"]
+__all__ = ["DEFAULT_TIMEOUT_S", "Comm"]
 
 # 300 s: long enough for a first NCCL connection between two ranks on a loaded
 # machine, short enough that a lost peer is reported within minutes.

@@ -8,14 +8,14 @@ names the file, tensor, layer or rank at fault.
 from __future__ import annotations
 
 __all__ = [
-    "StoreError",
-    "SpecError",
-    "CheckpointError",
-    "PlacementError",
-    "ManifestError",
     "AgreementError",
+    "CheckpointError",
     "IntegrityError",
+    "ManifestError",
     "PeerTimeoutError",
+    "PlacementError",
+    "SpecError",
+    "StoreError",
 ]
 
 

@@ -36,7 +36,7 @@ from .errors import StoreError
 from .layout import ResidentSlabs
 from .plan import DiskRead, Move, PostCopy, Round
 
-__all__ = ["ExecutionStats", "execute_rounds", "run_disk_reads", "run_post_copies", "copy_slots"]
+__all__ = ["ExecutionStats", "copy_slots", "execute_rounds", "run_disk_reads", "run_post_copies"]
 
 
 @dataclass
@@ -214,7 +214,6 @@ def execute_rounds(
     stats.seconds["host_pack"] = t_pack
     stats.seconds["host_wait"] = t_wait
     stats.seconds["host_unpack"] = t_unpack
-    del bufs, park_buf
 
 
 def run_disk_reads(

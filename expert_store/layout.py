@@ -26,7 +26,7 @@ import torch
 from .errors import SpecError, StoreError
 from .spec import ExpertSpec
 
-__all__ = ["SlabLayout", "ResidentSlabs", "REGION_ALIGN"]
+__all__ = ["REGION_ALIGN", "ResidentSlabs", "SlabLayout"]
 
 # 256 bytes: every (layer, tensor) region starts on a 256-byte boundary, which
 # satisfies any dtype's view alignment and the widest (16-byte) vector access,

@@ -41,9 +41,9 @@ __all__ = [
     "Move",
     "Park",
     "PostCopy",
-    "Round",
     "RankAccount",
     "RebalancePlan",
+    "Round",
     "plan_rebalance",
     "schedule_rounds",
 ]

@@ -26,7 +26,7 @@ import torch
 
 from .errors import SpecError
 
-__all__ = ["TensorSpec", "ExpertSpec", "RECORD_ALIGN", "dtype_name", "dtype_from_name"]
+__all__ = ["RECORD_ALIGN", "ExpertSpec", "TensorSpec", "dtype_from_name", "dtype_name"]
 
 # 16 bytes: the widest global load/store a GPU thread issues (ld.global.v4.b32).
 RECORD_ALIGN = 16
@@ -133,7 +133,7 @@ class ExpertSpec:
         word_bytes: 4, 2 or 1: the widest word dividing every tensor's size.
     """
 
-    __slots__ = ("tensors", "nbytes", "record_bytes", "record_offsets", "word_bytes", "_index")
+    __slots__ = ("_index", "nbytes", "record_bytes", "record_offsets", "tensors", "word_bytes")
 
     def __init__(self, tensors: Sequence[TensorSpec]) -> None:
         tensors = list(tensors)

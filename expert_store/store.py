@@ -160,7 +160,6 @@ class ExpertStore:
         """Load this rank's slots from ``checkpoint`` and commit version 1.
 
         Collective over all R ranks (all are alive at creation)."""
-        t0 = time.perf_counter()
         self = cls._new(
             root,
             spec=spec,

@@ -25,7 +25,7 @@ def assert_slots_exact(store, info, *, what: str = "") -> None:
                 got = store.weights(name, layer)[s]
                 if not torch.equal(_bytes(got), _bytes(w)):
                     raise AssertionError(
-                        f"{what}: rank {store.rank} layer {layer} slot {s} tensor {name} != expert {e} of the checkpoint"
+                        f"{what}: rank {store.rank} layer {layer} slot {s} tensor {name} != checkpoint expert {e}"
                     )
 
 

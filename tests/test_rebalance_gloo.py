@@ -77,7 +77,7 @@ def scenario(rank, world, info, root_base, shared_root, elastic, rpn, seed, devi
     rep = store.rebalance(p1, staging_bytes=staging, verify=True)
     _check(store, info, rep, p0, p1, old_alive=all_alive, alive=all_alive, fresh=(), what="step 1")
     log.append(("step1", rep.bytes_p2p, rep.bytes_local, rep.bytes_disk, rep.rounds))
-    current, cur_alive = p1, all_alive
+    current = p1
 
     if elastic:
         dead = R - 1

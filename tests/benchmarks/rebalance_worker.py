@@ -71,7 +71,6 @@ def bench_worker(rank, world, info, root, cfg):
 
     slab()
     results["slab_s"] = _time(slab, device, reps)
-    del send, recv
 
     # (b) one op per tensor, from and into resident views (what engines do today)
     sends = [store.weights(t.name, layer)[s] for layer in range(L) for s in range(S) for t in spec.tensors]
@@ -88,7 +87,6 @@ def bench_worker(rank, world, info, root, cfg):
 
     per_tensor()
     results["per_tensor_s"] = _time(per_tensor, device, reps)
-    del scratch, sends, recvs
 
     # rebalance back and forth, end to end, for each staging size
     for staging in cfg["staging"]:
