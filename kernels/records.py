@@ -23,7 +23,8 @@ W is 2 / 1), so every dtype, fp8 and scales included, takes the same path.
 When every tensor size is a multiple of 16 bytes, every chunk starts on a
 16-byte boundary in both layouts (regions are 256-aligned, records 16-aligned,
 chunks multiples of 16): the kernels then assert that with ``tl.multiple_of``
-and each thread moves 16-byte vectors.
+and each thread moves 16-byte vectors (ld/st.global.v4.b32 in the PTX, checked
+by compiling for sm_90a; without the hints they are 4-byte accesses).
 
 Expected bandwidth (H200, HBM3e, 4.8 TB/s peak; torch's device copy reaches
 4232 GB/s read+written). With 16-byte vectors and >= 64 KiB contiguous per
@@ -36,6 +37,12 @@ unaligned slot starts) falls back to W-byte accesses and is several times
 slower; no production spec does that. Checksums read once but mix each word
 with three 64-bit multiplies (emulated with 32-bit IMADs), so they are bounded
 by integer throughput, not DRAM: expect roughly 1.5-3 TB/s.
+
+Host side: validation in plain Python on the n indices plus one pinned H2D
+copy of the [n, 3] index rows and one launch, about 13 us of Python before the
+launch (measured on CPU) plus Triton's launch path. A 64 MiB pack is ~32 us of
+GPU time, so back-to-back calls at that size are close to host bound; at
+>= 128 MiB, or when pack overlaps a transfer, the host is hidden.
 
 Dispatch: CUDA tensors run the Triton kernels; CPU tensors run them in
 Triton's interpreter when ``TRITON_INTERPRET=1`` was set before this module was
@@ -83,8 +90,9 @@ CHUNK_BYTES = 64 * 1024
 # vectors per iteration; 8 resident programs per SM keep ~128 KiB in flight per
 # SM, about 4x what Little's law asks of HBM3e (~30 KiB per SM at ~800 ns).
 BLOCK_BYTES = 16 * 1024
-# 8 warps (256 threads): 8 programs fill an SM's 2048 threads; registers per
-# thread stay low (16 data words), so occupancy is not register bound.
+# 8 warps (256 threads): 8 programs fill an SM's 2048 threads. ptxas (sm_90a)
+# gives the copy kernels 32 registers per thread, so occupancy is not register
+# bound (the checksum kernel takes 64: 4 programs per SM, still ~64 KiB in flight).
 NUM_WARPS = 8
 
 
@@ -121,6 +129,11 @@ _WORD_DTYPE = {4: torch.int32, 2: torch.int16, 1: torch.uint8}
 # --------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------
+# Loops run CHUNK_BLOCKS (constexpr) iterations, masked past the chunk's length:
+# a fully masked iteration issues no memory traffic, and a loaded value cannot
+# be a range bound in Triton's interpreter (it converts it with int(), which
+# numpy >= 2 refuses for 1-element arrays), which the CPU tests rely on.
+#
 # No scalar argument differs per rank or per call: n is carried by the grid and
 # the item indices by idx_ptr, while layer_words / record_words / C depend only
 # on the spec and layout, which every rank shares. They are left specializable
@@ -174,7 +187,7 @@ def _pack_records_kernel(
     _, res_base, rec_base, _, length = _chunk_addresses(idx_ptr, table_ptr, layer_words, record_words, C, ALIGNED, VEC)
     src = storage_ptr + res_base
     dst = slab_ptr + rec_base
-    for i in range(0, CHUNK_BLOCKS):  # fully masked past `length`: no memory traffic
+    for i in range(0, CHUNK_BLOCKS):
         offs = i * BLOCK + tl.arange(0, BLOCK)
         mask = offs < length
         tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
@@ -198,7 +211,7 @@ def _unpack_records_kernel(
     _, res_base, rec_base, _, length = _chunk_addresses(idx_ptr, table_ptr, layer_words, record_words, C, ALIGNED, VEC)
     src = slab_ptr + rec_base
     dst = storage_ptr + res_base
-    for i in range(0, CHUNK_BLOCKS):  # fully masked past `length`: no memory traffic
+    for i in range(0, CHUNK_BLOCKS):
         offs = i * BLOCK + tl.arange(0, BLOCK)
         mask = offs < length
         tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
@@ -232,7 +245,7 @@ def _checksum_kernel(
     else:
         src = src_ptr + res_base
     acc = tl.zeros([BLOCK], dtype=tl.uint64)
-    for i in range(0, CHUNK_BLOCKS):  # fully masked past `length`: no memory traffic
+    for i in range(0, CHUNK_BLOCKS):
         offs = i * BLOCK + tl.arange(0, BLOCK)
         mask = offs < length
         w = tl.load(src + offs, mask=mask, other=0)
@@ -441,7 +454,20 @@ def _prepare_items(
     if records is not None and h_records and min(h_records) < 0:
         i = next(i for i, r in enumerate(h_records) if r < 0)
         raise StoreError(f"{what}: records[{i}] = {h_records[i]} is negative; record indices start at 0")
-    return _Items(h_layers, h_slots, h_records if records is not None else None, rows.to(dev))
+    return _Items(h_layers, h_slots, h_records if records is not None else None, _to_device(rows, dev))
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small CPU tensor to ``device`` without a stream sync.
+
+    A plain ``.to("cuda")`` from pageable memory synchronizes the stream after
+    the copy, which would stall the host behind every kernel already queued
+    (and keep pack from overlapping a transfer); from pinned memory the copy is
+    asynchronous and the caching host allocator keeps the buffer until it is done.
+    """
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _launch_copy(
@@ -694,4 +720,4 @@ def slab_checksums(slab: torch.Tensor, spec: ExpertSpec, n: int, *, config: Kern
     idx[:, 2] = torch.arange(n)
     # Records only: the table's resident columns are zero and unused.
     plan = _plan(spec, (0,) * len(spec), config.chunk_bytes, slab.device)
-    return _launch_checksum(_slab_prefix(slab, spec), idx.to(slab.device), plan, 0, True, config)
+    return _launch_checksum(_slab_prefix(slab, spec), _to_device(idx, slab.device), plan, 0, True, config)

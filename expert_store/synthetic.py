@@ -1,0 +1,132 @@
+"""Write a small synthetic MoE checkpoint, for the demo and for trying the store out.
+
+DeepSeek-V3 naming and layout (fp8 e4m3 gate/up/down projections with float32
+128x128 block scales ``weight_scale_inv``; MoE layers from checkpoint layer
+``first_layer``), sharded over several safetensors files with
+``model.safetensors.index.json``, plus a few non-expert tensors as in a real
+model. Symbols: L MoE layers, E experts, H hidden size, I expert intermediate size.
+
+Expert bytes are random, drawn from a generator seeded by (layer, expert,
+tensor), so any misplaced byte shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .spec import ExpertSpec, TensorSpec
+
+__all__ = ["SyntheticCheckpoint", "deepseek_names", "write_synthetic_checkpoint"]
+
+_BLOCK = 128  # DeepSeek-V3 quantizes weights in 128 x 128 blocks, one float32 scale each
+
+
+def deepseek_names() -> dict[str, list[str] | str]:
+    """Spec tensor -> checkpoint name templates, DeepSeek-V3 style (gate and up concatenated into w13)."""
+    pre = "model.layers.{layer}.mlp.experts.{expert}."
+    return {
+        "w13": [pre + "gate_proj.weight", pre + "up_proj.weight"],
+        "w13_scale": [pre + "gate_proj.weight_scale_inv", pre + "up_proj.weight_scale_inv"],
+        "w2": pre + "down_proj.weight",
+        "w2_scale": pre + "down_proj.weight_scale_inv",
+    }
+
+
+def deepseek_spec(H: int, I: int) -> ExpertSpec:  # noqa: E741 (the model's own symbols)
+    """fp8 w13 [2I, H], w2 [H, I] with float32 block scales."""
+    hb, ib = -(-H // _BLOCK), -(-I // _BLOCK)
+    return ExpertSpec(
+        [
+            TensorSpec("w13", (2 * I, H), torch.float8_e4m3fn),
+            TensorSpec("w13_scale", (2 * ib, hb), torch.float32),
+            TensorSpec("w2", (H, I), torch.float8_e4m3fn),
+            TensorSpec("w2_scale", (hb, ib), torch.float32),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class SyntheticCheckpoint:
+    path: Path
+    spec: ExpertSpec
+    names: dict[str, list[str] | str]
+    layers: list[int]
+    num_layers: int
+    num_experts: int
+    nbytes: int
+
+
+def _random(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    n = 1
+    for d in shape:
+        n *= d
+    size = torch.empty((), dtype=dtype).element_size()
+    raw = torch.randint(0, 256, (n * size,), dtype=torch.uint8, generator=g)
+    if dtype == torch.float32:
+        # plausible positive scales rather than random bit patterns (NaN/inf are fine to move, but ugly to look at)
+        return torch.rand(shape, generator=g, dtype=torch.float32) * 1e-3 + 1e-4
+    return raw.view(dtype).view(shape)
+
+
+def write_synthetic_checkpoint(
+    root: str | os.PathLike[str],
+    *,
+    H: int = 512,
+    I: int = 256,  # noqa: E741
+    num_layers: int = 4,
+    num_experts: int = 32,
+    first_layer: int = 3,
+    num_shards: int = 2,
+) -> SyntheticCheckpoint:
+    """Write the checkpoint under directory ``root`` and describe it."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    hb, ib = -(-H // _BLOCK), -(-I // _BLOCK)
+    shapes = {
+        "gate_proj.weight": ((I, H), torch.float8_e4m3fn),
+        "up_proj.weight": ((I, H), torch.float8_e4m3fn),
+        "down_proj.weight": ((H, I), torch.float8_e4m3fn),
+        "gate_proj.weight_scale_inv": ((ib, hb), torch.float32),
+        "up_proj.weight_scale_inv": ((ib, hb), torch.float32),
+        "down_proj.weight_scale_inv": ((hb, ib), torch.float32),
+    }
+    layers = list(range(first_layer, first_layer + num_layers))
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
+    weight_map: dict[str, str] = {}
+    files = [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
+    shards[0]["model.embed_tokens.weight"] = _random((256, H), torch.bfloat16, 1)
+    weight_map["model.embed_tokens.weight"] = files[0]
+    total = 0
+    for i, layer in enumerate(layers):
+        shard = i * num_shards // num_layers
+        router = f"model.layers.{layer}.mlp.gate.weight"
+        shards[shard][router] = _random((num_experts, H), torch.bfloat16, 2 + layer)
+        weight_map[router] = files[shard]
+        for e in range(num_experts):
+            for j, (suffix, (shape, dtype)) in enumerate(shapes.items()):
+                name = f"model.layers.{layer}.mlp.experts.{e}.{suffix}"
+                t = _random(shape, dtype, (layer * 100_003 + e) * 16 + j)
+                shards[shard][name] = t
+                weight_map[name] = files[shard]
+                total += t.numel() * t.element_size()
+    for f, tensors in zip(files, shards):
+        save_file(tensors, str(root / f), metadata={"format": "pt"})
+    (root / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
+    return SyntheticCheckpoint(
+        path=root,
+        spec=deepseek_spec(H, I),
+        names=deepseek_names(),
+        layers=layers,
+        num_layers=num_layers,
+        num_experts=num_experts,
+        nbytes=total,
+    )
