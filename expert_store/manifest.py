@@ -600,6 +600,10 @@ class ManifestLog:
             return final
         latest = self.latest()
         if m.parent != latest:
+            # Another rank sharing this root may have committed the same version since the check above.
+            if self._same_as_committed(final, data, m.version):
+                _fsync_dir(self.dir)
+                return final
             raise ManifestError(
                 f"{final}: parent {m.parent} is not the latest committed version ({latest}) of {self.dir}"
             )

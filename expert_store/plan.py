@@ -307,102 +307,111 @@ def schedule_rounds(plan: RebalancePlan, *, record_bytes: int, budget_bytes: int
             f"({2 * record_bytes} bytes); raise staging_bytes"
         )
 
-    def src_key(m: Move) -> tuple[int, int, int] | None:
-        return None if m.src_park >= 0 else (m.src_rank, m.layer, m.src_slot)
+    cap = budget_bytes // record_bytes  # records per rank per round
+    n_slots = max(m.layer for m in moves) + 1
+    width = plan.slots_per_rank
 
-    def dst_key(m: Move) -> tuple[int, int, int]:
-        return (m.dst_rank, m.layer, m.dst_slot)
+    def key(rank: int, layer: int, slot: int) -> int:
+        return (rank * n_slots + layer) * width + slot
 
-    dests = {dst_key(m) for m in moves}
-    pending = Counter(src_key(m) for m in moves if src_key(m) in dests)
+    src_rank = [m.src_rank for m in moves]
+    dst_rank = [m.dst_rank for m in moves]
+    local = [m.is_local for m in moves]
+    skey = [key(m.src_rank, m.layer, m.src_slot) for m in moves]  # -1 once the source is parked
+    dkey = [key(m.dst_rank, m.layer, m.dst_slot) for m in moves]
+    dests = set(dkey)
+    pending: dict[int, int] = Counter(k for k in skey if k in dests)  # unread old content of a destination
     # Evacuations first: a move whose source slot is about to be overwritten frees that slot.
-    remaining = sorted(range(len(moves)), key=lambda i: (src_key(moves[i]) not in dests, i))
+    remaining = sorted(range(len(moves)), key=lambda i: (skey[i] not in dests, i))
     park_refs: dict[tuple[int, int], int] = {}  # (rank, park id) -> moves still reading it
     free_parks: dict[int, list[int]] = defaultdict(list)
     next_park: dict[int, int] = defaultdict(int)
     rounds: list[Round] = []
     while remaining:
         parks: list[Park] = []
-        used: dict[int, int] = defaultdict(int)
+        used: dict[int, int] = defaultdict(int)  # records per rank this round
         for rank, _ in park_refs:
-            used[rank] += record_bytes
+            used[rank] += 1
+        chosen: set[int] = set()
+        reads: dict[int, int] = defaultdict(int)  # reads of destination slots scheduled this round
 
-        def fits(m: Move, used=used) -> bool:
-            if m.is_local:
-                return used[m.src_rank] + record_bytes <= budget_bytes
-            return used[m.src_rank] + record_bytes <= budget_bytes and used[m.dst_rank] + record_bytes <= budget_bytes
+        def fits(i: int, used=used) -> bool:
+            if local[i]:
+                return used[src_rank[i]] < cap
+            return used[src_rank[i]] < cap and used[dst_rank[i]] < cap
 
-        def take(m: Move, sign: int, used=used) -> None:
-            used[m.src_rank] += sign * record_bytes
-            if not m.is_local:
-                used[m.dst_rank] += sign * record_bytes
+        def take(i: int, sign: int, used=used, reads=reads) -> None:
+            used[src_rank[i]] += sign
+            if not local[i]:
+                used[dst_rank[i]] += sign
+            if skey[i] in pending:
+                reads[skey[i]] += sign
 
-        def blocked(m: Move, reads: Counter) -> bool:
-            return pending[dst_key(m)] - reads[dst_key(m)] > 0
+        def blocked(i: int, reads=reads) -> bool:
+            return pending.get(dkey[i], 0) - reads[dkey[i]] > 0
 
-        chosen: dict[int, Move] = {}
         while True:
             for i in remaining:
-                if i not in chosen and fits(moves[i]):
-                    chosen[i] = moves[i]
-                    take(moves[i], +1)
-            # Drop moves whose destination still has unread old content after this round
-            # (fixpoint: dropping a move removes a read, which can block another destination).
-            while True:
-                reads = Counter(src_key(m) for m in chosen.values())
-                drop = [i for i, m in chosen.items() if blocked(m, reads)]
+                if fits(i):
+                    chosen.add(i)
+                    take(i, +1)
+            # Drop moves whose destination still has unread old content after this round (fixpoint:
+            # dropping a move removes a read, which can block another destination). Only moves into
+            # a destination that others read can ever be blocked.
+            watch = [i for i in chosen if pending.get(dkey[i], 0) > 0]
+            dropped = False
+            while watch:
+                drop = [i for i in watch if blocked(i)]
                 if not drop:
                     break
+                dropped = True
                 for i in drop:
-                    take(chosen.pop(i), -1)
+                    chosen.discard(i)
+                    take(i, -1)
+                watch = [i for i in watch if i in chosen]
             # Refill with moves that are ready given this round's reads (more reads never block).
-            added = True
-            while added:
-                added = False
-                reads = Counter(src_key(m) for m in chosen.values())
+            while dropped:
+                dropped = False
                 for i in remaining:
-                    m = moves[i]
-                    if i not in chosen and not blocked(m, reads) and fits(m):
-                        chosen[i] = m
-                        take(m, +1)
-                        reads[src_key(m)] += 1
-                        added = True
+                    if i not in chosen and not blocked(i) and fits(i):
+                        chosen.add(i)
+                        take(i, +1)
+                        dropped = True
             if chosen:
                 break
             # Deadlock: park the destination of the first blocked remaining move.
-            no_reads: Counter = Counter()
-            m0 = next((moves[i] for i in remaining if blocked(moves[i], no_reads)), None)
-            if m0 is None:
+            i0 = next((i for i in remaining if pending.get(dkey[i], 0) > 0), None)
+            if i0 is None:
                 raise StoreError(
                     f"cannot schedule {len(remaining)} remaining moves within {budget_bytes} staging bytes per "
                     "round; raise staging_bytes"
                 )
-            rank, layer, slot = dst_key(m0)
-            if used[rank] + 2 * record_bytes > budget_bytes:
+            m0 = moves[i0]
+            rank, layer, slot = m0.dst_rank, m0.layer, m0.dst_slot
+            if used[rank] + 2 > cap:
                 raise StoreError(
                     f"cannot schedule {len(remaining)} remaining moves within {budget_bytes} staging bytes per "
-                    f"round: rank {rank} already parks {used[rank] // record_bytes} records; raise staging_bytes"
+                    f"round: rank {rank} already parks {used[rank]} records; raise staging_bytes"
                 )
             pid = free_parks[rank].pop() if free_parks[rank] else next_park[rank]
             next_park[rank] = max(next_park[rank], pid + 1)
             parks.append(Park(rank, layer, slot, pid))
-            used[rank] += record_bytes
-            readers = [i for i in remaining if src_key(moves[i]) == (rank, layer, slot)]
+            used[rank] += 1
+            parked = dkey[i0]
+            readers = [i for i in remaining if skey[i] == parked]
             for i in readers:
                 moves[i] = replace(moves[i], src_park=pid)
+                skey[i] = -1
             park_refs[(rank, pid)] = len(readers)
-            pending[(rank, layer, slot)] = 0
-        for m in chosen.values():
-            k = src_key(m)
-            if k is None:
-                key = (m.src_rank, m.src_park)
-                park_refs[key] -= 1
-            elif k in pending:
-                pending[k] -= 1
-        for key in [k for k, v in park_refs.items() if v == 0]:
-            del park_refs[key]
-            free_parks[key[0]].append(key[1])
-        rounds.append(Round(parks=parks, moves=[chosen[i] for i in sorted(chosen)]))
-        chosen_set = set(chosen)
-        remaining = [i for i in remaining if i not in chosen_set]
+            pending[parked] = 0
+        for i in chosen:
+            if moves[i].src_park >= 0:
+                park_refs[(src_rank[i], moves[i].src_park)] -= 1
+            elif skey[i] in pending:
+                pending[skey[i]] -= 1
+        for k in [k for k, v in park_refs.items() if v == 0]:
+            del park_refs[k]
+            free_parks[k[0]].append(k[1])
+        rounds.append(Round(parks=parks, moves=[moves[i] for i in sorted(chosen)]))
+        remaining = [i for i in remaining if i not in chosen]
     return rounds

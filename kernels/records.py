@@ -22,19 +22,22 @@ Words. Storage and slab are viewed as int32 when W == 4 (int16 / uint8 when
 W is 2 / 1), so every dtype, fp8 and scales included, takes the same path.
 When every tensor size is a multiple of 16 bytes, every chunk starts on a
 16-byte boundary in both layouts (regions are 256-aligned, records 16-aligned,
-chunks multiples of 16): the kernels then assert that with ``tl.multiple_of``
+chunks multiples of 16): the kernels then tell Triton so with ``tl.multiple_of``
 and each thread moves 16-byte vectors (ld/st.global.v4.b32 in the PTX, checked
 by compiling for sm_90a; without the hints they are 4-byte accesses).
 
 Expected bandwidth (H200, HBM3e, 4.8 TB/s peak; torch's device copy reaches
-4232 GB/s read+written). With 16-byte vectors and >= 64 KiB contiguous per
-program, DRAM sees the same full-sector streams as a memcpy: pack and unpack
-should reach 95-100 % of the copy (~4.0-4.2 TB/s). The only extra work per
-program is 7 scalar loads (indices and table row, L2-resident), amortized over
-64 KiB. The short chunks of scale tensors are 2 of 674 programs per DeepSeek-V3
-expert. A spec whose sizes are not multiples of 16 bytes (W = 2 or 1, or
-unaligned slot starts) falls back to W-byte accesses and is several times
-slower; no production spec does that. Checksums read once but mix each word
+4232 GB/s read+written). With 16-byte vectors and 32 KiB contiguous per
+program, DRAM sees the same full-sector streams as a memcpy, so pack and
+unpack should reach 92-100 % of the copy (~3.9-4.2 TB/s). What they pay on top
+is (a) one L2 round trip per program for its 7 scalar loads (indices and table
+row), hidden by the other resident programs of the SM, and (b) the tail: the
+last programs of the grid run with too few bytes in flight to fill HBM, for
+about one program's lifetime (~2-3 us for 32 KiB), which is ~5 % of a 64 MiB
+call (~32 us) and ~1-2 % at 256 MiB. The short chunks of scale tensors are 2
+of 1346 programs per DeepSeek-V3 expert. A spec whose sizes are not multiples
+of 16 bytes (W = 2 or 1, or unaligned slot starts) falls back to W-byte
+accesses and is several times slower; no production spec does that. Checksums read once but mix each word
 with three 64-bit multiplies (emulated with 32-bit IMADs), so they are bounded
 by integer throughput, not DRAM: expect roughly 1.5-3 TB/s.
 
@@ -82,10 +85,12 @@ __all__ = [
 # imported, so the dispatch follows the same moment.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# 64 KiB chunks: one program streams 64 KiB, enough to amortize its 7 scalar
-# loads, while a 64 MiB slab still makes >= 1024 programs (about one full wave
-# of 132 SMs x 8 resident programs) and a DeepSeek-V3 expert 674 of them.
-CHUNK_BYTES = 64 * 1024
+# 32 KiB chunks (two loop iterations): small enough that the grid's tail (the
+# last programs, running with too few bytes in flight) costs ~2-3 us, large
+# enough that the per-program L2 round trip for indices and table row is hidden
+# by the SM's other resident programs. A 64 MiB slab makes ~2048 programs (two
+# waves of 132 SMs x 8), a DeepSeek-V3 expert 1346. The GPU script sweeps 16-128 KiB.
+CHUNK_BYTES = 32 * 1024
 # 16 KiB per loop iteration: with 8 warps each thread moves 64 B = four 16-byte
 # vectors per iteration; 8 resident programs per SM keep ~128 KiB in flight per
 # SM, about 4x what Little's law asks of HBM3e (~30 KiB per SM at ~800 ns).

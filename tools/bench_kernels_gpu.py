@@ -52,11 +52,12 @@ ROTATE = 3  # buffer sets per timed function: the previous call's bytes (>= 64 M
 # (chunk_bytes, block_bytes, num_warps): the default first, then smaller / larger
 # chunks (balance vs per-program setup) and wider blocks (bytes in flight per thread).
 SWEEP = [
-    KernelConfig(64 * 1024, 16 * 1024, 8),
-    KernelConfig(32 * 1024, 8 * 1024, 4),
-    KernelConfig(128 * 1024, 16 * 1024, 8),
-    KernelConfig(64 * 1024, 32 * 1024, 16),
+    DEFAULT_CONFIG,  # 32K chunk, 16K block, 8 warps
     KernelConfig(16 * 1024, 16 * 1024, 8),
+    KernelConfig(64 * 1024, 16 * 1024, 8),
+    KernelConfig(128 * 1024, 16 * 1024, 8),
+    KernelConfig(32 * 1024, 8 * 1024, 4),
+    KernelConfig(64 * 1024, 32 * 1024, 16),
 ]
 
 
