@@ -47,7 +47,10 @@ class ExecutionStats:
 
 
 def _idx(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(list(values), dtype=torch.int64).to(device, non_blocking=True)
+    """int64 [n] index list on the CPU: the kernel launchers check indices on the host and
+    copy them to the device asynchronously, so no launch waits for queued GPU work."""
+    del device
+    return torch.tensor(list(values), dtype=torch.int64)
 
 
 class _RoundIO:

@@ -57,11 +57,18 @@ def _entry(fn, rank, world_size, port, pg_timeout_s, backend, args, queue) -> No
 
 
 def run_ranks(
-    fn, world_size: int, *args, timeout_s: float = 120.0, pg_timeout_s: float = 60.0, backend: str = "gloo"
+    fn,
+    world_size: int,
+    *args,
+    timeout_s: float = 120.0,
+    pg_timeout_s: float = 60.0,
+    backend: str = "gloo",
+    env: dict[str, str | None] | None = None,
 ) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return the results by rank.
 
-    ``backend`` "gloo" (CPU) or "nccl" (one GPU per rank). NVLink multicast stays off
+    ``backend`` "gloo" (CPU) or "nccl" (one GPU per rank); ``env`` overrides
+    environment variables in the children (None removes one). NVLink multicast stays off
     (NCCL_NVLS_ENABLE=0): the GPU machines are shared."""
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     ctx = mp.get_context("spawn")
@@ -71,8 +78,22 @@ def run_ranks(
         ctx.Process(target=_entry, args=(fn, r, world_size, port, pg_timeout_s, backend, args, queue), daemon=True)
         for r in range(world_size)
     ]
-    for p in procs:
-        p.start()
+    # Children inherit the environment at start; `env` overrides it for them (None removes a variable).
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    try:
+        for k, v in (env or {}).items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for p in procs:
+            p.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     results: dict[int, tuple[str, object]] = {}
     import queue as queue_mod
     import time
