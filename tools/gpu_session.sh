@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine: install, GPU tests, then the benchmarks. Logs go to $OUT.
+#   bash tools/gpu_session.sh [tests|kernels|checkpoint|rebalance|all]...
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/es-out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 \
+  || { echo "editable install failed:"; tail -5 "$OUT/install.log"; exit 1; }
+python3 -c "import expert_store, expert_store.kernels, torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.device_count(), 'GPUs', torch.cuda.get_device_name(0))"
+steps=${*:-all}
+run() { echo "=== $1"; shift; "$@"; echo "=== rc=$?"; }
+for s in $steps; do
+  case $s in
+    tests|all) run gpu-tests python3 -m pytest -q -m "gpu or multigpu" -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;&
+    kernels|all) run kernels python3 tools/bench_kernels_gpu.py 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 ;;&
+    rebalance|all) run rebalance python3 tools/bench_rebalance_gpu.py --cases qwen,small,ds 2>&1 | tee "$OUT/bench_rebalance.log" | grep -v "^\s*$" | tail -25 ;;&
+    checkpoint|all) run checkpoint python3 tools/bench_checkpoint_gpu.py 2>&1 | tee "$OUT/bench_checkpoint.log" | tail -30 ;;
+  esac
+done
