@@ -16,17 +16,24 @@ def ds(tmp_path_factory):
     return cf.write_deepseek(tmp_path_factory.mktemp("ds"), H=256, I=128, num_layers=2, num_experts=8)
 
 
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")]),
+]
+
+
 def _create(tmp_path, info, placement, **kw):
     return es.ExpertStore.create(
         tmp_path / "store", spec=info.spec, placement=placement, checkpoint=info.checkpoint(), **kw
     )
 
 
-def test_create_loads_own_slots_exact(tmp_path, ds):
+@pytest.mark.parametrize("device", DEVICES)
+def test_create_loads_own_slots_exact(tmp_path, ds, device):
     """create() fills every slot with the checkpoint bytes of its expert and commits version 1."""
     placement = es.Placement.contiguous(num_layers=2, num_experts=8, num_ranks=1, slots_per_rank=10)
-    store = _create(tmp_path, ds, placement)
-    assert store.version == 1
+    store = _create(tmp_path, ds, placement, device=device)
+    assert store.version == 1 and store.weights("w2", 0).device.type == device
     assert_slots_exact(store, ds, what="after create")
     w = store.weights("w13", 1)
     assert w.shape == (10, *ds.spec["w13"].shape) and w.dtype == torch.float8_e4m3fn and w.is_contiguous()
@@ -36,12 +43,13 @@ def test_create_loads_own_slots_exact(tmp_path, ds):
     assert torch.equal(m.phy2log, placement.phy2log)
 
 
-def test_local_rebalance_moves_and_accounts_exactly(tmp_path, ds):
+@pytest.mark.parametrize("device", DEVICES)
+def test_local_rebalance_moves_and_accounts_exactly(tmp_path, ds, device):
     """A one-rank rebalance permutes and duplicates experts in place, with exact accounting,
     stable view addresses, and a new version that open() reloads."""
     gen = torch.Generator().manual_seed(7)
     old = random_placement(gen, L=2, E=8, R=1, S=11)
-    store = _create(tmp_path, ds, old)
+    store = _create(tmp_path, ds, old, device=device)
     ptrs = {(n, layer): store.weights(n, layer).data_ptr() for n in ds.spec.names for layer in range(2)}
     for step in range(4):
         new = random_placement(gen, L=2, E=8, R=1, S=11)
@@ -55,7 +63,7 @@ def test_local_rebalance_moves_and_accounts_exactly(tmp_path, ds):
         assert_slots_exact(store, ds, what=f"step {step}")
         old = new
     assert ptrs == {(n, layer): store.weights(n, layer).data_ptr() for n in ds.spec.names for layer in range(2)}
-    reopened = es.ExpertStore.open(tmp_path / "store", checkpoint=ds.checkpoint())
+    reopened = es.ExpertStore.open(tmp_path / "store", checkpoint=ds.checkpoint(), device=device)
     assert reopened.version == 5 and reopened.placement == old
     assert_slots_exact(reopened, ds, what="reopened")
 
@@ -69,10 +77,11 @@ def test_unchanged_placement_costs_nothing(tmp_path, ds):
     assert store.version == 2
 
 
-def test_verify_names_corrupted_slot(tmp_path, ds):
+@pytest.mark.parametrize("device", DEVICES)
+def test_verify_names_corrupted_slot(tmp_path, ds, device):
     """verify() raises IntegrityError naming layer, slot and expert when a slot's bytes change."""
     p = es.Placement.contiguous(num_layers=2, num_experts=8, num_ranks=1, slots_per_rank=8)
-    store = _create(tmp_path, ds, p)
+    store = _create(tmp_path, ds, p, device=device)
     store.weights("w2_scale", 1)[5].view(torch.uint8).reshape(-1)[0] ^= 1
     with pytest.raises(es.IntegrityError, match=r"layer 1 slot 5 .*expert 5"):
         store.verify()
