@@ -27,6 +27,17 @@ __all__ = ["DEFAULT_TIMEOUT_S", "Comm"]
 DEFAULT_TIMEOUT_S = 300.0
 
 
+class _CopyBack:
+    """A received host buffer to copy into its device destination once the receive is done."""
+
+    def __init__(self, host: torch.Tensor, device_dst: torch.Tensor) -> None:
+        self.host = host
+        self.dst = device_dst
+
+    def done(self) -> None:
+        self.dst.copy_(self.host)
+
+
 class Comm:
     """Messaging of one rank with its live peers.
 
@@ -52,6 +63,7 @@ class Comm:
         self.timeout_s = timeout_s
         self.group = group
         self.transport_device = torch.device("cpu")
+        self._bounce = False
         if world_size == 1:
             self._dist = None
             return
@@ -74,6 +86,10 @@ class Comm:
             if device.type != "cuda":
                 raise StoreError(f"rank {rank}: the NCCL backend needs a CUDA device, got {device}")
             self.transport_device = device
+        elif device.type != "cpu":
+            # gloo (or another CPU transport) with device slabs: bounce through host memory.
+            # Slower than NCCL, but lets several ranks share one GPU (tests on a one-GPU machine).
+            self._bounce = True
 
     # -- rank mapping ---------------------------------------------------------
     def _global(self, r: int) -> int:
@@ -108,6 +124,18 @@ class Comm:
         if self._dist is None:
             raise StoreError(f"rank {self.rank}: no peers in a world of one rank")
         dist = self._dist
+        bounce = []
+        if self._bounce:
+            # gloo moves CPU tensors only: device slabs travel through host copies.
+            sends = {p: t.cpu() if t.device.type != "cpu" else t for p, t in sends.items()}
+            host_recvs = {}
+            for p, t in recvs.items():
+                if t.device.type != "cpu":
+                    host_recvs[p] = torch.empty(t.shape, dtype=t.dtype)
+                    bounce.append((_CopyBack(host_recvs[p], t), p))
+                else:
+                    host_recvs[p] = t
+            recvs = host_recvs
         ops = []
         peers = []
         for p in sorted(set(sends) | set(recvs)):
@@ -120,7 +148,7 @@ class Comm:
                 ops.append(dist.P2POp(dist.irecv, recvs[p], self._global(p), self.group))
                 peers.append(p)
         works = dist.batch_isend_irecv(ops)
-        return [(w, p) for w, p in zip(works, peers)]
+        return [(w, p) for w, p in zip(works, peers)] + bounce
 
     def finish_exchange(self, works: list, *, what: str = "slab exchange") -> None:
         """Wait for works from :meth:`start_exchange`.
@@ -131,11 +159,15 @@ class Comm:
         deadline."""
         if not works:
             return
+        copies = [w for w, _ in works if isinstance(w, _CopyBack)]
+        works = [(w, p) for w, p in works if not isinstance(w, _CopyBack)]
         if self.transport_device.type == "cuda":
             for w, _ in works:
                 w.wait()
         else:
             self._wait([w for w, _ in works], [p for _, p in works], what)
+        for c in copies:
+            c.done()
 
     def sync_device(self, device: torch.device, *, what: str) -> None:
         """Wait for all work queued on ``device``'s current stream, with the deadline."""
