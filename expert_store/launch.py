@@ -5,7 +5,8 @@ the benchmarks.
 
 ``run_ranks(fn, world_size, *args, timeout_s=...)`` spawns one process per
 rank, initializes a gloo (or NCCL) process group on a free loopback port, calls
-``fn(rank, world_size, *args)`` and returns the per-rank results. Any rank's
+``fn(rank, world_size, *args)`` and returns the per-rank results (return plain
+Python data: tensors in results would be shared with a process that has exited). Any rank's
 exception fails the call with every rank's traceback; a rank still running at
 the deadline is killed and the call fails (a hang is a failure).
 """

@@ -55,9 +55,17 @@ def _eplb(load, *, ranks, slots, previous):
     return phy2log
 
 
-def _pair_ceiling(rank: int, world: int, nbytes: int, reps: int = 5) -> dict[int, float]:
+def _device(rank: int, cfg) -> torch.device:
+    return torch.device("cuda", rank) if cfg["backend"] == "nccl" else torch.device("cpu")
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _pair_ceiling(rank: int, world: int, nbytes: int, dev: torch.device, reps: int = 5) -> dict[int, float]:
     """Single-slab send/recv, both ways at once, between rank 0 and every other rank: GB/s per direction."""
-    dev = torch.device("cuda", rank)
     buf_s = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     buf_r = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     out = {}
@@ -65,21 +73,21 @@ def _pair_ceiling(rank: int, world: int, nbytes: int, reps: int = 5) -> dict[int
         times = []
         for _ in range(reps + 1):
             dist.barrier()
-            torch.cuda.synchronize(dev)
+            _sync(dev)
             t0 = time.perf_counter()
             if rank in (0, peer):
                 other = peer if rank == 0 else 0
                 ops = [dist.P2POp(dist.isend, buf_s, other), dist.P2POp(dist.irecv, buf_r, other)]
                 for w in dist.batch_isend_irecv(ops):
                     w.wait()
-            torch.cuda.synchronize(dev)
+            _sync(dev)
             times.append(time.perf_counter() - t0)
         out[peer] = nbytes / sorted(times[1:])[len(times[1:]) // 2] / 1e9
     return out
 
 
 def worker(rank, world, info, root, cfg):
-    dev = torch.device("cuda", rank)
+    dev = _device(rank, cfg)
     L, S = info.num_layers, cfg["S"]
     kw = dict(rank=rank, world_size=world, device=dev, timeout_s=600)
     ck = info.checkpoint()
@@ -90,7 +98,7 @@ def worker(rank, world, info, root, cfg):
     t_create = time.perf_counter() - t0
     store.verify()
     rows.append({"step": "create", "rank": rank, "seconds": t_create, "verify": "ok"})
-    ceiling = _pair_ceiling(rank, world, cfg["ceiling_bytes"])
+    ceiling = _pair_ceiling(rank, world, cfg["ceiling_bytes"], dev)
     dead = world - 1
     alive = [r != dead for r in range(world)]
     load = _skewed_load(L, 0)
@@ -108,17 +116,19 @@ def worker(rank, world, info, root, cfg):
     for name, target, extra, live_ranks in steps:
         if rank not in live_ranks:
             del store
-            torch.cuda.empty_cache()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
             log = es.ManifestLog(root)
             while (log.latest() or 0) < 3:
                 time.sleep(0.05)
             store = es.ExpertStore.join(root, checkpoint=ck, **kw)
             continue
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
+        _sync(dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
         rep = store.rebalance(target, **extra)
-        extra_peak = torch.cuda.max_memory_allocated(dev) - base
+        extra_peak = (torch.cuda.max_memory_allocated(dev) - base) if dev.type == "cuda" else 0
         t_v = time.perf_counter()
         try:
             store.verify()
@@ -144,7 +154,7 @@ def worker(rank, world, info, root, cfg):
                 "p2p_GBps": rep.bytes_p2p / max(rep.phase_seconds.get("exchange", 0.0), 1e-9) / 1e9,
             }
         )
-    return {"rows": rows, "ceiling": ceiling, "placements": [p.phy2log for p in (p0, p1, p2, p3)]}
+    return {"rows": rows, "ceiling": ceiling, "placements": [p.phy2log.tolist() for p in (p0, p1, p2, p3)]}
 
 
 def _links(old, new, *, world, spec, old_alive, alive, fresh):
@@ -158,11 +168,14 @@ def _links(old, new, *, world, spec, old_alive, alive, fresh):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--gpus", type=int, default=torch.cuda.device_count())
+    ap.add_argument("--gpus", type=int, default=max(torch.cuda.device_count(), 2))
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--smoke", action="store_true", help="gloo on the CPU with tiny experts: checks the script")
     args = ap.parse_args()
     N, L = args.gpus, args.layers
+    H, I = (256, 128) if args.smoke else (7168, 2048)  # noqa: E741
+    backend = "gloo" if args.smoke else "nccl"
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     # Slots per rank: at least one spare, and enough that N-1 survivors hold all E experts.
     S = max(-(-E // (N - 1)), -(-E // N) + 1)
@@ -173,18 +186,22 @@ def main() -> None:
         print(s, flush=True)
         lines.append(s)
 
-    say(f"{time.strftime('%Y-%m-%d %H:%M')} | {N} x {torch.cuda.get_device_name(0)} | torch {torch.__version__}")
-    say(f"DeepSeek-V3 fp8 experts H=7168 I=2048 (44.0 MB each), E={E}, L={L}, P={P} = {E} + {N}*{(P - E) // N}")
+    device_name = "cpu (smoke run)" if args.smoke else torch.cuda.get_device_name(0)
+    say(f"{time.strftime('%Y-%m-%d %H:%M')} | {N} x {device_name} | torch {torch.__version__}")
+    say(f"DeepSeek-V3-style fp8 experts H={H} I={I}, E={E}, L={L}, P={P} = {E} + {N}*{(P - E) // N}")
     base = Path(tempfile.mkdtemp(prefix="es-elastic-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None))
     t0 = time.perf_counter()
-    info = cf.write_deepseek(base / "ckpt", H=7168, I=2048, num_layers=L, num_experts=E, extras=False, num_shards=8)
+    info = cf.write_deepseek(base / "ckpt", H=H, I=I, num_layers=L, num_experts=E, extras=False, num_shards=8)
     say(f"checkpoint {info.expert_bytes / 1e9:.1f} GB written in {time.perf_counter() - t0:.0f} s")
-    cfg = {"S": S, "ceiling_bytes": 1 << 30}
-    res = run_ranks(worker, N, info, base / "store", cfg, backend="nccl", timeout_s=1500, pg_timeout_s=600)
+    cfg = {"S": S, "ceiling_bytes": (1 << 20) if args.smoke else (1 << 30), "backend": backend}
+    res = run_ranks(
+        worker, N, info, base / "store", cfg, backend=backend, timeout_s=1500, pg_timeout_s=600,
+        env={"TRITON_INTERPRET": None},
+    )  # fmt: skip
     ceiling = res[0]["ceiling"]
-    say("single-slab NCCL send/recv, both ways, 1 GiB, rank 0 <-> r (GB/s per direction): "
-        + ", ".join(f"r{p}: {v:.0f}" for p, v in ceiling.items()))  # fmt: skip
-    ps = [es.Placement(t, num_ranks=N, num_experts=E) for t in res[0]["placements"]]
+    pairs = ", ".join(f"r{p}: {v:.0f}" for p, v in ceiling.items())
+    say(f"single-slab {backend} send/recv, both ways, {cfg['ceiling_bytes'] >> 20} MiB, rank 0 <-> r: {pairs} GB/s")
+    ps = [es.Placement(torch.tensor(t), num_ranks=N, num_experts=E) for t in res[0]["placements"]]
     all_alive = [True] * N
     alive = [r != N - 1 for r in range(N)]
     link_steps = {
@@ -221,7 +238,7 @@ def main() -> None:
                 say("       phases: " + ", ".join(f"{k} {v:.3f}" for k, v in ph.items()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"elastic_{N}gpu_{time.strftime('%Y%m%d')}"
+    stem = f"elastic_{N}{'cpu_smoke' if args.smoke else 'gpu'}_{time.strftime('%Y%m%d')}"
     (out / f"{stem}.txt").write_text("\n".join(lines) + "\n")
     (out / f"{stem}.json").write_text(
         json.dumps({"ceiling": ceiling, "rows": [x["rows"] for x in res]}, indent=1, default=str)
