@@ -214,3 +214,27 @@ class Comm:
         table = torch.empty(len(live), k, dtype=torch.int64, device=dev)
         self._wait([dist.irecv(table, self._global(leader), self.group)], [leader], f"{what} (broadcast)")
         return table.cpu()
+
+    # -- byte strings between two live ranks --------------------------------------
+    def send_blob(self, peer: int, data: bytes, *, what: str) -> None:
+        """Send ``data`` to ``peer`` (length first, then the bytes)."""
+        dist = self._dist
+        dev = self.transport_device
+        n = torch.tensor([len(data)], dtype=torch.int64, device=dev)
+        self._wait([dist.isend(n, self._global(peer), self.group)], [peer], f"{what} (length)")
+        if data:
+            payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev)
+            self._wait([dist.isend(payload, self._global(peer), self.group)], [peer], what)
+
+    def recv_blob(self, peer: int, *, what: str) -> bytes:
+        """Receive what :meth:`send_blob` sent from ``peer``."""
+        dist = self._dist
+        dev = self.transport_device
+        n = torch.empty(1, dtype=torch.int64, device=dev)
+        self._wait([dist.irecv(n, self._global(peer), self.group)], [peer], f"{what} (length)")
+        size = int(n.item())
+        if size == 0:
+            return b""
+        payload = torch.empty(size, dtype=torch.uint8, device=dev)
+        self._wait([dist.irecv(payload, self._global(peer), self.group)], [peer], what)
+        return payload.cpu().numpy().tobytes()

@@ -577,11 +577,13 @@ class ManifestLog:
             )
         return True
 
-    def commit(self, m: Manifest) -> Path:
+    def commit(self, m: Manifest, *, adopt: bool = False) -> Path:
         """Commit ``m`` atomically as ``path_of(m.version)``; returns that path.
 
         Re-committing the identical bytes of an existing version is allowed (ranks
-        sharing one root all commit the same manifest).
+        sharing one root all commit the same manifest). ``adopt=True`` takes a
+        version received from a peer (a rejoining rank with its own, stale root):
+        the parent need not be here, but the version must be newer than the latest.
 
         Raises:
             ManifestError: the version exists with different content, or
@@ -599,7 +601,11 @@ class ManifestLog:
             _fsync_dir(self.dir)  # the first writer may have crashed before its own directory fsync
             return final
         latest = self.latest()
-        if m.parent != latest:
+        if adopt and latest is not None and m.version <= latest:
+            raise ManifestError(
+                f"{final}: cannot adopt version {m.version}: this log already has version {latest} of another history"
+            )
+        if not adopt and m.parent != latest:
             # Another rank sharing this root may have committed the same version since the check above.
             if self._same_as_committed(final, data, m.version):
                 _fsync_dir(self.dir)

@@ -10,7 +10,8 @@ A safetensors file is::
 :func:`parse_header` reads only the first ``8 + N`` bytes and checks every
 entry against the file size, so that later reads can trust the byte ranges.
 :class:`MappedFile` holds one open file: a read-only memory map (for
-zero-copy views) and a file descriptor (for ``preadv`` into caller memory).
+zero-copy views, page-cache residency checks and registration of page-cache
+pages with CUDA) and a file descriptor (for ``preadv`` into caller memory).
 
 Every problem is a :class:`~expert_store.errors.CheckpointError` whose message
 names the file (and the tensor, where there is one).
@@ -19,6 +20,8 @@ names the file (and the tensor, where there is one).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import itertools
 import json
 import mmap
@@ -34,6 +37,7 @@ from .errors import CheckpointError
 
 __all__ = [
     "MAX_HEADER_BYTES",
+    "PAGE_SIZE",
     "SAFETENSORS_DTYPES",
     "MappedFile",
     "SafetensorsHeader",
@@ -75,6 +79,21 @@ _ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in SAFETENSORS_
 # 100 MB: the same bound the safetensors library puts on headers. Real headers
 # are tens of KB (DeepSeek-V3 shards: ~60 KB); anything near this is corruption.
 MAX_HEADER_BYTES = 100_000_000
+
+PAGE_SIZE = mmap.PAGESIZE
+
+# madvise advice values (linux/mman.h); the mmap module lacks POPULATE_READ.
+_MADV_DONTNEED = 4
+_MADV_HUGEPAGE = 14
+_MADV_POPULATE_READ = 22  # Linux >= 5.14
+
+# madvise / mincore through ctypes rather than mmap.madvise: ctypes releases the
+# GIL for the call, so reader threads can populate or check ranges in parallel.
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.madvise.restype = ctypes.c_int
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+_libc.mincore.restype = ctypes.c_int
 
 
 @dataclass(frozen=True)
@@ -206,6 +225,11 @@ class MappedFile:
     in only when a range is touched. The file must keep the size its header was
     checked against: a file truncated under a live map raises SIGBUS on access,
     so the size is checked again here, when the map is made.
+
+    Whatever maps pages of the file into this process (``copy_into`` with
+    ``"mmap"``, CUDA registration by the checkpoint reader) drops those page
+    table entries again with :meth:`release` once done: a page that a process
+    maps cannot be dropped by ``POSIX_FADV_DONTNEED`` and counts in its RSS.
     """
 
     def __init__(self, header: SafetensorsHeader) -> None:
@@ -234,19 +258,89 @@ class MappedFile:
             os.close(self.fd)
             raise
         self.array: np.ndarray = np.frombuffer(self._map, dtype=np.uint8)
+        # First byte of the map; mmap returns page-aligned addresses.
+        self.address: int = int(self.array.ctypes.data)
+        self._host: torch.Tensor | None = None
+
+    def page_range(self, offset: int, nbytes: int) -> tuple[int, int]:
+        """(address, length) of the whole pages holding file bytes [offset, offset + nbytes)."""
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.header.file_size:
+            raise CheckpointError(
+                f"{self.path}: bytes [{offset}, {offset + nbytes}) are outside the file ({self.header.file_size} bytes)"
+            )
+        lo = offset // PAGE_SIZE * PAGE_SIZE
+        hi = -(-(offset + nbytes) // PAGE_SIZE) * PAGE_SIZE
+        return self.address + lo, hi - lo
+
+    def _madvise(self, offset: int, nbytes: int, advice: int, what: str) -> None:
+        if nbytes <= 0:
+            return
+        addr, length = self.page_range(offset, nbytes)
+        if _libc.madvise(ctypes.c_void_p(addr), length, advice) != 0:
+            err = ctypes.get_errno()
+            raise CheckpointError(
+                f"{self.path}: madvise({what}) of bytes [{offset}, {offset + nbytes}) failed: {os.strerror(err)}"
+            )
+
+    def host_tensor(self) -> torch.Tensor:
+        """A CPU ``torch.uint8 [file_size]`` tensor over the map (no copy), for host-to-device
+        copies out of page-cache pages registered with CUDA. Never write to it: the pages are
+        mapped read-only (a write faults). Valid until :meth:`close`."""
+        if self._host is None:
+            if self.fd < 0:
+                raise CheckpointError(f"{self.path}: file is closed")
+            # From the address rather than the buffer: torch refuses read-only buffers with a
+            # warning, and an exported buffer would keep the map from closing.
+            raw = (ctypes.c_uint8 * self.header.file_size).from_address(self.address)
+            self._host = torch.from_numpy(np.ctypeslib.as_array(raw))
+        return self._host
+
+    def resident(self, offset: int, nbytes: int) -> bool:
+        """Whether every page holding bytes [offset, offset + nbytes) is in the page cache
+        (``mincore``; touches no page, maps nothing)."""
+        if nbytes <= 0:
+            return True
+        addr, length = self.page_range(offset, nbytes)
+        pages = length // PAGE_SIZE
+        vec = (ctypes.c_ubyte * pages)()
+        if _libc.mincore(ctypes.c_void_p(addr), length, vec) != 0:
+            err = ctypes.get_errno()
+            raise CheckpointError(
+                f"{self.path}: mincore of bytes [{offset}, {offset + nbytes}) failed: {os.strerror(err)}"
+            )
+        return bool((np.frombuffer(vec, dtype=np.uint8) & 1).all())
+
+    def populate(self, offset: int, nbytes: int) -> None:
+        """Map the pages of bytes [offset, offset + nbytes) into this process in one call
+        (``MADV_POPULATE_READ``, Linux >= 5.14), reading missing ones, instead of one page
+        fault per few pages later."""
+        self._madvise(offset, nbytes, _MADV_POPULATE_READ, "MADV_POPULATE_READ")
+
+    def release(self, offset: int, nbytes: int) -> None:
+        """Drop this process's page table entries for the pages of bytes [offset, offset +
+        nbytes) (``MADV_DONTNEED`` on a shared file map): the page cache keeps the pages, and
+        they become evictable again. Safe while other threads copy out of the same pages:
+        they fault them back in."""
+        self._madvise(offset, nbytes, _MADV_DONTNEED, "MADV_DONTNEED")
+
+    def advise_hugepage(self) -> None:
+        """Ask for huge page table entries over the whole map (``MADV_HUGEPAGE``): the kernel
+        may then map large page-cache folios with one entry. A hint; it changes no byte."""
+        self._madvise(0, self.header.file_size, _MADV_HUGEPAGE, "MADV_HUGEPAGE")
 
     def advise_willneed(self, offset: int, nbytes: int) -> None:
         """Start reading ``[offset, offset + nbytes)`` into the page cache without waiting."""
         if nbytes > 0 and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
 
-    def copy_into(self, offset: int, dest: Sequence[np.ndarray], *, method: str) -> None:
+    def copy_into(self, offset: int, dest: Sequence[np.ndarray], *, method: str, populate: bool = False) -> None:
         """Copy file bytes starting at ``offset`` into the uint8 arrays ``dest``, one after another.
 
         ``method`` is ``"pread"`` (one ``preadv`` system call: the kernel copies
         page-cache pages straight into ``dest``, no page tables touched) or
         ``"mmap"`` (numpy copies out of the memory map, page faults bring the
-        pages in).
+        pages in; with ``populate``, one ``MADV_POPULATE_READ`` maps them
+        first; the pages are :meth:`release`\ d afterwards).
         """
         total = sum(d.nbytes for d in dest)
         if offset < 0 or offset + total > self.header.file_size:
@@ -275,10 +369,15 @@ class MappedFile:
                     )
                 done += got
         elif method == "mmap":
-            pos = offset
-            for d in dest:
-                np.copyto(d, self.array[pos : pos + d.nbytes])
-                pos += d.nbytes
+            if populate:
+                self.populate(offset, total)
+            try:
+                pos = offset
+                for d in dest:
+                    np.copyto(d, self.array[pos : pos + d.nbytes])
+                    pos += d.nbytes
+            finally:
+                self.release(offset, total)
         else:
             raise CheckpointError(f"unknown read method {method!r}; use 'pread' or 'mmap'")
 
@@ -287,6 +386,7 @@ class MappedFile:
         if self.fd < 0:
             return
         self.array = np.empty(0, dtype=np.uint8)  # drop the export so the map can close
+        self._host = None
         # BufferError: a caller still holds a numpy view of the map; the map is
         # freed when that view dies. The descriptor is ours to close either way.
         with contextlib.suppress(BufferError):

@@ -39,7 +39,7 @@ from .comm import DEFAULT_TIMEOUT_S, Comm
 from .errors import AgreementError, IntegrityError, ManifestError, PlacementError, StoreError
 from .execute import DiskReader, ExecutionStats, copy_slots, execute_rounds, run_post_copies
 from .layout import ResidentSlabs, SlabLayout
-from .manifest import Manifest, ManifestLog
+from .manifest import Manifest, ManifestLog, decode_manifest
 from .placement import Placement
 from .plan import plan_rebalance, schedule_rounds
 from .spec import ExpertSpec
@@ -484,17 +484,18 @@ class ExpertStore:
         live = [r for r in range(R) if alive_t[r]]
         if self.rank not in live:
             live = sorted([*live, self.rank])
-        # -- agreement: same (version, new placement, alive, fresh, staging) everywhere
+        # -- agreement: every live rank on the same (new placement, alive, fresh, staging, verify);
+        #    every non-fresh live rank on the same current state (version, placement, alive mask)
         t0 = time.perf_counter()
-        words = _digest_words(
-            struct.pack("<q", self._version),
+        common = _digest_words(
             new_placement.digest() if isinstance(new_placement, Placement) else b"?",
             bytes(alive_t),
             struct.pack(f"<{len(fresh_t)}q", *fresh_t),
             struct.pack("<q", staging_bytes if isinstance(staging_bytes, int) else -1),
             struct.pack("<?", bool(verify)),
         )
-        row = torch.tensor([0 if problem is None else 1, *words], dtype=torch.int64)
+        state = _digest_words(struct.pack("<q", self._version), self._placement.digest(), bytes(self._alive.tolist()))
+        row = torch.tensor([0 if problem is None else 1, *common, *state, self._version], dtype=torch.int64)
         table = self.comm.allgather_live(live, row, what="rebalance agreement")
         phases["agree"] = time.perf_counter() - t0
         if problem is not None:
@@ -502,12 +503,25 @@ class ExpertStore:
         refused = [live[i] for i in range(len(live)) if int(table[i, 0]) != 0]
         if refused:
             raise StoreError(f"rank {self.rank}: rebalance refused by ranks {refused} before anything moved")
-        differ = [live[i] for i in range(len(live)) if not torch.equal(table[i, 1:], table[0, 1:])]
+        differ = [live[i] for i in range(len(live)) if not torch.equal(table[i, 1:5], table[0, 1:5])]
         if differ:
             raise AgreementError(
-                f"rank {self.rank}: ranks {differ} disagree with rank {live[0]} on (version, new placement, alive, "
-                f"fresh, staging_bytes, verify); nothing moved, version stays {self._version}"
+                f"rank {self.rank}: ranks {differ} disagree with rank {live[0]} on (new placement, alive, fresh, "
+                f"staging_bytes, verify); nothing moved, version stays {self._version}"
             )
+        holders = [i for i, r in enumerate(live) if r not in fresh_t]
+        if not holders:
+            raise StoreError(f"rank {self.rank}: every live rank is fresh; reopen the store with ExpertStore.open")
+        ref = holders[0]
+        stale = [live[i] for i in holders if not torch.equal(table[i, 5:], table[ref, 5:])]
+        if stale:
+            raise AgreementError(
+                f"rank {self.rank}: ranks {stale} hold another version or placement than rank {live[ref]} "
+                f"(versions {[int(table[i, 9]) for i in holders]}); nothing moved"
+            )
+        behind = [live[i] for i, r in enumerate(live) if r in fresh_t and not torch.equal(table[i, 5:], table[ref, 5:])]
+        if behind:
+            self._sync_fresh(live[ref], behind)
         # -- plan (identical on every live rank)
         t0 = time.perf_counter()
         plan = plan_rebalance(
@@ -626,6 +640,33 @@ class ExpertStore:
             rounds=stats.rounds,
             verified=bool(verify),
         )
+
+    def _sync_fresh(self, ref: int, behind: list[int]) -> None:
+        """Fresh ranks whose manifest is older than the live ranks' (a rejoining rank with its own
+        root) receive the current manifest from rank ``ref`` and adopt it before anything moves."""
+        what = "current manifest for a fresh rank"
+        if self.rank == ref:
+            data = self.log.path_of(self._version).read_bytes()
+            for r in behind:
+                self.comm.send_blob(r, data, what=what)
+            return
+        if self.rank not in behind:
+            return
+        data = self.comm.recv_blob(ref, what=what)
+        m = decode_manifest(data, source=f"current manifest received from rank {ref}")
+        if m.spec != self.spec or (m.num_layers, m.num_experts, m.num_ranks, m.slots_per_rank) != (
+            self._placement.num_layers,
+            self._placement.num_experts,
+            self.world_size,
+            self._placement.slots_per_rank,
+        ):
+            raise ManifestError(f"rank {self.rank}: the manifest from rank {ref} describes another store")
+        if (self.log.latest() or 0) < m.version:
+            self.log.commit(m, adopt=True)
+        self._version = m.version
+        self._placement = m.placement()
+        self._alive = m.alive.clone()
+        self._checksums = m.checksums.clone()
 
     # ------------------------------------------------------------------ commit
     def _commit(self, *, version: int, parent: int | None, reason: str, stats: dict, created: float | None = None):
