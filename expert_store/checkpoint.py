@@ -12,21 +12,33 @@ templates are concatenated along dim 0, in order: gate_proj + up_proj give
 
 Reads never touch bytes of experts that were not asked for. The byte ranges
 come from headers parsed by :mod:`expert_store.safetensors_file`; the data
-moves like this:
+moves in one of four ways (``method``):
 
-* CPU destinations: one ``preadv`` per file-contiguous run straight into the
-  destination memory (no intermediate copy);
-* CUDA destinations: reader threads ``preadv`` into pinned host staging
-  buffers (``staging_bytes`` in total), then issue ``non_blocking`` copies on
-  a side stream straight into the destination views; a CUDA event per buffer
-  says when it may be refilled. Reading the next chunk (page cache or disk)
+* ``"pread"``: CPU destinations get one ``preadv`` per file-contiguous run
+  straight into their memory (no intermediate copy). For CUDA destinations,
+  reader threads ``preadv`` into pinned host staging buffers
+  (``staging_bytes`` in total), then issue ``non_blocking`` copies on side
+  streams straight into the destination views; a CUDA event per buffer says
+  when it may be refilled. Reading the next chunk (page cache or disk)
   overlaps the host-to-device copy of the previous ones, and no device buffer
   other than the destinations is used.
+* ``"mmap"``: the same, with numpy copies out of the memory map instead of
+  ``preadv``.
+* ``"register"`` (zero-copy, CUDA destinations): the needed pages of the map
+  are cut into page-aligned windows; each window is registered with CUDA
+  (``cudaHostRegister``, read-only), the copy engine reads the page-cache
+  pages straight into the destination views, and the window is unregistered
+  once its copies are done. No CPU copy at all: the host's memory bandwidth
+  goes to the DMA alone. Windows under 1 MiB (scales) go through staging.
+* ``"auto"``: ``"register"`` for windows whose pages are all in the page
+  cache (``mincore``), ``"pread"`` through staging for the others (cold
+  pages: a ``preadv`` keeps the disk queue deep, registration would fault
+  them in a few pages at a time).
 
-Ranges are sorted by (file, offset) and cut into chunks of at most
-``chunk_bytes``; a prefetch thread asks the kernel for the same ranges in the
-same order (``POSIX_FADV_WILLNEED``) so that cold reads keep the disk queue
-full.
+For CPU destinations ``"register"`` and ``"auto"`` read like ``"pread"``. Ranges
+are sorted by (file, offset) and cut into chunks of at most ``chunk_bytes``; a
+prefetch thread asks the kernel for the same ranges in the same order
+(``POSIX_FADV_WILLNEED``) so that cold reads keep the disk queue full.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ import os
 import queue
 import string
 import threading
+from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +58,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, StoreError
-from .safetensors_file import MappedFile, SafetensorsHeader, TensorEntry, parse_header
+from .safetensors_file import PAGE_SIZE, MappedFile, SafetensorsHeader, TensorEntry, parse_header
 from .spec import ExpertSpec
 
 __all__ = [
@@ -54,40 +67,58 @@ __all__ = [
     "DEFAULT_STAGING_BYTES",
     "DEFAULT_THREADS",
     "INDEX_NAME",
+    "METHODS",
     "Checkpoint",
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
 
-# 8 reader threads: page-cache-to-pinned copies run at 5-17 GB/s per thread
-# (17 on the CI VM, less on a busy server socket), so 8 in flight keep a 55 GB/s
-# pinned H2D stream busy with room to spare, while leaving half of a 16-core
-# host to the engine.
+# 8 reader threads: page-cache-to-pinned copies run at ~3 GB/s per thread on the
+# H200 host (16 cores; 4 threads 12.6 GB/s, 8 threads 19.6 GB/s into CUDA slots,
+# 16 threads 16.1 GB/s: the readers then fight the prefetcher, the CUDA driver
+# and each other for cores), 17 GB/s per thread on the CI VM.
 DEFAULT_THREADS = 8
 # 256 MiB of pinned staging: 2 buffers per thread of 16 MiB each, so each
 # thread can fill one buffer while its previous one is still being copied.
+# With "register"/"auto" it also bounds the registered windows in flight.
 DEFAULT_STAGING_BYTES = 256 << 20
 # 16 MiB chunks: a DeepSeek-V3 fp8 projection (2048 x 7168) is 14 MiB, so one
 # projection is one read; large enough that per-call overhead (~20 us of
 # Python + syscall) is < 1% at 5 GB/s, small enough to spread one expert over
 # several threads.
 DEFAULT_CHUNK_BYTES = 16 << 20
-# "pread" (preadv into the destination / staging buffer) rather than "mmap"
-# (numpy copy out of the map). Measured on the 2-core CI VM, ext4 on virtio,
-# 512 MiB, 16 MiB chunks, one thread: warm 17.0 GB/s pread vs 19.0 GB/s mmap
-# (18.7 with MADV_POPULATE_READ first, so page-fault cost is not what bounds the
-# map), cold 3.6 GB/s pread vs 1.7 GB/s mmap. Reading 2 of 64 experts (3.1% of
-# the file) cold left 3.6% of the file in the page cache with preadv and 22.6%
-# with mmap (fault read-around pulls in the neighbours). So: cold reads twice as
-# fast, no bytes of other experts, warm within 11%, and a file truncated under
-# us gives a short read instead of SIGBUS. tools/bench_checkpoint_gpu.py
-# measures both on the GPU machine (row "es.read_into mmap").
+METHODS = ("pread", "mmap", "register", "auto")
+# "pread" (preadv into the destination / staging buffer). Measured on the H200
+# host (16 cores, ext4), 16 of 128 DeepSeek-V3 experts (0.70 GB) into CUDA
+# slots: warm 19.6 GB/s pread, 20.1 mmap, safe_open(device="cuda") 4.9 (4.0x);
+# cold 1.59 GB/s pread vs 1.46 for a plain sequential read (1.09x). On the
+# 2-core CI VM, 512 MiB, one thread: warm 17.0 pread vs 19.0 mmap, cold 3.6 vs
+# 1.7 (mmap fault read-around also pulls in neighbouring experts: 22.6% of the
+# file resident after reading 3.1% of it, 3.6% with preadv). A file truncated
+# under us gives a short read instead of SIGBUS. Warm, pread is bound by the
+# host's memory bandwidth (page cache -> staging -> device: three passes over
+# the bytes); "auto" (zero-copy DMA from resident page-cache pages, pread for
+# the rest) removes the CPU copy: tools/bench_checkpoint_gpu.py sweeps every
+# method; switch the default to "auto" once that run shows it above 5x
+# safe_open warm and cold within 80% of a sequential read.
 DEFAULT_METHOD = "pread"
 
-_PAGE = 4096
+# Staging buffers and windows are multiples of this (page-aligned buffers;
+# registration works on whole pages).
+_PAGE = max(4096, PAGE_SIZE)
 # Pieces per read: preadv takes at most IOV_MAX (1024 on Linux) buffers, and a
 # run of adjacent tiny tensors (every expert's scales side by side) can exceed it.
 _MAX_PIECES = 512
+# Windows smaller than this go through staging even with "register"/"auto": a
+# cudaHostRegister + cudaHostUnregister pair has a fixed cost (driver calls,
+# page-table walk) that a 7 KB scale tensor cannot amortize, and a preadv of a
+# few pages into staging is ~10 us.
+_MIN_ZERO_COPY_BYTES = 1 << 20
+# cudaHostRegister flags (cuda_runtime_api.h): Portable = pinned for every
+# context (destinations may sit on several devices); ReadOnly = the device only
+# reads (required: the map is PROT_READ, so the pages cannot be pinned writable).
+_CUDA_HOST_REGISTER_PORTABLE = 0x01
+_CUDA_HOST_REGISTER_READ_ONLY = 0x08
 _LAYER_FIELDS = frozenset({"layer", "expert"})
 
 
@@ -180,6 +211,65 @@ def _make_jobs(parts: list[tuple[str, int, int, int, int]], max_bytes: int) -> l
             cur.nbytes += take
             pos += take
     return jobs
+
+
+@dataclass
+class _Window:
+    """A page-aligned range ``[start, end)`` of one file, registered (or staged) as a unit.
+
+    ``pieces``: (file offset, destination index, byte offset in the destination,
+    nbytes), sorted by file offset; every piece lies inside the window. Windows of
+    one call never share a page, so registering them one by one never overlaps.
+    """
+
+    path: str
+    start: int
+    end: int
+    pieces: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """(first, one past the last) file byte that a piece needs."""
+        return self.pieces[0][0], max(f + n for f, _, _, n in self.pieces)
+
+
+def _make_windows(parts: list[tuple[str, int, int, int, int]], max_bytes: int, page: int) -> list[_Window]:
+    """Cover ``parts`` (path, file offset, nbytes, dest index, dest offset) with page-aligned
+    windows of at most ``max_bytes`` (rounded down to pages, at least one page).
+
+    The whole pages of the parts are merged where they share a page (so no page is in two
+    windows) and cut at page boundaries; each part becomes one piece per window it crosses.
+    Parts may repeat or overlap (one expert read into two destinations)."""
+    max_bytes = max(page, max_bytes // page * page)
+    by_path: dict[str, list[tuple[int, int, int, int]]] = {}
+    for path, off, n, dest, doff in parts:
+        if n > 0:
+            by_path.setdefault(path, []).append((off, n, dest, doff))
+    windows: list[_Window] = []
+    for path in sorted(by_path):
+        items = sorted(by_path[path])
+        regions: list[list[int]] = []
+        for off, n, _, _ in items:
+            lo, hi = off // page * page, -(-(off + n) // page) * page
+            if regions and lo < regions[-1][1]:
+                regions[-1][1] = max(regions[-1][1], hi)
+            else:
+                regions.append([lo, hi])
+        mine = [_Window(path, a, min(a + max_bytes, hi)) for lo, hi in regions for a in range(lo, hi, max_bytes)]
+        starts = [w.start for w in mine]
+        for off, n, dest, doff in items:
+            k = bisect_right(starts, off) - 1
+            pos, end = off, off + n
+            while pos < end:
+                w = mine[k]
+                take = min(end, w.end) - pos
+                w.pieces.append((pos, dest, doff + pos - off, take))
+                pos += take
+                k += 1
+        for w in mine:
+            w.pieces.sort()
+        windows += mine
+    return windows
 
 
 def _positive(name: str, value: object, default: int) -> int:
