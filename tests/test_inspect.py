@@ -1,0 +1,519 @@
+"""inspect-store: every command, text and --json, against stores built with the real API (CPU, one rank)
+and against hand-written multi-rank manifests; corrupt files, broken chains and checkpoint checksums."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import ckpt_factory as cf
+import pytest
+import torch
+from store_util import expected_accounting, random_placement
+
+import expert_store as es
+from expert_store.inspect import main
+from expert_store.manifest import encode_manifest
+from expert_store.safetensors_file import parse_header
+
+REPO = Path(__file__).resolve().parent.parent
+L, E, S = 2, 8, 10
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    """A DeepSeek-style fp8 checkpoint: 2 MoE layers from checkpoint layer 3, 8 experts."""
+    return cf.write_deepseek(tmp_path_factory.mktemp("ds"), H=256, I=128, num_layers=L, num_experts=E)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, ds):
+    """A one-rank store with three versions: create (contiguous), then two rebalances to random
+    placements with a staging budget of 8 records (several rounds). Read only: tests that change
+    files work on a copy (see `copy_root`)."""
+    root = tmp_path_factory.mktemp("store") / "store"
+    gen = torch.Generator().manual_seed(11)
+    placements = [es.Placement.contiguous(num_layers=L, num_experts=E, num_ranks=1, slots_per_rank=S)]
+    store = es.ExpertStore.create(root, spec=ds.spec, placement=placements[0], checkpoint=ds.checkpoint())
+    reports = []
+    for _ in range(2):
+        placements.append(random_placement(gen, L=L, E=E, R=1, S=S))
+        reports.append(store.rebalance(placements[-1], staging_bytes=8 * ds.spec.record_bytes))
+    store.checkpoint.close()
+    return root, placements, reports
+
+
+def copy_root(built, tmp_path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(built[0], dst)
+    return dst
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def run_json(capsys, *argv) -> tuple[int, dict]:
+    rc, out, _ = run(capsys, *argv, "--json")
+    return rc, json.loads(out)
+
+
+def assert_one_line_error(err: str, *needles: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+# --------------------------------------------------------------------------- summary, versions, show
+
+
+def test_summary_reports_current_version_spec_and_last_rebalance(capsys, built, ds):
+    """summary --json describes the latest manifest exactly (spec sizes, shape, checkpoint mapping,
+    replica statistics of its placement) and the stats of the last rebalance equal its report."""
+    root, placements, reports = built
+    rc, d = run_json(capsys, "summary", root)
+    assert rc == 0
+    m = es.ManifestLog(root).read()
+    assert (d["version"], d["parent"], d["reason"], d["created"]) == (3, 2, "rebalance", m.created)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", d["created_iso"])
+    assert d["spec"]["nbytes"] == ds.spec.nbytes and d["spec"]["record_bytes"] == ds.spec.record_bytes
+    assert [t["name"] for t in d["spec"]["tensors"]] == list(ds.spec.names)
+    assert [t["shape"] for t in d["spec"]["tensors"]] == [list(t.shape) for t in ds.spec.tensors]
+    assert d["spec"]["tensors"][0]["dtype"] == "float8_e4m3fn"
+    assert (d["num_layers"], d["num_experts"], d["num_ranks"], d["slots_per_rank"], d["num_physical"]) == (
+        L,
+        E,
+        1,
+        S,
+        S,
+    )
+    assert d["ranks_per_node"] is None and d["alive"] == [0] and d["dead"] == []
+    assert d["checkpoint"]["path"] == str(ds.path) and d["checkpoint"]["layers"] == [3, 4]
+    assert d["checkpoint"]["names"]["w13"] == ds.names["w13"]
+    logcnt = placements[2].logcnt
+    rep = d["replicas"]
+    assert (rep["min"], rep["max"], rep["replicated"]) == (
+        int(logcnt.min()),
+        int(logcnt.max()),
+        int((logcnt > 1).sum()),
+    )
+    assert rep["mean"] == pytest.approx(float(logcnt.float().mean()), abs=1e-4)
+    assert rep["redundant_slots_per_layer"] == S - E and rep["no_live"] == 0
+    last = d["last_rebalance"]
+    assert last["version"] == 3
+    assert (last["stats"]["bytes_p2p"], last["stats"]["bytes_local"], last["stats"]["bytes_disk"]) == (
+        reports[1].bytes_p2p,
+        reports[1].bytes_local,
+        reports[1].bytes_disk,
+    )
+    assert (d["versions_kept"], d["oldest_version"], d["latest_version"]) == (3, 1, 3)
+    assert d["placement_digest"] == placements[2].digest().hex()
+
+    rc, text, err = run(capsys, "summary", root)
+    assert rc == 0 and err == ""
+    assert "version    3 of 1..3 (3 kept), parent 2" in text
+    assert "L=2 E=8 R=1 S=10 P=10" in text and str(ds.path) in text and "w13_scale" in text
+
+    rc, d1 = run_json(capsys, "summary", root, "--version", "1")
+    assert rc == 0 and d1["reason"] == "create" and d1["parent"] is None and d1["last_rebalance"] is None
+
+
+def test_versions_lists_every_version_with_its_accounting(capsys, built):
+    """versions: one row per committed version, parents chained, byte totals equal the reports."""
+    root, _, reports = built
+    rc, d = run_json(capsys, "versions", root)
+    assert rc == 0 and d["errors"] == []
+    rows = d["versions"]
+    assert [r["version"] for r in rows] == [1, 2, 3]
+    assert [r["parent"] for r in rows] == [None, 1, 2]
+    assert [r["reason"] for r in rows] == ["create", "rebalance", "rebalance"]
+    assert [r["alive"] for r in rows] == [1, 1, 1]
+    assert rows[0]["bytes_local"] is None
+    for row, rep in zip(rows[1:], reports):
+        assert (row["bytes_p2p"], row["bytes_local"], row["bytes_disk"]) == (
+            rep.bytes_p2p,
+            rep.bytes_local,
+            rep.bytes_disk,
+        )
+        assert row["stats"]["rounds"] > 1  # 8-record staging: several rounds
+
+    rc, text, _ = run(capsys, "versions", root)
+    lines = text.splitlines()
+    assert rc == 0 and len(lines) == 4 and lines[0].split()[:4] == ["version", "parent", "created", "reason"]
+    # aligned: the right-aligned version column ends at the same place on every line
+    assert all(ln[6] != " " and ln[7:9] == "  " for ln in lines)
+    assert str(reports[1].bytes_local) in lines[3]
+
+    rc, d2 = run_json(capsys, "versions", root)  # --json before the command works too
+    rc2, out, _ = run(capsys, "--json", "versions", root)
+    assert rc == rc2 == 0 and json.loads(out) == d2
+
+
+def test_show_prints_each_ranks_slots_and_checksums(capsys, built):
+    """show: the experts per rank and layer are exactly phy2log; --layer and --version select."""
+    root, placements, _ = built
+    m3 = es.ManifestLog(root).read(3)
+    rc, d = run_json(capsys, "show", root)
+    assert rc == 0 and d["version"] == 3 and [x["layer"] for x in d["layers"]] == [0, 1]
+    for entry in d["layers"]:
+        lay = entry["layer"]
+        assert entry["ranks"] == [{"rank": 0, "alive": True, "experts": placements[2].rank_experts(0)[lay].tolist()}]
+        assert entry["checksums"] == m3.checksums[lay].tolist()
+    assert d["checksum_summary"]["shape"] == [L, E] and d["checksum_summary"]["zero"] == 0
+
+    rc, d = run_json(capsys, "show", root, "--version", "1", "--layer", "1")
+    assert rc == 0 and d["version"] == 1 and len(d["layers"]) == 1
+    assert d["layers"][0]["ranks"][0]["experts"] == [p % E for p in range(S)]
+    assert d["replicated"] == [{"layer": 1, "experts": [0, 1]}]
+
+    rc, text, _ = run(capsys, "show", root, "--layer", "0")
+    assert rc == 0 and "layer 0" in text and "layer 1" not in text
+    ids = " ".join(str(e) for e in placements[2].rank_experts(0)[0].tolist())
+    assert f"rank 0 alive  {ids}" in text
+    assert f"{int(m3.checksums[0, 0]) & (2**64 - 1):016x}" in text
+
+
+# --------------------------------------------------------------------------- diff, plan (store)
+
+
+def test_diff_counts_changed_slots(capsys, built):
+    """diff: changed slots per layer equal phy2log differences; one rank that holds every expert
+    gains and loses none; nothing else changed."""
+    root, placements, _ = built
+    rc, d = run_json(capsys, "diff", root, 1, 3)
+    assert rc == 0 and (d["a"]["version"], d["b"]["version"]) == (1, 3)
+    want = (placements[0].phy2log != placements[2].phy2log).sum(dim=1).tolist()
+    assert [x["slots_changed"] for x in d["layers"]] == want and d["slots_changed"] == sum(want)
+    assert (d["experts_added"], d["experts_removed"]) == (0, 0)
+    assert d["alive"] == {"a": [0], "b": [0], "died": [], "revived": []}
+    assert d["checksums_changed"] == [] and d["checkpoint_changed"] is False
+
+    rc, text, _ = run(capsys, "diff", root, 2, 3)
+    assert rc == 0 and "diff version 2" in text and "-> version 3" in text
+
+
+def test_plan_reproduces_each_rebalance(capsys, built):
+    """plan A B recomputes what the rebalance from A to B did: its byte accounting equals the
+    store's report and the recorded stats (moves, rounds with the recorded staging budget)."""
+    root, _, reports = built
+    for a, rep in zip((1, 2), reports):
+        rc, d = run_json(capsys, "plan", root, a, a + 1)
+        assert rc == 0
+        t = d["totals"]
+        assert (t["bytes_p2p"], t["bytes_local"], t["bytes_disk"]) == (rep.bytes_p2p, rep.bytes_local, rep.bytes_disk)
+        assert d["ranks"][0]["missing"] == [] and d["links"] == []
+        assert t["rounds"] == rep.rounds == len(d["rounds"]) and t["moves"] == t["moves_local"]
+        assert d["recorded"]["matches"] is True
+        assert d["staging_bytes"] == d["recorded"]["staging_bytes"]
+
+    rc, d = run_json(capsys, "plan", root, 1, 2, "--staging-bytes", "1G")
+    assert rc == 0 and d["staging_bytes"] == 1 << 30 and d["totals"]["rounds"] == 1
+    assert d["totals"]["bytes_local"] == reports[0].bytes_local
+
+    rc, text, _ = run(capsys, "plan", root, 2, 3)
+    assert rc == 0 and "matches the stats recorded in version 3" in text and f"{reports[1].bytes_local}" in text
+
+    rc, _, err = run(capsys, "plan", root, 1, 2, "--staging-bytes", 100)  # below two records
+    assert rc == 1
+    assert_one_line_error(err, "staging")
+
+
+# --------------------------------------------------------------------------- multi-rank manifests
+
+
+def _synthetic_root(tmp_path, ds) -> tuple[Path, list[es.Placement], list[list[bool]]]:
+    """Three hand-written manifests for R=4, S=3: v1 all alive; v2 rank 3 dead (expert 7 of
+    layer 0 lived only there); v3 rank 3 back. Checksums are arbitrary (plan/diff ignore them)."""
+    R, S3 = 4, 3
+    gen = torch.Generator().manual_seed(5)
+
+    def survivors_placement():
+        # every expert on ranks 0..2, rank 3's (unfilled) slots arbitrary
+        base = random_placement(gen, L=1, E=E, R=3, S=S3).phy2log[0]
+        return torch.cat([base, torch.randint(0, E, (S3,), generator=gen)])
+
+    layer0 = [
+        torch.tensor([0, 1, 2, 3, 4, 5, 6, 0, 1, 7, 2, 3]),
+        torch.tensor([0, 7, 2, 3, 4, 5, 6, 1, 1, 7, 2, 3]),
+        torch.tensor([7, 6, 5, 4, 3, 2, 1, 0, 0, 1, 2, 3]),
+    ]
+    layer1 = [random_placement(gen, L=1, E=E, R=R, S=S3).phy2log[0], survivors_placement()]
+    layer1.append(random_placement(gen, L=1, E=E, R=R, S=S3).phy2log[0])
+    placements = [
+        es.Placement(torch.stack([a, b]).to(torch.int64), num_ranks=R, num_experts=E) for a, b in zip(layer0, layer1)
+    ]
+    alive = [[True] * 4, [True, True, True, False], [True] * 4]
+    root = tmp_path / "synthetic"
+    log = es.ManifestLog(root)
+    for i, (p, a) in enumerate(zip(placements, alive)):
+        log.commit(
+            es.Manifest(
+                version=i + 1,
+                parent=i or None,
+                created=1_700_000_000.0 + i,
+                reason="create" if i == 0 else "synthetic",
+                spec=ds.spec,
+                num_layers=L,
+                num_experts=E,
+                num_ranks=R,
+                slots_per_rank=S3,
+                ranks_per_node=2,
+                phy2log=p.phy2log,
+                alive=torch.tensor(a),
+                checkpoint=ds.checkpoint().to_dict(),
+                checksums=torch.arange(L * E, dtype=torch.int64).view(L, E),
+                stats={},
+            )
+        )
+    return root, placements, alive
+
+
+def test_plan_multi_rank_accounting_links_and_missing(capsys, tmp_path, ds):
+    """plan over a rank's death and return: per-rank bytes and missing experts equal the contract's
+    accounting computed independently; link bytes into each rank add up to its bytes_p2p; a rank
+    dead in A or B is never a source."""
+    root, placements, alive = _synthetic_root(tmp_path, ds)
+    for a in (1, 2):
+        rc, d = run_json(capsys, "plan", root, a, a + 1)
+        assert rc == 0 and d["recorded"] is None
+        old, new = placements[a - 1], placements[a]
+        for r in range(4):
+            row = d["ranks"][r]
+            if not alive[a][r]:
+                assert not row["alive"] and row["bytes_p2p"] == row["bytes_local"] == row["bytes_disk"] == 0
+                continue
+            want = expected_accounting(
+                old, new, rank=r, expert_bytes=ds.spec.nbytes, old_alive=alive[a - 1], alive=alive[a], fresh=()
+            )
+            missing = {m["layer"]: m["experts"] for m in row["missing"]}
+            assert (row["bytes_p2p"], row["bytes_local"], row["bytes_disk"], missing) == want, (a, r)
+            into = sum(x["bytes"] for x in d["links"] if x["dst"] == r)
+            assert into == row["bytes_p2p"]
+        for x in d["links"]:
+            assert alive[a - 1][x["src"]] and alive[a][x["src"]] and x["src"] != x["dst"]
+            assert (
+                x["bytes"] == x["records"] * ds.spec.nbytes and x["slab_bytes"] == x["records"] * ds.spec.record_bytes
+            )
+        assert sum(r["bytes_sent"] for r in d["ranks"]) == d["totals"]["bytes_p2p"]
+    rc, d = run_json(capsys, "plan", root, 1, 2)
+    assert any(7 in m["experts"] for r in d["ranks"] for m in r["missing"] if m["layer"] == 0)
+    assert d["totals"]["bytes_disk"] > 0 and d["totals"]["disk_reads"] > 0
+    rc, d = run_json(capsys, "plan", root, 2, 3)
+    assert d["ranks"][3]["fresh"] is True  # dead in version 2: holds nothing valid
+
+    rc, text, _ = run(capsys, "plan", root, 1, 2)
+    assert rc == 0 and "dead" in text and "links (src -> dst)" in text and "L0: " in text
+
+    rc, _, err = run(capsys, "plan", root, 1, 2, "--fresh", "3")  # rank 3 is dead in version 2
+    assert rc == 2 and "--fresh rank 3" in err
+
+
+def test_diff_multi_rank_alive_and_expert_sets(capsys, tmp_path, ds):
+    """diff names the ranks that died and came back, and per rank the experts added and removed."""
+    root, placements, _ = _synthetic_root(tmp_path, ds)
+    rc, d = run_json(capsys, "diff", root, 1, 2)
+    assert rc == 0 and d["alive"]["died"] == [3] and d["alive"]["revived"] == []
+    layer0 = {r["rank"]: r for r in d["layers"][0]["ranks"]}
+    assert layer0[0]["added"] == [7] and layer0[0]["removed"] == [1] and layer0[0]["slots_changed"] == 1
+    assert layer0[2]["added"] == [] and layer0[2]["removed"] == [0] and layer0[2]["slots_changed"] == 1
+    assert 3 not in layer0  # its slots are unchanged
+    for entry in d["layers"]:
+        lay = entry["layer"]
+        a = placements[0].phy2log[lay].view(4, 3)
+        b = placements[1].phy2log[lay].view(4, 3)
+        assert entry["slots_changed"] == int((a != b).sum())
+        for r in entry["ranks"]:
+            sa, sb = set(a[r["rank"]].tolist()), set(b[r["rank"]].tolist())
+            assert (r["added"], r["removed"]) == (sorted(sb - sa), sorted(sa - sb))
+    rc, d = run_json(capsys, "diff", root, 2, 3)
+    assert d["alive"]["revived"] == [3] and d["alive"]["died"] == []
+    rc, text, _ = run(capsys, "diff", root, 1, 2)
+    assert rc == 0 and "died 3" in text
+
+    rc, d = run_json(capsys, "summary", root, "--version", "2")
+    assert d["dead"] == [3] and d["replicas"]["min_live"] >= 1 and d["ranks_per_node"] == 2
+    rc, text, _ = run(capsys, "show", root, "--version", "2", "--layer", "0")
+    assert "rank 3 dead   (7 2 3)" in text
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def test_verify_good_store_with_checkpoint_bytes(capsys, built):
+    """verify passes on a healthy store, and --checkpoint-bytes recomputes every (layer, expert)
+    checksum from the recorded checkpoint and finds them equal to the manifest's table."""
+    root, _, _ = built
+    rc, d = run_json(capsys, "verify", root)
+    assert rc == 0 and d["ok"] and d["problems"] == [] and d["versions"] == [1, 2, 3] and d["checkpoint"] is None
+    rc, d = run_json(capsys, "verify", root, "--checkpoint-bytes")
+    assert rc == 0 and d["ok"]
+    assert d["checkpoint"]["checked"] == L * E and d["checkpoint"]["mismatches"] == []
+    rc, text, err = run(capsys, "verify", root, "--checkpoint-bytes")
+    assert rc == 0 and err == "" and text.rstrip().endswith("OK") and "16 (layer, expert) checksummed" in text
+
+
+def _corrupt_expert_copy(ds, dst: Path, *, layer: int, expert: int) -> Path:
+    """A copy of the checkpoint with one byte of (store layer, expert)'s down_proj flipped."""
+    shutil.copytree(ds.path, dst)
+    name = f"model.layers.{ds.ckpt_layer(layer)}.mlp.experts.{expert}.down_proj.weight"
+    shard = json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"][name]
+    entry = parse_header(dst / shard).tensors[name]
+    with open(dst / shard, "r+b") as f:
+        f.seek(entry.offset + 17)
+        byte = f.read(1)
+        f.seek(entry.offset + 17)
+        f.write(bytes([byte[0] ^ 0x40]))
+    return dst
+
+
+def test_verify_checkpoint_bytes_names_the_mismatching_expert(capsys, built, ds, tmp_path):
+    """A manifest whose recorded checkpoint differs from the bytes its checksums were made from
+    fails verify --checkpoint-bytes, naming exactly the (layer, expert) whose bytes differ."""
+    root = copy_root(built, tmp_path)
+    other = _corrupt_expert_copy(ds, tmp_path / "other", layer=1, expert=5)
+    log = es.ManifestLog(root)
+    m3 = log.read(3)
+    log.commit(
+        dataclasses.replace(m3, version=4, parent=3, reason="moved", checkpoint={**m3.checkpoint, "path": str(other)})
+    )
+    rc, d = run_json(capsys, "verify", root)  # without the bytes check the history is fine
+    assert rc == 0 and d["ok"]
+    rc, d = run_json(capsys, "verify", root, "--checkpoint-bytes")
+    assert rc == 1 and not d["ok"] and d["checkpoint"]["path"] == str(other)
+    mm = d["checkpoint"]["mismatches"]
+    assert [(x["layer"], x["expert"]) for x in mm] == [(1, 5)]
+    assert mm[0]["manifest"] == int(m3.checksums[1, 5]) and mm[0]["checkpoint"] != mm[0]["manifest"]
+    rc, text, err = run(capsys, "verify", root, "--checkpoint-bytes")
+    assert rc == 1 and "layer 1 expert 5" in text and text.rstrip().endswith("FAILED: 1 problem(s)")
+    assert_one_line_error(err, "layer 1 expert 5", "v00000004.msgpack")
+
+    # --checkpoint overrides the recorded path: the original checkpoint matches again
+    rc, d = run_json(capsys, "verify", root, "--checkpoint-bytes", "--checkpoint", ds.path)
+    assert rc == 0 and d["checkpoint"]["mismatches"] == [] and d["checkpoint"]["checked"] == L * E
+    rc, d = run_json(capsys, "verify", root, "--checkpoint-bytes", "--checkpoint", tmp_path / "nowhere")
+    assert rc == 1 and "nowhere" in d["problems"][0] and d["checkpoint"]["checked"] == 0
+
+
+def test_verify_history_pruned_gap_fork_and_temporaries(capsys, built, tmp_path):
+    """verify accepts a history whose oldest versions were pruned, warns about stray temporary
+    files, and fails on a parent missing in the middle of the history and on a fork."""
+    root = copy_root(built, tmp_path)
+    log = es.ManifestLog(root)
+    tmp = log.dir / ".v00000004.4242.deadbeef.tmp"
+    tmp.write_bytes(b"partial")
+    rc, d = run_json(capsys, "verify", root)
+    assert rc == 0 and d["ok"] and d["temporaries"][0]["file"] == str(tmp)
+    assert any("stray temporary file" in w for w in d["warnings"])
+
+    assert log.prune(keep=2) == [1]
+    rc, d = run_json(capsys, "verify", root)
+    assert rc == 0 and d["ok"] and d["pruned_below"] == 2 and d["versions"] == [2, 3]
+    assert "pruned" in d["notes"][0]
+
+    # a fork: version 4 claims version 2 as its parent although version 3 exists
+    m3 = log.read(3)
+    log.path_of(4).write_bytes(encode_manifest(dataclasses.replace(m3, version=4, parent=2)))
+    rc, d = run_json(capsys, "verify", root)
+    assert rc == 1 and any("fork" in p and "v00000004.msgpack" in p for p in d["problems"])
+
+    gap = copy_root(built, tmp_path / "gap")
+    os.unlink(es.ManifestLog(gap).path_of(2))
+    rc, text, err = run(capsys, "verify", gap)
+    assert rc == 1 and "gap in the history" in text
+    assert_one_line_error(err, "v00000003.msgpack", "parent of version 3 is 2")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_corrupt_manifest_is_named_with_exit_1(capsys, built, tmp_path):
+    """A corrupt manifest gives exit code 1 and one stderr line naming the file, never a traceback;
+    versions and verify still report the readable versions."""
+    root = copy_root(built, tmp_path)
+    log = es.ManifestLog(root)
+    v2 = log.path_of(2)
+    data = bytearray(v2.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    v2.write_bytes(bytes(data))
+
+    rc, out, err = run(capsys, "versions", root)
+    assert rc == 1 and "UNREADABLE" in out
+    assert_one_line_error(err, str(v2))
+    rc, out, err = run(capsys, "versions", root, "--json")
+    d = json.loads(out)
+    assert rc == 1 and [r["version"] for r in d["versions"]] == [1, 3] and d["errors"][0]["file"] == str(v2)
+    rc, _, err = run(capsys, "show", root, "--version", 2)
+    assert rc == 1
+    assert_one_line_error(err, str(v2))
+    rc, _, err = run(capsys, "diff", root, 1, 2)
+    assert rc == 1
+    assert_one_line_error(err, str(v2))
+    rc, d = run_json(capsys, "verify", root)
+    assert rc == 1 and d["unreadable"][0]["file"] == str(v2) and d["readable"] == [1, 3]
+    assert run(capsys, "summary", root)[0] == 0  # the latest version is fine
+
+    v3 = log.path_of(3)
+    v3.write_bytes(v3.read_bytes()[:-40])  # truncated latest
+    for cmd in ("summary", "show"):
+        rc, out, err = run(capsys, cmd, root)
+        assert rc == 1 and out == ""
+        assert_one_line_error(err, str(v3))
+    rc, d = run_json(capsys, "verify", root)
+    assert rc == 1 and any("latest version 3 is unreadable" in p for p in d["problems"])
+
+
+def test_missing_root_and_empty_root_exit_1(capsys, tmp_path):
+    """No root, or a root without committed manifests: one stderr line naming the path, exit 1."""
+    for cmd in ("summary", "versions", "show", "verify"):
+        rc, out, err = run(capsys, cmd, tmp_path / "absent")
+        assert rc == 1 and out == ""
+        assert_one_line_error(err, str(tmp_path / "absent"), "no such directory")
+    (tmp_path / "empty").mkdir()
+    rc, _, err = run(capsys, "summary", tmp_path / "empty")
+    assert rc == 1
+    assert_one_line_error(err, str(tmp_path / "empty" / "manifests"), "no committed manifest")
+
+
+def test_usage_errors_exit_2(capsys, built):
+    """Bad command lines and versions or layers the store does not have are usage errors (exit 2)."""
+    root = built[0]
+    assert run(capsys)[0] == 2
+    assert run(capsys, "--help")[0] == 0
+    for argv, needle in [
+        (("bogus", root), "invalid choice"),
+        (("summary",), "ROOT"),
+        (("show", root, "--layer", 2), "layer 2 is outside [0, 2)"),
+        (("show", root, "--version", 9), "version 9 is not committed"),
+        (("diff", root, 1, 9), "version 9 (B) is not committed"),
+        (("diff", root, 0, 1), "int >= 1"),
+        (("plan", root, 1, 2, "--staging-bytes", "lots"), "byte count"),
+        (("verify", root, "--frobnicate"), "unrecognized arguments"),
+    ]:
+        rc, out, err = run(capsys, *argv)
+        assert rc == 2 and out == "" and needle in err, (argv, err)
+    rc, d = run_json(capsys, "diff", root, "latest", 1)  # 'latest' names the newest version
+    assert rc == 0 and d["a"]["version"] == 3
+
+
+def test_tools_script_runs_from_the_checkout(built, tmp_path):
+    """tools/inspect-store runs the checkout's expert_store.inspect from any working directory."""
+    script = REPO / "tools" / "inspect-store"
+    assert os.access(script, os.X_OK)
+    proc = subprocess.run(
+        [sys.executable, str(script), "summary", str(built[0]), "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["version"] == 3
