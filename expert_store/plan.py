@@ -26,7 +26,7 @@ before every move reading its old content has been packed.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -319,10 +319,14 @@ def schedule_rounds(plan: RebalancePlan, *, record_bytes: int, budget_bytes: int
     local = [m.is_local for m in moves]
     skey = [key(m.src_rank, m.layer, m.src_slot) for m in moves]  # -1 once the source is parked
     dkey = [key(m.dst_rank, m.layer, m.dst_slot) for m in moves]
+    # readers[X]: moves still to run that read slot X's old content, for every X some move writes.
+    readers: dict[int, list[int]] = defaultdict(list)
     dests = set(dkey)
-    pending: dict[int, int] = Counter(k for k in skey if k in dests)  # unread old content of a destination
-    # Evacuations first: a move whose source slot is about to be overwritten frees that slot.
-    remaining = sorted(range(len(moves)), key=lambda i: (skey[i] not in dests, i))
+    for i, k in enumerate(skey):
+        if k in dests:
+            readers[k].append(i)
+    remaining = list(range(len(moves)))
+    done: set[int] = set()
     park_refs: dict[tuple[int, int], int] = {}  # (rank, park id) -> moves still reading it
     free_parks: dict[int, list[int]] = defaultdict(list)
     next_park: dict[int, int] = defaultdict(int)
@@ -333,54 +337,45 @@ def schedule_rounds(plan: RebalancePlan, *, record_bytes: int, budget_bytes: int
         for rank, _ in park_refs:
             used[rank] += 1
         chosen: set[int] = set()
-        reads: dict[int, int] = defaultdict(int)  # reads of destination slots scheduled this round
 
-        def fits(i: int, used=used) -> bool:
-            if local[i]:
-                return used[src_rank[i]] < cap
-            return used[src_rank[i]] < cap and used[dst_rank[i]] < cap
+        def closure(i: int, chosen=chosen, done=done) -> list[int]:
+            """Move i plus every move still to run that reads the destination of a move in the set:
+            together they can share a round (all packs precede all unpacks)."""
+            out, stack, seen = [], [i], {i}
+            while stack:
+                j = stack.pop()
+                out.append(j)
+                for r in readers.get(dkey[j], ()):
+                    if r not in seen and r not in done and r not in chosen:
+                        seen.add(r)
+                        stack.append(r)
+            return out
 
-        def take(i: int, sign: int, used=used, reads=reads) -> None:
-            used[src_rank[i]] += sign
-            if not local[i]:
-                used[dst_rank[i]] += sign
-            if skey[i] in pending:
-                reads[skey[i]] += sign
-
-        def blocked(i: int, reads=reads) -> bool:
-            return pending.get(dkey[i], 0) - reads[dkey[i]] > 0
+        def try_add(group: list[int], used=used, chosen=chosen) -> bool:
+            need: dict[int, int] = defaultdict(int)
+            for j in group:
+                need[src_rank[j]] += 1
+                if not local[j]:
+                    need[dst_rank[j]] += 1
+            if any(used[r] + n > cap for r, n in need.items()):
+                return False
+            for r, n in need.items():
+                used[r] += n
+            chosen.update(group)
+            return True
 
         while True:
             for i in remaining:
-                if fits(i):
-                    chosen.add(i)
-                    take(i, +1)
-            # Drop moves whose destination still has unread old content after this round (fixpoint:
-            # dropping a move removes a read, which can block another destination). Only moves into
-            # a destination that others read can ever be blocked.
-            watch = [i for i in chosen if pending.get(dkey[i], 0) > 0]
-            dropped = False
-            while watch:
-                drop = [i for i in watch if blocked(i)]
-                if not drop:
-                    break
-                dropped = True
-                for i in drop:
-                    chosen.discard(i)
-                    take(i, -1)
-                watch = [i for i in watch if i in chosen]
-            # Refill with moves that are ready given this round's reads (more reads never block).
-            while dropped:
-                dropped = False
-                for i in remaining:
-                    if i not in chosen and not blocked(i) and fits(i):
-                        chosen.add(i)
-                        take(i, +1)
-                        dropped = True
+                if i in chosen:
+                    continue
+                if used[src_rank[i]] >= cap or used[dst_rank[i]] >= cap:
+                    continue  # cheap pre-check: this move alone does not fit any more
+                try_add(closure(i))
             if chosen:
                 break
-            # Deadlock: park the destination of the first blocked remaining move.
-            i0 = next((i for i in remaining if pending.get(dkey[i], 0) > 0), None)
+            # Deadlock: a cycle of moves larger than a round. Park the destination of the
+            # first remaining move: its readers then read the park record, breaking the cycle.
+            i0 = next((i for i in remaining if any(r not in done for r in readers.get(dkey[i], ()))), None)
             if i0 is None:
                 raise StoreError(
                     f"cannot schedule {len(remaining)} remaining moves within {budget_bytes} staging bytes per "
@@ -398,20 +393,18 @@ def schedule_rounds(plan: RebalancePlan, *, record_bytes: int, budget_bytes: int
             parks.append(Park(rank, layer, slot, pid))
             used[rank] += 1
             parked = dkey[i0]
-            readers = [i for i in remaining if skey[i] == parked]
-            for i in readers:
+            pending_readers = [i for i in readers.pop(parked, []) if i not in done]
+            for i in pending_readers:
                 moves[i] = replace(moves[i], src_park=pid)
                 skey[i] = -1
-            park_refs[(rank, pid)] = len(readers)
-            pending[parked] = 0
+            park_refs[(rank, pid)] = len(pending_readers)
         for i in chosen:
             if moves[i].src_park >= 0:
                 park_refs[(src_rank[i], moves[i].src_park)] -= 1
-            elif skey[i] in pending:
-                pending[skey[i]] -= 1
         for k in [k for k, v in park_refs.items() if v == 0]:
             del park_refs[k]
             free_parks[k[0]].append(k[1])
+        done |= chosen
         rounds.append(Round(parks=parks, moves=[moves[i] for i in sorted(chosen)]))
         remaining = [i for i in remaining if i not in chosen]
     return rounds
