@@ -30,10 +30,10 @@ moves in one of four ways (``method``):
   pages straight into the destination views, and the window is unregistered
   once its copies are done. No CPU copy at all: the host's memory bandwidth
   goes to the DMA alone. Windows under 1 MiB (scales) go through staging.
-* ``"auto"``: ``"register"`` for windows whose pages are all in the page
-  cache (``mincore``), ``"pread"`` through staging for the others (cold
-  pages: a ``preadv`` keeps the disk queue deep, registration would fault
-  them in a few pages at a time).
+* ``"auto"``: ``"register"`` for windows whose pages are in the page cache
+  (``mincore`` on 16 pages spread over the window), ``"pread"`` through
+  staging for the others (cold pages: a ``preadv`` keeps the disk queue deep,
+  registration would fault them in a few pages at a time).
 
 For CPU destinations ``"register"`` and ``"auto"`` read like ``"pread"``. Ranges
 are sorted by (file, offset) and cut into chunks of at most ``chunk_bytes``; a
@@ -44,6 +44,7 @@ prefetch thread asks the kernel for the same ranges in the same order
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import queue
@@ -94,10 +95,15 @@ METHODS = ("pread", "mmap", "register", "auto")
 # cold 1.59 GB/s pread vs 1.46 for a plain sequential read (1.09x). On the
 # 2-core CI VM, 512 MiB, one thread: warm 17.0 pread vs 19.0 mmap, cold 3.6 vs
 # 1.7 (mmap fault read-around also pulls in neighbouring experts: 22.6% of the
-# file resident after reading 3.1% of it, 3.6% with preadv). A file truncated
-# under us gives a short read instead of SIGBUS. Warm, pread is bound by the
-# host's memory bandwidth (page cache -> staging -> device: three passes over
-# the bytes); "auto" (zero-copy DMA from resident page-cache pages, pread for
+# file resident after reading 3.1% of it, 3.6% with preadv). Those mmap numbers
+# kept the pages mapped between runs; "mmap" now drops its mappings after each
+# copy (so the pages stay evictable) and faults them in again on every call: CI
+# VM, 4 DeepSeek-V3 experts (176 MB) into CPU memory, one thread, 13.9 GB/s mmap
+# (14.1 with populate) vs 14.6 pread. A file truncated
+# under us gives a short read instead of SIGBUS. Warm, pread is most likely bound
+# by the host's memory bandwidth (page cache -> staging -> device, three passes
+# over the bytes): into CPU memory 23.1 GB/s, pinned H2D alone 50, both at once
+# 19.6. "auto" (zero-copy DMA from resident page-cache pages, pread for
 # the rest) removes the CPU copy: tools/bench_checkpoint_gpu.py sweeps every
 # method; switch the default to "auto" once that run shows it above 5x
 # safe_open warm and cold within 80% of a sequential read.
@@ -114,6 +120,12 @@ _MAX_PIECES = 512
 # page-table walk) that a 7 KB scale tensor cannot amortize, and a preadv of a
 # few pages into staging is ~10 us.
 _MIN_ZERO_COPY_BYTES = 1 << 20
+# "auto" checks this many pages of a window (first and last included) for residency
+# instead of all of them: a full mincore walks the page cache per 4 KiB page, 0.35 ms
+# per 16 MiB window on the CI VM (48 GB/s), as long as the window's DMA at 50 GB/s;
+# 16 one-page calls take ~70 us (230 GB/s). A resident-looking window with a missing
+# page is still read right: registration faults the page in (only slower).
+_RESIDENCY_SAMPLES = 16
 # cudaHostRegister flags (cuda_runtime_api.h): Portable = pinned for every
 # context (destinations may sit on several devices); ReadOnly = the device only
 # reads (required: the map is PROT_READ, so the pages cannot be pinned writable).
@@ -280,6 +292,46 @@ def _positive(name: str, value: object, default: int) -> int:
     return int(value)
 
 
+class _CudaOps:
+    """The CUDA calls of the device path, in one place. Tests swap in a stand-in (module
+    attribute ``_DEVICE_OPS``) that treats CPU tensors as device destinations, so the
+    staging and zero-copy pipelines also run, and are checked, on CPU-only machines."""
+
+    def is_device(self, t: torch.Tensor) -> bool:
+        return t.device.type == "cuda"
+
+    def stream(self, device: torch.device) -> Any:
+        return torch.cuda.Stream(device=device)
+
+    def current_stream(self, device: torch.device) -> Any:
+        return torch.cuda.current_stream(device)
+
+    def use_stream(self, stream: Any) -> Any:
+        return torch.cuda.stream(stream)
+
+    def event(self) -> Any:
+        # blocking: a thread waiting for its buffer sleeps instead of spinning on a core
+        # that another reader needs.
+        return torch.cuda.Event(blocking=True)
+
+    def pinned(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def host_register(self, addr: int, nbytes: int, flags: int) -> str | None:
+        """Register host memory; None on success, else the CUDA error string."""
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(addr, nbytes, flags)
+        return None if int(err) == 0 else cudart.cudaGetErrorString(err)
+
+    def host_unregister(self, addr: int) -> str | None:
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostUnregister(addr)
+        return None if int(err) == 0 else cudart.cudaGetErrorString(err)
+
+
+_DEVICE_OPS: _CudaOps = _CudaOps()
+
+
 class Checkpoint:
     """A safetensors checkpoint and the names of its expert tensors.
 
@@ -306,6 +358,7 @@ class Checkpoint:
         self.names: dict[str, tuple[str, ...]] = _check_names(names)
         self.layers: tuple[int, ...] | None = _check_layers(layers)
         self._lock = threading.Lock()
+        self._zero_copy_lock = threading.Lock()
         self._headers: dict[str, SafetensorsHeader] = {}
         self._files: dict[str, MappedFile] = {}
         self._closed = False
@@ -535,6 +588,9 @@ class Checkpoint:
         chunk_bytes: int | None = None,
         method: str | None = None,
         prefetch: bool = True,
+        populate: bool = False,
+        huge_pages: bool = False,
+        streams: int | None = None,
     ) -> int:
         """Read experts straight into caller tensors.
 
@@ -547,9 +603,18 @@ class Checkpoint:
             threads: reader threads (default :data:`DEFAULT_THREADS`).
             staging_bytes: pinned host staging in total, for CUDA destinations
                 (default :data:`DEFAULT_STAGING_BYTES`).
-            chunk_bytes: largest single read (default :data:`DEFAULT_CHUNK_BYTES`).
-            method: ``"pread"`` or ``"mmap"`` (default :data:`DEFAULT_METHOD`).
+            chunk_bytes: largest single read, and largest registered window
+                (default :data:`DEFAULT_CHUNK_BYTES`).
+            method: one of :data:`METHODS` (default :data:`DEFAULT_METHOD`);
+                see the module docstring.
             prefetch: ask the kernel to read the ranges ahead (``WILLNEED``).
+            populate: map each range with one ``MADV_POPULATE_READ`` before
+                copying out of the map or registering it (``"mmap"``,
+                ``"register"``, ``"auto"``), instead of page faults.
+            huge_pages: ``MADV_HUGEPAGE`` on the maps of the files read (a
+                hint: large page-cache folios may then be mapped whole).
+            streams: CUDA side streams per destination device that the
+                host-to-device copies are spread over (default 1).
 
         Returns:
             bytes read: ``len(targets) * spec.nbytes``.
@@ -559,9 +624,11 @@ class Checkpoint:
         destinations untouched. An I/O error during the copy (a disk error, a
         file truncated since it was opened) raises CheckpointError and may
         leave destinations partly written. When CUDA destinations are given,
-        the copies are complete (the side stream is synchronized) on return,
+        the copies are complete (the side streams are synchronized) on return,
         and they start only after work already queued on each destination
-        device's current stream.
+        device's current stream. ``"register"`` / ``"auto"`` fail with
+        CheckpointError where the driver cannot register read-only file pages
+        (``method="pread"`` needs no registration).
         """
         self._check_spec_names(spec)
         if isinstance(targets, (str, bytes)) or not isinstance(targets, Sequence):
@@ -605,6 +672,9 @@ class Checkpoint:
             chunk_bytes=_positive("chunk_bytes", chunk_bytes, DEFAULT_CHUNK_BYTES),
             method=DEFAULT_METHOD if method is None else method,
             prefetch=prefetch,
+            populate=populate,
+            huge_pages=huge_pages,
+            streams=_positive("streams", streams, 1),
         )
         return len(targets) * spec.nbytes
 
@@ -619,126 +689,237 @@ class Checkpoint:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         method: str = DEFAULT_METHOD,
         prefetch: bool = True,
+        populate: bool = False,
+        huge_pages: bool = False,
+        streams: int = 1,
     ) -> None:
         """Copy ``parts`` (path, file offset, nbytes, dest index, dest byte offset) into
         ``dests`` (flat uint8 tensors). Everything has been validated by the caller."""
-        if method not in ("pread", "mmap"):
-            raise CheckpointError(f"unknown read method {method!r}; use 'pread' or 'mmap'")
+        if method not in METHODS:
+            raise CheckpointError(f"unknown read method {method!r}; use one of {list(METHODS)}")
         parts = [p for p in parts if p[2] > 0]
         if not parts:
             return
         files = {path: self._mapped(path) for path in {p[0] for p in parts}}
-        cpu_parts = [p for p in parts if dests[p[3]].device.type == "cpu"]
-        cuda_parts = [p for p in parts if dests[p[3]].device.type == "cuda"]
+        if huge_pages:
+            for mf in files.values():
+                mf.advise_hugepage()
+        ops = _DEVICE_OPS
+        cuda_parts = [p for p in parts if ops.is_device(dests[p[3]])]
+        cpu_parts = [p for p in parts if not ops.is_device(dests[p[3]])]
+        copy_method = "mmap" if method == "mmap" else "pread"
+        zero_copy = method in ("register", "auto") and bool(cuda_parts)
 
         # Staging: nbuf buffers of buf_bytes (a multiple of the page size, so
         # every buffer starts page-aligned); nbuf * buf_bytes <= staging_bytes.
+        # With zero-copy, nbuf also bounds the windows registered at once.
         nbuf = buf_bytes = 0
-        cuda_jobs: list[_Job] = []
+        cuda_tasks: list[tuple[str, Any]] = []
         if cuda_parts:
             nbuf = min(2 * threads, staging_bytes // _PAGE)
             if nbuf == 0:
                 raise CheckpointError(f"staging_bytes={staging_bytes} is below one page ({_PAGE} bytes)")
             buf_bytes = max(_PAGE, min(chunk_bytes, staging_bytes // nbuf) // _PAGE * _PAGE)
-            cuda_jobs = _make_jobs(cuda_parts, buf_bytes)
-            nbuf = min(nbuf, len(cuda_jobs))
-            buf_bytes = min(buf_bytes, -(-max(j.nbytes for j in cuda_jobs) // _PAGE) * _PAGE)
-        jobs: list[tuple[_Job, bool]] = [(j, False) for j in _make_jobs(cpu_parts, chunk_bytes)]
-        jobs += [(j, True) for j in cuda_jobs]
-        jobs.sort(key=lambda jc: (jc[0].path, jc[0].offset))
+            if zero_copy:
+                windows = _make_windows(cuda_parts, buf_bytes, _PAGE)
+                cuda_tasks = [("window", w) for w in windows]
+                largest = max(w.span[1] - w.span[0] for w in windows)
+            else:
+                jobs_ = _make_jobs(cuda_parts, buf_bytes)
+                cuda_tasks = [("staged", j) for j in jobs_]
+                largest = max(j.nbytes for j in jobs_)
+            nbuf = min(nbuf, len(cuda_tasks))
+            buf_bytes = min(buf_bytes, -(-largest // _PAGE) * _PAGE)
+        tasks: list[tuple[str, Any]] = [("cpu", j) for j in _make_jobs(cpu_parts, chunk_bytes)] + cuda_tasks
+        tasks.sort(key=lambda t: (t[1].path, t[1].offset if t[0] != "window" else t[1].start))
 
         cpu_arrays: dict[int, np.ndarray] = {}
         for p in cpu_parts:
             if p[3] not in cpu_arrays:
                 cpu_arrays[p[3]] = dests[p[3]].numpy()
 
-        free: queue.Queue[tuple[int, list[torch.cuda.Event]]] = queue.Queue()
-        staging: torch.Tensor | None = None
-        streams: dict[torch.device, torch.cuda.Stream] = {}
-        if cuda_jobs:
-            staging = torch.empty(nbuf * buf_bytes, dtype=torch.uint8, pin_memory=True)
+        # Free list of in-flight slots: (staging buffer index, CUDA events of the copies
+        # last issued from it, the window registered for them or None).
+        free: queue.Queue[tuple[int, list[Any], tuple[MappedFile, int, int] | None]] = queue.Queue()
+        staging_box: list[tuple[torch.Tensor, np.ndarray]] = []
+        staging_lock = threading.Lock()
+        side: dict[torch.device, list[Any]] = {}
+        if cuda_tasks:
             for b in range(nbuf):
-                free.put((b, []))
+                free.put((b, [], None))
             for d in {dests[p[3]].device for p in cuda_parts}:
-                s = torch.cuda.Stream(device=d)
-                # Destinations may still be read by work queued before this call.
-                s.wait_stream(torch.cuda.current_stream(d))
-                streams[d] = s
-        staging_np = staging.numpy() if staging is not None else None
+                side[d] = [ops.stream(d) for _ in range(streams)]
+                for s in side[d]:
+                    # Destinations may still be read by work queued before this call.
+                    s.wait_stream(ops.current_stream(d))
 
-        failed = threading.Event()
-        errors: list[BaseException] = []
-        next_job = iter(jobs)
-        job_lock = threading.Lock()
+        def staging_buffers() -> tuple[torch.Tensor, np.ndarray]:
+            # Allocated on first use: a zero-copy call over resident pages needs none.
+            with staging_lock:
+                if not staging_box:
+                    t = ops.pinned(nbuf * buf_bytes)
+                    staging_box.append((t, t.numpy()))
+                return staging_box[0]
 
-        def run_cpu(job: _Job) -> None:
+        if cuda_tasks and not zero_copy:
+            staging_buffers()
+
+        def register(mf: MappedFile, start: int, size: int) -> tuple[MappedFile, int, int]:
+            """Register the whole pages of file bytes [start, start + size) (start is page-aligned)."""
+            addr, length = mf.page_range(start, size)
+            flags = _CUDA_HOST_REGISTER_READ_ONLY | _CUDA_HOST_REGISTER_PORTABLE
+            err = ops.host_register(addr, length, flags)
+            if err is not None:
+                raise CheckpointError(
+                    f"{mf.path}: cudaHostRegister (read-only, zero-copy) of file bytes [{start}, {start + size}) "
+                    f"failed: {err}; method='pread' reads through pinned staging instead"
+                )
+            return mf, start, size
+
+        def unregister(reg: tuple[MappedFile, int, int]) -> None:
+            mf, start, size = reg
+            err = ops.host_unregister(mf.address + start)
+            if err is not None:
+                raise CheckpointError(
+                    f"{mf.path}: cudaHostUnregister of file bytes [{start}, {start + size}) failed: {err}"
+                )
+            mf.release(start, size)  # registration mapped the pages into this process
+
+        def stream_for(dev: torch.device, k: int) -> Any:
+            ss = side[dev]
+            return ss[k % len(ss)]
+
+        def run_cpu(k: int, job: _Job) -> None:
             arrays = [cpu_arrays[d][o : o + n] for d, o, n in job.pieces]
-            files[job.path].copy_into(job.offset, arrays, method=method)
+            files[job.path].copy_into(job.offset, arrays, method=copy_method, populate=populate)
 
-        def run_cuda(job: _Job) -> None:
-            b, events = free.get()
+        def issue(k: int, src: torch.Tensor, base: int, pieces: Iterable[tuple[int, int, int, int]]) -> list:
+            """Queue ``dests[d][o : o + n] <- src[base + f : base + f + n]`` for each piece
+            (f, d, o, n); return an event per stream used."""
+            used: dict[Any, None] = {}
+            for f, d, o, n in pieces:
+                dst = dests[d]
+                s = stream_for(dst.device, k)
+                with ops.use_stream(s):
+                    dst[o : o + n].copy_(src[base + f : base + f + n], non_blocking=True)
+                used[s] = None
+            events = []
+            for s in used:
+                ev = ops.event()
+                ev.record(s)
+                events.append(ev)
+            return events
+
+        def run_staged(k: int, job: _Job) -> None:
+            b, events, reg = free.get()
             try:
                 for ev in events:
                     ev.synchronize()  # the buffer's previous H2D copies are done
                 events = []
+                staging, staging_np = staging_buffers()
                 start = b * buf_bytes
-                files[job.path].copy_into(job.offset, [staging_np[start : start + job.nbytes]], method=method)
-                pos = start
-                used: set[torch.device] = set()
+                files[job.path].copy_into(
+                    job.offset, [staging_np[start : start + job.nbytes]], method=copy_method, populate=populate
+                )
+                pieces, pos = [], job.offset
                 for d, o, n in job.pieces:
-                    dst = dests[d]
-                    with torch.cuda.stream(streams[dst.device]):
-                        dst[o : o + n].copy_(staging[pos : pos + n], non_blocking=True)
-                    used.add(dst.device)
+                    pieces.append((pos, d, o, n))
                     pos += n
-                for dev in used:
-                    ev = torch.cuda.Event()
-                    ev.record(streams[dev])
-                    events.append(ev)
+                events = issue(k, staging, start - job.offset, pieces)
             finally:
-                free.put((b, events))
+                free.put((b, events, reg))
+
+        def run_window(k: int, w: _Window) -> None:
+            b, events, reg = free.get()
+            try:
+                for ev in events:
+                    ev.synchronize()  # copies out of the slot's last window are done
+                events = []
+                if reg is not None:
+                    unregister(reg)
+                    reg = None
+                mf = files[w.path]
+                size = min(w.end, mf.header.file_size) - w.start
+                direct = size >= _MIN_ZERO_COPY_BYTES and (
+                    method == "register" or mf.resident(w.start, size, samples=_RESIDENCY_SAMPLES)
+                )
+                if direct:
+                    if populate:
+                        mf.populate(w.start, size)
+                    reg = register(mf, w.start, size)
+                    events = issue(k, mf.host_tensor(), 0, w.pieces)
+                else:
+                    lo, hi = w.span
+                    staging, staging_np = staging_buffers()
+                    start = b * buf_bytes
+                    mf.copy_into(lo, [staging_np[start : start + hi - lo]], method="pread")
+                    events = issue(k, staging, start - lo, w.pieces)
+            finally:
+                free.put((b, events, reg))
+
+        runners = {"cpu": run_cpu, "staged": run_staged, "window": run_window}
+        failed = threading.Event()
+        errors: list[BaseException] = []
+        next_task = iter(enumerate(tasks))
+        task_lock = threading.Lock()
 
         def worker() -> None:
             while not failed.is_set():
-                with job_lock:
-                    item = next(next_job, None)
+                with task_lock:
+                    item = next(next_task, None)
                 if item is None:
                     return
-                job, is_cuda = item
+                k, (kind, task) = item
                 try:
-                    (run_cuda if is_cuda else run_cpu)(job)
+                    runners[kind](k, task)
                 except BaseException as e:
                     if not isinstance(e, StoreError):
-                        e = CheckpointError(
-                            f"{job.path}: reading bytes [{job.offset}, {job.offset + job.nbytes}) failed: {e}"
-                        )
+                        first = task.start if kind == "window" else task.offset
+                        last = task.end if kind == "window" else task.offset + task.nbytes
+                        e = CheckpointError(f"{task.path}: reading bytes [{first}, {last}) failed: {e}")
                     errors.append(e)
                     failed.set()
                     return
 
+        hints = [
+            (t.path, t.start, t.end - t.start) if kind == "window" else (t.path, t.offset, t.nbytes)
+            for kind, t in tasks
+        ]
+
         def prefetcher() -> None:
-            for job, _ in jobs:
+            for path, off, n in hints:
                 if failed.is_set():
                     return
                 try:
-                    files[job.path].advise_willneed(job.offset, job.nbytes)
+                    files[path].advise_willneed(off, n)
                 except OSError:
                     return  # a hint only: reads still work without it
 
-        n_threads = min(threads, len(jobs))
-        use_prefetch = prefetch and len(jobs) > 1
-        try:
-            if n_threads == 1 and not use_prefetch:
-                worker()  # nothing to overlap: stay on the caller's thread
-            else:
-                pool = self._executor(n_threads + use_prefetch)
-                futures = [pool.submit(prefetcher)] if use_prefetch else []
-                futures += [pool.submit(worker) for _ in range(n_threads)]
-                concurrent.futures.wait(futures)
-        finally:
-            # Staging must not be freed while copies out of it are in flight.
-            for s in streams.values():
-                s.synchronize()
+        n_threads = min(threads, len(tasks))
+        use_prefetch = prefetch and len(tasks) > 1
+        # Registrations of two concurrent calls could overlap (the driver refuses that).
+        lock = self._zero_copy_lock if zero_copy else contextlib.nullcontext()
+        with lock:
+            try:
+                if n_threads == 1 and not use_prefetch:
+                    worker()  # nothing to overlap: stay on the caller's thread
+                else:
+                    pool = self._executor(n_threads + use_prefetch)
+                    futures = [pool.submit(prefetcher)] if use_prefetch else []
+                    futures += [pool.submit(worker) for _ in range(n_threads)]
+                    concurrent.futures.wait(futures)
+            finally:
+                # Staging and registered windows must outlive the copies out of them.
+                for ss in side.values():
+                    for s in ss:
+                        s.synchronize()
+                while not free.empty():
+                    _, _, reg = free.get_nowait()
+                    if reg is not None:
+                        try:
+                            unregister(reg)
+                        except BaseException as e:
+                            errors.append(e)
         if errors:
             raise errors[0]
 

@@ -175,11 +175,15 @@ class Comm:
             return
         ev = torch.cuda.Event()
         ev.record()
-        deadline = time.monotonic() + self.timeout_s
+        start = time.monotonic()
+        deadline = start + self.timeout_s
         while not ev.query():
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise PeerTimeoutError(f"rank {self.rank}: {what} did not finish within {self.timeout_s:.0f} s")
-            time.sleep(0.0002)
+            # Spin for the first 20 ms (a rebalance round ends within microseconds of its
+            # transfer), then back off so a stuck peer does not burn a core for minutes.
+            time.sleep(0 if now - start < 0.02 else 0.001)
 
     # -- small all-gather through a leader ------------------------------------
     def allgather_live(self, live: Sequence[int], row: torch.Tensor, *, what: str) -> torch.Tensor:
@@ -201,18 +205,21 @@ class Comm:
         dev = self.transport_device
         leader = live[0]
         k = row.numel()
+        # One batch per hop: unbatched NCCL point-to-point ops are serialized like collectives.
         if self.rank == leader:
-            bufs = {p: torch.empty(k, dtype=torch.int64, device=dev) for p in live[1:]}
-            works = [dist.irecv(bufs[p], self._global(p), self.group) for p in live[1:]]
-            self._wait(works, live[1:], f"{what} (gather)")
-            table = torch.stack([row.to(dev)] + [bufs[p] for p in live[1:]])
-            works = [dist.isend(table, self._global(p), self.group) for p in live[1:]]
-            self._wait(works, live[1:], f"{what} (broadcast)")
+            table = torch.empty(len(live), k, dtype=torch.int64, device=dev)
+            table[0].copy_(row)
+            ops = [dist.P2POp(dist.irecv, table[i], self._global(p), self.group) for i, p in enumerate(live) if i]
+            self._wait(dist.batch_isend_irecv(ops), live[1:], f"{what} (gather)")
+            ops = [dist.P2POp(dist.isend, table, self._global(p), self.group) for p in live[1:]]
+            self._wait(dist.batch_isend_irecv(ops), live[1:], f"{what} (broadcast)")
             return table.cpu()
         send = row.to(dev)
-        self._wait([dist.isend(send, self._global(leader), self.group)], [leader], f"{what} (gather)")
+        op = [dist.P2POp(dist.isend, send, self._global(leader), self.group)]
+        self._wait(dist.batch_isend_irecv(op), [leader], f"{what} (gather)")
         table = torch.empty(len(live), k, dtype=torch.int64, device=dev)
-        self._wait([dist.irecv(table, self._global(leader), self.group)], [leader], f"{what} (broadcast)")
+        op = [dist.P2POp(dist.irecv, table, self._global(leader), self.group)]
+        self._wait(dist.batch_isend_irecv(op), [leader], f"{what} (broadcast)")
         return table.cpu()
 
     # -- byte strings between two live ranks --------------------------------------
@@ -221,20 +228,22 @@ class Comm:
         dist = self._dist
         dev = self.transport_device
         n = torch.tensor([len(data)], dtype=torch.int64, device=dev)
-        self._wait([dist.isend(n, self._global(peer), self.group)], [peer], f"{what} (length)")
+        self._wait(dist.batch_isend_irecv([dist.P2POp(dist.isend, n, self._global(peer), self.group)]), [peer], what)
         if data:
             payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev)
-            self._wait([dist.isend(payload, self._global(peer), self.group)], [peer], what)
+            op = [dist.P2POp(dist.isend, payload, self._global(peer), self.group)]
+            self._wait(dist.batch_isend_irecv(op), [peer], what)
 
     def recv_blob(self, peer: int, *, what: str) -> bytes:
         """Receive what :meth:`send_blob` sent from ``peer``."""
         dist = self._dist
         dev = self.transport_device
         n = torch.empty(1, dtype=torch.int64, device=dev)
-        self._wait([dist.irecv(n, self._global(peer), self.group)], [peer], f"{what} (length)")
+        self._wait(dist.batch_isend_irecv([dist.P2POp(dist.irecv, n, self._global(peer), self.group)]), [peer], what)
         size = int(n.item())
         if size == 0:
             return b""
         payload = torch.empty(size, dtype=torch.uint8, device=dev)
-        self._wait([dist.irecv(payload, self._global(peer), self.group)], [peer], what)
+        op = [dist.P2POp(dist.irecv, payload, self._global(peer), self.group)]
+        self._wait(dist.batch_isend_irecv(op), [peer], what)
         return payload.cpu().numpy().tobytes()

@@ -295,20 +295,35 @@ class MappedFile:
             self._host = torch.from_numpy(np.ctypeslib.as_array(raw))
         return self._host
 
-    def resident(self, offset: int, nbytes: int) -> bool:
-        """Whether every page holding bytes [offset, offset + nbytes) is in the page cache
-        (``mincore``; touches no page, maps nothing)."""
+    def resident(self, offset: int, nbytes: int, *, samples: int | None = None) -> bool:
+        """Whether the pages holding bytes [offset, offset + nbytes) are in the page cache
+        (``mincore``; touches no page, maps nothing).
+
+        With ``samples`` (>= 2), only that many pages spread evenly over the range, first and
+        last included, are checked (one ``mincore`` each): a full check walks the page cache
+        once per 4 KiB page (~48 GB/s on the CI VM, i.e. 0.35 ms per 16 MiB).
+        """
         if nbytes <= 0:
             return True
         addr, length = self.page_range(offset, nbytes)
         pages = length // PAGE_SIZE
-        vec = (ctypes.c_ubyte * pages)()
-        if _libc.mincore(ctypes.c_void_p(addr), length, vec) != 0:
-            err = ctypes.get_errno()
-            raise CheckpointError(
-                f"{self.path}: mincore of bytes [{offset}, {offset + nbytes}) failed: {os.strerror(err)}"
-            )
-        return bool((np.frombuffer(vec, dtype=np.uint8) & 1).all())
+        if samples is not None and samples < 2:
+            raise CheckpointError(f"{self.path}: residency samples must be >= 2, got {samples}")
+        if samples is None or pages <= samples:
+            spans = [(addr, pages)]
+        else:
+            picks = sorted({(pages - 1) * j // (samples - 1) for j in range(samples)})
+            spans = [(addr + i * PAGE_SIZE, 1) for i in picks]
+        for start, count in spans:
+            vec = (ctypes.c_ubyte * count)()
+            if _libc.mincore(ctypes.c_void_p(start), count * PAGE_SIZE, vec) != 0:
+                err = ctypes.get_errno()
+                raise CheckpointError(
+                    f"{self.path}: mincore of bytes [{offset}, {offset + nbytes}) failed: {os.strerror(err)}"
+                )
+            if not (np.frombuffer(vec, dtype=np.uint8) & 1).all():
+                return False
+        return True
 
     def populate(self, offset: int, nbytes: int) -> None:
         """Map the pages of bytes [offset, offset + nbytes) into this process in one call
@@ -340,7 +355,7 @@ class MappedFile:
         page-cache pages straight into ``dest``, no page tables touched) or
         ``"mmap"`` (numpy copies out of the memory map, page faults bring the
         pages in; with ``populate``, one ``MADV_POPULATE_READ`` maps them
-        first; the pages are :meth:`release`\ d afterwards).
+        first; afterwards :meth:`release` drops the mappings).
         """
         total = sum(d.nbytes for d in dest)
         if offset < 0 or offset + total > self.header.file_size:

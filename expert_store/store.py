@@ -44,12 +44,14 @@ from .placement import Placement
 from .plan import plan_rebalance, schedule_rounds
 from .spec import ExpertSpec
 
-__all__ = ["DEFAULT_STAGING_BYTES", "ExpertStore", "RebalanceReport"]
+__all__ = ["DEFAULT_ROUND_BYTES", "DEFAULT_STAGING_BYTES", "ExpertStore", "RebalanceReport"]
 
-# 1 GiB: two 512 MiB rounds in flight. A 512 MiB slab already runs NCCL at
-# ~93% of its 1 GiB one-way rate on H200s (320 vs 353 GB/s measured for 256 MiB
-# vs 1 GiB), and 1 GiB is under 1% of an H200's memory.
+# 1 GiB: two rounds in flight, under 1% of an H200's memory.
 DEFAULT_STAGING_BYTES = 1 << 30
+# 256 MiB of records per rank and round (sent + received): small enough that packing
+# round k+1 and unpacking round k-1 hide behind the transfer of round k, large enough
+# that NCCL runs near its peak (one-way 256 MiB: 320 GB/s vs 353 GB/s at 1 GiB on H200s).
+DEFAULT_ROUND_BYTES = 256 << 20
 
 
 @dataclass
@@ -436,12 +438,16 @@ class ExpertStore:
         fresh: Iterable[int] = (),
         staging_bytes: int | None = None,
         verify: bool = False,
+        *,
+        round_bytes: int | None = None,
     ) -> RebalanceReport:
         """Move to ``new_placement``; collective over the live ranks (``alive[r]`` true).
 
         Dead ranks must not call it; they are never contacted. ``fresh`` lists
         live ranks whose memory is empty (joined). Staging memory on this rank
-        never exceeds ``staging_bytes`` (default :data:`DEFAULT_STAGING_BYTES`)."""
+        never exceeds ``staging_bytes`` (default :data:`DEFAULT_STAGING_BYTES`);
+        each round moves at most ``min(round_bytes, staging_bytes // 2)`` bytes of
+        records per rank (default :data:`DEFAULT_ROUND_BYTES`)."""
         t_start = time.perf_counter()
         phases: dict[str, float] = {}
         R = self.world_size
@@ -457,6 +463,10 @@ class ExpertStore:
                 staging_bytes = DEFAULT_STAGING_BYTES
             if isinstance(staging_bytes, bool) or not isinstance(staging_bytes, int) or staging_bytes <= 0:
                 raise StoreError(f"staging_bytes must be a positive int, got {staging_bytes!r}")
+            if round_bytes is None:
+                round_bytes = DEFAULT_ROUND_BYTES
+            if isinstance(round_bytes, bool) or not isinstance(round_bytes, int) or round_bytes <= 0:
+                raise StoreError(f"round_bytes must be a positive int, got {round_bytes!r}")
             if not alive_t[self.rank]:
                 raise StoreError(f"rank {self.rank} is marked dead in `alive` but called rebalance")
             if self._empty and self.rank not in fresh_t:
@@ -492,6 +502,7 @@ class ExpertStore:
             bytes(alive_t),
             struct.pack(f"<{len(fresh_t)}q", *fresh_t),
             struct.pack("<q", staging_bytes if isinstance(staging_bytes, int) else -1),
+            struct.pack("<q", round_bytes if isinstance(round_bytes, int) else -1),
             struct.pack("<?", bool(verify)),
         )
         state = _digest_words(struct.pack("<q", self._version), self._placement.digest(), bytes(self._alive.tolist()))
@@ -507,7 +518,7 @@ class ExpertStore:
         if differ:
             raise AgreementError(
                 f"rank {self.rank}: ranks {differ} disagree with rank {live[0]} on (new placement, alive, fresh, "
-                f"staging_bytes, verify); nothing moved, version stays {self._version}"
+                f"staging_bytes, round_bytes, verify); nothing moved, version stays {self._version}"
             )
         holders = [i for i, r in enumerate(live) if r not in fresh_t]
         if not holders:
@@ -533,7 +544,8 @@ class ExpertStore:
             fresh=fresh_t,
             ranks_per_node=self.ranks_per_node,
         )
-        rounds = schedule_rounds(plan, record_bytes=self.spec.record_bytes, budget_bytes=staging_bytes // 2)
+        budget = max(min(round_bytes, staging_bytes // 2), min(2 * self.spec.record_bytes, staging_bytes // 2))
+        rounds = schedule_rounds(plan, record_bytes=self.spec.record_bytes, budget_bytes=budget)
         phases["plan"] = time.perf_counter() - t0
         acct = plan.accounts[self.rank]
         stats = ExecutionStats()
@@ -623,6 +635,7 @@ class ExpertStore:
                 "post_copies": len(plan.post_copies),
                 "rounds": len(rounds),
                 "staging_bytes": staging_bytes,
+                "round_bytes": round_bytes,
                 "live_ranks": len(live),
                 "fresh_ranks": len(fresh_t),
             },

@@ -8,10 +8,13 @@ wrong place cannot compare equal; comparisons are on uint8 views (fp8 / bf16 NaN
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import random
 import struct
+import threading
 from pathlib import Path
 
 import ckpt_factory as cf
@@ -20,9 +23,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from expert_store.checkpoint import INDEX_NAME, Checkpoint
+import expert_store.checkpoint as ckmod
+from expert_store.checkpoint import INDEX_NAME, METHODS, Checkpoint, _make_windows
 from expert_store.errors import CheckpointError, StoreError
-from expert_store.safetensors_file import parse_header
+from expert_store.safetensors_file import PAGE_SIZE, MappedFile, parse_header
 from expert_store.spec import ExpertSpec, TensorSpec
 
 POISON = 0xA5
@@ -128,11 +132,12 @@ def test_read_into_poisoned_cpu_destinations(style, request):
         assert _same_bytes(d, info.expected_expert(la, e)), (la, e)
 
 
-@pytest.mark.parametrize("method", ["pread", "mmap"])
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("chunk_bytes", [4096, 5000, 1 << 20])
 def test_read_into_methods_and_chunking(deepseek, method, chunk_bytes):
-    """Both read methods, reads split into many small chunks (not page multiples) over several
-    threads, and one thread, give the same bytes."""
+    """Every read method ("register" and "auto" read CPU destinations like "pread"), reads split
+    into many small chunks (not page multiples) over several threads, and one thread, give the
+    same bytes."""
     info = deepseek
     pairs = [(la, e) for la in range(info.num_layers) for e in range(info.num_experts)][::3]
     for threads in (1, 3):
@@ -534,14 +539,270 @@ def test_reads_only_the_needed_pages(tmp_path):
     assert after < 0.25, f"{after:.1%} of the file resident after reading {needed:.1%} of it"
 
 
+# -- zero-copy windows and map hygiene ----------------------------------------------
+
+
+def _check_windows(parts, max_bytes, sizes):
+    """Build windows for ``parts`` and check every invariant the zero-copy reader relies on."""
+    windows = _make_windows(parts, max_bytes, PAGE_SIZE)
+    limit = max(PAGE_SIZE, max_bytes // PAGE_SIZE * PAGE_SIZE)
+    pages: dict[str, set[int]] = {}
+    for w in windows:
+        assert w.start % PAGE_SIZE == 0 and w.end % PAGE_SIZE == 0, w
+        assert 0 < w.end - w.start <= limit, w
+        assert w.pieces and w.pieces == sorted(w.pieces)
+        # No page in two windows (registrations must not overlap).
+        mine = set(range(w.start // PAGE_SIZE, w.end // PAGE_SIZE))
+        assert not mine & pages.setdefault(w.path, set()), w
+        pages[w.path] |= mine
+        for f, _, _, n in w.pieces:
+            assert w.start <= f and f + n <= w.end and n > 0
+        lo, hi = w.span
+        assert w.start <= lo < hi <= w.end
+    # Replaying the pieces from fake file bytes fills every destination exactly once.
+    files = {path: torch.randint(0, 256, (size,), dtype=torch.uint8) for path, size in sizes.items()}
+    dests = {}
+    for _, _, n, d, doff in parts:
+        dests.setdefault(d, torch.zeros(doff + n + 7, dtype=torch.int64))
+    for w in windows:
+        for f, d, o, n in w.pieces:
+            dests[d][o : o + n] += files[w.path][f : f + n].long() + 1000
+    for path, off, n, d, doff in parts:
+        want = files[path][off : off + n].long() + 1000
+        assert torch.equal(dests[d][doff : doff + n], want), (path, off, n, d)
+    return windows
+
+
+def test_make_windows_invariants():
+    """Zero-copy windows are page-aligned, at most max_bytes, never share a page (registrations
+    cannot overlap), and their pieces cover every part exactly once: parts that share a page, repeat,
+    overlap, cross window boundaries or sit in several files."""
+    P = PAGE_SIZE
+    parts = [
+        ("a", 100, 50, 0, 0),  # two parts in one page
+        ("a", 200, P, 1, 0),  # crosses into the next page
+        ("a", 3 * P, 5 * P + 3, 2, 16),  # crosses window boundaries
+        ("a", 3 * P, 5 * P + 3, 3, 0),  # the same bytes again, into another destination
+        ("a", 4 * P + 10, 100, 4, 0),  # inside the previous one
+        ("a", 20 * P, P, 5, 0),  # page-exact
+        ("a", 21 * P, 10, 6, 0),  # the next page: its own window, adjacent
+        ("b", 7, 3 * P, 7, 8),
+    ]
+    sizes = {"a": 22 * P, "b": 4 * P}
+    for max_bytes in (P, 2 * P + 5, 4 * P, 1 << 30):
+        windows = _check_windows(parts, max_bytes, sizes)
+        if max_bytes >= 1 << 30:
+            assert [(w.path, w.start, w.end) for w in windows] == [
+                ("a", 0, 2 * P),
+                ("a", 3 * P, 9 * P),
+                ("a", 20 * P, 21 * P),
+                ("a", 21 * P, 22 * P),
+                ("b", 0, 4 * P),
+            ]
+    rng = random.Random(7)
+    for _ in range(30):
+        parts = []
+        for d in range(rng.randint(1, 12)):
+            off = rng.randrange(0, 40 * P)
+            parts.append(("f", off, rng.randint(1, 6 * P), d, rng.randrange(0, 64)))
+        _check_windows(parts, rng.choice([P, 3 * P, 8 * P, 100 * P]), {"f": 47 * P})
+
+
+def test_mapped_file_views_and_residency(qwen_file):
+    """MappedFile.host_tensor is the file's bytes without a copy; populate maps a range (then
+    resident); release drops only this process's mappings (bytes unchanged); advise_hugepage is a
+    hint; ranges outside the file are refused naming the file."""
+    path = qwen_file.path
+    raw = path.read_bytes()
+    with MappedFile(parse_header(path)) as mf:
+        host = mf.host_tensor()
+        assert host.dtype == torch.uint8 and host.numel() == len(raw)
+        assert host.data_ptr() == mf.address and mf.address % PAGE_SIZE == 0
+        assert bytes(host[:4096].numpy()) == raw[:4096] and bytes(host[-999:].numpy()) == raw[-999:]
+        mf.populate(100, len(raw) - 200)
+        assert mf.resident(0, len(raw)) and mf.resident(5, 0) and mf.resident(0, len(raw), samples=3)
+        with pytest.raises(CheckpointError, match="samples"):
+            mf.resident(0, len(raw), samples=1)
+        mf.release(0, len(raw))
+        mf.advise_hugepage()
+        assert bytes(host[-999:].numpy()) == raw[-999:]
+        assert mf.page_range(PAGE_SIZE + 1, 1) == (mf.address + PAGE_SIZE, PAGE_SIZE)
+        for off, n in [(-1, 4), (len(raw) - 3, 4)]:
+            with pytest.raises(CheckpointError, match=str(path)):
+                mf.resident(off, n)
+    with pytest.raises(CheckpointError, match="closed"):
+        mf.host_tensor()
+
+
+def test_mmap_reads_leave_pages_evictable(tmp_path):
+    """After a read through the map ("mmap", also with populate and huge_pages) the checkpoint,
+    still open, holds no mapping of the pages: POSIX_FADV_DONTNEED drops them and mincore shows
+    the file cold again (what cold benchmarks rely on), and residency reflects what was read."""
+    info = cf.write_qwen(tmp_path, H=512, I=384, num_layers=1, num_experts=16, extras=False)
+    path = info.path
+    cf.evict_page_cache(path)
+    if cf.resident_fraction(path) > 0.05:
+        pytest.skip("POSIX_FADV_DONTNEED does not evict on this filesystem")
+    with info.checkpoint() as ckpt:
+        for kw in ({}, {"populate": True}, {"populate": True, "huge_pages": True}):
+            dests = [_poisoned(info.spec) for _ in range(3)]
+            ckpt.read_into(info.spec, [(0, e, d) for e, d in zip((2, 9, 15), dests)], method="mmap", **kw)
+            for e, d in zip((2, 9, 15), dests):
+                assert _same_bytes(d, info.expected_expert(0, e)), (e, kw)
+            assert cf.resident_fraction(path) > 0.1
+            cf.evict_page_cache(path)
+            assert cf.resident_fraction(path) < 0.02, kw
+        mf = ckpt._mapped(str(path))
+        size = path.stat().st_size
+        assert not mf.resident(0, size) and not mf.resident(0, size, samples=4)
+        # Only the last page in: a sampled check sees it missing or present exactly as mincore does.
+        last = (size - 1) // PAGE_SIZE * PAGE_SIZE
+        os.pread(mf.fd, 1, last)
+        assert mf.resident(last, size - last) and not mf.resident(0, size, samples=2)
+        mf.populate(0, size)
+        assert mf.resident(0, size, samples=2) and mf.resident(0, size)
+        mf.release(0, size)
+
+
+def test_bad_method_and_streams(qwen_file):
+    """An unknown method or a non-positive stream count is refused before anything is read."""
+    info = qwen_file
+    dests = _poisoned(info.spec)
+    with info.checkpoint() as ckpt:
+        with pytest.raises(CheckpointError, match=r"unknown read method 'dma'.*register"):
+            ckpt.read_into(info.spec, [(0, 0, dests)], method="dma")
+        with pytest.raises(CheckpointError, match="streams"):
+            ckpt.read_into(info.spec, [(0, 0, dests)], streams=0)
+    assert _all_poisoned(dests)
+
+
+class _Nothing:
+    """Stream / event stand-in: CPU copies are done when copy_ returns."""
+
+    def wait_stream(self, other) -> None: ...
+
+    def record(self, stream) -> None: ...
+
+    def synchronize(self) -> None: ...
+
+
+class _FakeDeviceOps(ckmod._CudaOps):
+    """CPU stand-in for the CUDA calls: every destination counts as a device destination, so the
+    staging and zero-copy pipelines run on CPU. Registrations are checked the way the driver
+    would (page-aligned, read-only flag, never overlapping a live one) and recorded."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.live: dict[int, int] = {}
+        self.sizes: list[int] = []
+        self.fail_after = fail_after
+        self.lock = threading.Lock()
+
+    def is_device(self, t):
+        return True
+
+    def stream(self, device):
+        return _Nothing()
+
+    def current_stream(self, device):
+        return _Nothing()
+
+    def use_stream(self, stream):
+        return contextlib.nullcontext()
+
+    def event(self):
+        return _Nothing()
+
+    def pinned(self, nbytes):
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def host_register(self, addr, nbytes, flags):
+        assert addr % PAGE_SIZE == 0 and nbytes % PAGE_SIZE == 0 and nbytes > 0
+        assert flags & ckmod._CUDA_HOST_REGISTER_READ_ONLY
+        with self.lock:
+            if self.fail_after is not None and len(self.sizes) >= self.fail_after:
+                return "cudaErrorNotSupported (fake)"
+            for a, n in self.live.items():
+                assert addr + nbytes <= a or a + n <= addr, "overlapping registrations"
+            self.live[addr] = nbytes
+            self.sizes.append(nbytes)
+        return None
+
+    def host_unregister(self, addr):
+        with self.lock:
+            if self.live.pop(addr, None) is None:
+                return "cudaErrorHostMemoryNotRegistered (fake)"
+        return None
+
+
+@pytest.fixture(scope="module")
+def qwen_mid(tmp_path_factory) -> cf.CheckpointInfo:
+    # 1.5 MiB per expert (bf16 [2*512, 512] + [512, 512]), so zero-copy windows reach 1 MiB.
+    return cf.write_qwen(tmp_path_factory.mktemp("qmid"), H=512, I=512, num_layers=1, num_experts=6, num_shards=2)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"populate": True, "streams": 3, "chunk_bytes": 1 << 20, "threads": 1}, {"staging_bytes": 3 * 4096 + 1}],
+)
+def test_device_pipelines_on_cpu(qwen_mid, monkeypatch, method, options):
+    """The device path (staging buffers reused across chunks; zero-copy windows registered, copied
+    out of the map, unregistered), run on CPU with the CUDA calls stubbed: every byte lands where it
+    belongs for repeated experts and every expert of both shards (their last bytes included);
+    "register" registers every window
+    of >= 1 MiB, "auto" only resident ones (none when cold); no registration survives the call."""
+    info = qwen_mid
+    ops = _FakeDeviceOps()
+    monkeypatch.setattr(ckmod, "_DEVICE_OPS", ops)
+    pairs = [(0, 5), (0, 0), (0, 2), (0, 3), (0, 5), (0, 1), (0, 4)]
+    for cache in ("warm", "cold"):
+        if cache == "cold":
+            for f in info.files:
+                cf.evict_page_cache(f)
+        ops.sizes.clear()
+        dests = [_poisoned(info.spec) for _ in pairs]
+        with info.checkpoint() as ckpt:
+            if cache == "warm":
+                ckpt.read_into(info.spec, [(0, e, _poisoned(info.spec)) for e in range(6)], method="pread")
+            n = ckpt.read_into(
+                info.spec, [(la, e, d) for (la, e), d in zip(pairs, dests)], method=method, prefetch=False, **options
+            )
+        assert n == len(pairs) * info.spec.nbytes
+        for (la, e), d in zip(pairs, dests):
+            assert _same_bytes(d, info.expected_expert(la, e)), (la, e, cache)
+        assert not ops.live, "a registration outlived the call"
+        big_windows = "staging_bytes" not in options
+        if method == "register" or (method == "auto" and cache == "warm"):
+            assert bool(ops.sizes) == big_windows, ops.sizes
+        else:
+            evicts = max(cf.resident_fraction(f) for f in info.files) < 0.5 or cache == "warm"
+            assert not ops.sizes or (method == "auto" and not evicts), ops.sizes
+
+
+def test_zero_copy_registration_failure(qwen_mid, monkeypatch):
+    """A registration the driver refuses raises CheckpointError naming the file and the way out
+    (method='pread'); the windows registered before it are all unregistered."""
+    info = qwen_mid
+    ops = _FakeDeviceOps(fail_after=1)
+    monkeypatch.setattr(ckmod, "_DEVICE_OPS", ops)
+    with info.checkpoint() as ckpt:
+        with pytest.raises(CheckpointError, match=r"\.safetensors: cudaHostRegister.*fake.*method='pread'"):
+            ckpt.read_into(info.spec, [(0, e, _poisoned(info.spec)) for e in range(6)], method="register")
+        assert len(ops.sizes) == 1 and not ops.live
+        dests = _poisoned(info.spec)
+        ckpt.read_into(info.spec, [(0, 3, dests)], method="pread")  # the checkpoint still reads
+    assert _same_bytes(dests, info.expected_expert(0, 3))
+
+
 # -- GPU ----------------------------------------------------------------------------
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("staging_bytes", [None, 8192, 3 * 4096 + 1])
-def test_read_into_cuda_bit_exact(deepseek, staging_bytes):
-    """read_into CUDA destinations (slot views of one device buffer) through pinned staging writes
+def test_read_into_cuda_bit_exact(deepseek, staging_bytes, method):
+    """read_into CUDA destinations (slot views of one device buffer), by every method, writes
     exactly the expected bytes, also with staging far smaller than one expert, and touches no byte
     outside the destinations."""
     info = deepseek
@@ -557,12 +818,64 @@ def test_read_into_cuda_bit_exact(deepseek, staging_bytes):
             off += t.nbytes
         targets.append((la, e, dests))
     with info.checkpoint() as ckpt:
-        n = ckpt.read_into(spec, targets, staging_bytes=staging_bytes, threads=4)
+        n = ckpt.read_into(spec, targets, staging_bytes=staging_bytes, threads=4, method=method)
     assert n == len(pairs) * spec.nbytes
     for la, e, dests in targets:
         assert _same_bytes({k: v.cpu() for k, v in dests.items()}, info.expected_expert(la, e))
     host = buf.cpu()
     assert bool((host[:128] == POISON).all()) and bool((host[off:] == POISON).all())
+
+
+@pytest.fixture(scope="module")
+def qwen_big(tmp_path_factory) -> cf.CheckpointInfo:
+    # w13 [2I, H] bf16 = 2 MiB, w2 1 MiB: windows of >= 1 MiB, so "register"/"auto" really
+    # register page-cache pages (smaller windows go through staging).
+    return cf.write_qwen(tmp_path_factory.mktemp("qbig"), H=1024, I=512, num_layers=2, num_experts=6, num_shards=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["register", "auto"])
+@pytest.mark.parametrize("cache", ["warm", "cold"])
+@pytest.mark.parametrize("options", [{}, {"populate": True, "streams": 3}, {"chunk_bytes": 1 << 20, "threads": 1}])
+def test_read_into_cuda_zero_copy(qwen_big, method, cache, options):
+    """Zero-copy reads (page-cache pages registered with CUDA, DMA straight into the slots) write
+    exactly the expected bytes, warm or cold (auto stages cold windows), with repeated experts,
+    windows cut inside tensors, several streams; afterwards no registration or mapping is left:
+    the same pages register again, and the page cache can be dropped."""
+    info = qwen_big
+    spec = info.spec
+    pairs = [(1, 5), (0, 0), (1, 1), (0, 3), (1, 5)]
+    slab = torch.full((len(pairs) * spec.nbytes + 256,), POISON, dtype=torch.uint8, device="cuda")
+    targets, off = [], 128
+    for la, e in pairs:
+        dests = {}
+        for t in spec.tensors:
+            dests[t.name] = slab[off : off + t.nbytes].view(t.dtype).view(t.shape)
+            off += t.nbytes
+        targets.append((la, e, dests))
+    evicts = max(_evict_all(info)) < 0.05  # whether this filesystem honours DONTNEED at all
+    with info.checkpoint() as ckpt:
+        for _ in range(2):
+            if cache == "cold":
+                _evict_all(info)
+            else:
+                ckpt.read_into(spec, targets, method="pread")
+            slab.fill_(POISON)
+            ckpt.read_into(spec, targets, method=method, **options)
+            for la, e, dests in targets:
+                assert _same_bytes({k: v.cpu() for k, v in dests.items()}, info.expected_expert(la, e))
+            host = slab.cpu()
+            assert bool((host[:128] == POISON).all()) and bool((host[off:] == POISON).all())
+        if evicts:
+            left = max(_evict_all(info))
+            assert left < 0.05, f"{left:.0%} resident after eviction: a mapping or registration leaked"
+
+
+def _evict_all(info: cf.CheckpointInfo) -> list[float]:
+    for f in info.files:
+        cf.evict_page_cache(f)
+    return [cf.resident_fraction(f) for f in info.files]
 
 
 def test_safetensors_oracle_agrees_with_factory(qwen_file):

@@ -40,13 +40,15 @@ CASES = {
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="qwen,small,ds")
-    ap.add_argument("--staging-mib", default="1024,4096")
+    ap.add_argument("--configs", default="1024:256,1024:128,1024:512,4096:2048", help="staging_MiB:round_MiB pairs")
+    ap.add_argument("--profile", action="store_true")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    staging = [int(x) << 20 for x in args.staging_mib.split(",")]
+    configs = [tuple(int(v) << 20 for v in c.split(":")) for c in args.configs.split(",")]
     print(f"torch {torch.__version__}; {torch.cuda.device_count()} GPUs: {torch.cuda.get_device_name(0)}", flush=True)
     report = {}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="es-bench-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None))
     for case in args.cases.split(","):
         c = CASES[case]
@@ -58,10 +60,12 @@ def main() -> None:
                 base / case, H=c["H"], I=c["I"], num_layers=1, num_experts=c["E"], extras=False, num_shards=4
             )
         print(f"[{case}] checkpoint written in {time.perf_counter() - t0:.1f} s", flush=True)
-        cfg = {"backend": "nccl", "staging": staging, "reps": args.reps, "check": case != "ds"}
+        cfg = {"backend": "nccl", "configs": configs, "reps": args.reps, "check": case != "ds", "profile": args.profile}
         res = run_ranks(bench_worker, 2, info, base / f"{case}-store", cfg, backend="nccl", timeout_s=500)[0]
         report[case] = res
         print(f"[{case}]", *summarize(res), sep="\n", flush=True)
+        if "profile" in res:
+            (Path(args.out) / f"profile_{case}.txt").write_text(res.pop("profile"))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench_rebalance.json").write_text(json.dumps(report, indent=2, default=str))
 

@@ -88,10 +88,10 @@ def bench_worker(rank, world, info, root, cfg):
     per_tensor()
     results["per_tensor_s"] = _time(per_tensor, device, reps)
 
-    # rebalance back and forth, end to end, for each staging size
-    for staging in cfg["staging"]:
-        key = f"staging_{staging >> 20}MiB"
-        e2e, exch, peaks, rounds = [], [], [], []
+    # rebalance back and forth, end to end, for each (staging, round size)
+    for staging, round_bytes in cfg["configs"]:
+        key = f"staging_{staging >> 20}MiB_round_{round_bytes >> 20}MiB"
+        e2e, to_slots, exch, peaks, rounds = [], [], [], [], []
         targets = [p1, p0] * ((reps + 2) // 2)
         torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
         base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -99,25 +99,44 @@ def bench_worker(rank, world, info, root, cfg):
             dist.barrier()
             _sync(device)
             t0 = time.perf_counter()
-            rep = store.rebalance(target, staging_bytes=staging)
+            rep = store.rebalance(target, staging_bytes=staging, round_bytes=round_bytes)
             _sync(device)
             dt = time.perf_counter() - t0
             assert rep.bytes_p2p == nbytes, (rep.bytes_p2p, nbytes)
             if i == 0:
                 continue  # warm-up: first NCCL connection, kernel compilation
             e2e.append(dt)
+            to_slots.append(dt - rep.phase_seconds.get("commit", 0.0))
             exch.append(rep.phase_seconds["exchange"])
             peaks.append(rep.staging_peak)
             rounds.append(rep.rounds)
         extra = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else 0
         results[key] = {
             "rebalance_s": statistics.median(e2e),
+            "to_last_slot_s": statistics.median(to_slots),
             "exchange_s": statistics.median(exch),
             "staging_peak": max(peaks),
             "device_extra_peak": extra,
             "rounds": max(rounds),
             "phases_last": rep.phase_seconds,
         }
+    if cfg.get("profile") and rank == 0:
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        staging, round_bytes = cfg["configs"][0]
+        prof.enable()
+        store.rebalance(p1 if store.placement == p0 else p0, staging_bytes=staging, round_bytes=round_bytes)
+        _sync(device)
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(30)
+        results["profile"] = buf.getvalue()
+    elif cfg.get("profile"):
+        staging, round_bytes = cfg["configs"][0]
+        store.rebalance(p1 if store.placement == p0 else p0, staging_bytes=staging, round_bytes=round_bytes)
     # correctness after all of it: every slot exact
     if cfg.get("check", True):
         import store_util
@@ -140,10 +159,13 @@ def summarize(res) -> list[str]:
         if not k.startswith("staging_"):
             continue
         e2e = nb / v["rebalance_s"] / 1e9
+        slots = nb / v["to_last_slot_s"] / 1e9
         ex = nb / v["exchange_s"] / 1e9
         lines.append(
-            f"  rebalance {k[8:]:>8}: end-to-end {e2e:7.1f} GB/s = {e2e / slab:5.1%} of (a), {e2e / per:5.2f}x (b); "
-            f"exchange {ex:7.1f} GB/s = {ex / slab:5.1%} of (a); rounds {v['rounds']}, staging peak "
-            f"{v['staging_peak'] / 2**20:.0f} MiB, device extra peak {v['device_extra_peak'] / 2**20:.0f} MiB"
+            f"  {k[8:]}: with commit {e2e:6.1f} GB/s = {e2e / slab:5.1%} of (a), {e2e / per:5.2f}x (b); "
+            f"to last slot {slots:6.1f} GB/s = {slots / slab:5.1%}; exchange {ex:6.1f} GB/s = {ex / slab:5.1%}; "
+            f"rounds {v['rounds']}, staging peak {v['staging_peak'] / 2**20:.0f} MiB "
+            f"(device +{v['device_extra_peak'] / 2**20:.0f} MiB); phases ms "
+            + " ".join(f"{a}={b * 1e3:.2f}" for a, b in v["phases_last"].items())
         )
     return lines

@@ -56,7 +56,7 @@ def _two_rank(benchmark, tmp_path, backend, *, H, I, E, staging):  # noqa: E741
     from expert_store.launch import run_ranks
 
     info = cf.write_qwen(tmp_path / "ckpt", H=H, I=I, num_layers=1, num_experts=E, extras=False)
-    cfg = {"backend": backend, "staging": staging, "reps": 3}
+    cfg = {"backend": backend, "configs": staging, "reps": 3}
     res = benchmark.pedantic(
         lambda: run_ranks(
             bench_worker,
@@ -90,7 +90,7 @@ def _two_rank(benchmark, tmp_path, backend, *, H, I, E, staging):  # noqa: E741
 @pytest.mark.timeout(600)
 def test_bench_rebalance_gloo(benchmark, tmp_path):
     """CPU/gloo variant (runs anywhere): 16 small bf16 experts each way between 2 processes."""
-    _two_rank(benchmark, tmp_path, "gloo", H=256, I=128, E=32, staging=[1 << 20, 64 << 20])
+    _two_rank(benchmark, tmp_path, "gloo", H=256, I=128, E=32, staging=[(1 << 20, 1 << 20), (64 << 20, 32 << 20)])
 
 
 @pytest.mark.timeout(600)
@@ -98,4 +98,4 @@ def test_bench_rebalance_gloo(benchmark, tmp_path):
 def test_bench_rebalance_nccl(benchmark, tmp_path):
     """NCCL: 64 Qwen3-30B-A3B-sized bf16 experts (9.4 MB) each way. Targets: exchange >= 90% and
     end to end >= 85% of one slab each way; >= 2.5x one op per tensor."""
-    _two_rank(benchmark, tmp_path, "nccl", H=2048, I=768, E=128, staging=[1 << 30, 4 << 30])
+    _two_rank(benchmark, tmp_path, "nccl", H=2048, I=768, E=128, staging=[(1 << 30, 256 << 20), (4 << 30, 2 << 30)])
