@@ -38,6 +38,47 @@ class _CopyBack:
         self.dst.copy_(self.host)
 
 
+class _Gather:
+    """An all-gather through the lowest live rank, in flight (see Comm.start_allgather_live).
+
+    One batch per hop: unbatched NCCL point-to-point ops are serialized like collectives."""
+
+    def __init__(self, comm: Comm, live: list[int], row: torch.Tensor, what: str) -> None:
+        self.comm, self.live, self.row, self.what = comm, live, row, what
+        self.table: torch.Tensor | None = None
+        if len(live) == 1:
+            self.table = row.unsqueeze(0).clone()
+            return
+        dist, dev, g = comm._dist, comm.transport_device, comm._global
+        k = row.numel()
+        self.buf = torch.empty(len(live), k, dtype=torch.int64, device=dev)
+        if comm.rank == live[0]:
+            self.buf[0].copy_(row)
+            ops = [dist.P2POp(dist.irecv, self.buf[i], g(p), comm.group) for i, p in enumerate(live) if i]
+            self.works, self.peers = dist.batch_isend_irecv(ops), live[1:]
+        else:
+            self.send = row.to(dev)
+            ops = [
+                dist.P2POp(dist.isend, self.send, g(live[0]), comm.group),
+                dist.P2POp(dist.irecv, self.buf, g(live[0]), comm.group),
+            ]
+            self.works, self.peers = dist.batch_isend_irecv(ops), [live[0], live[0]]
+
+    def result(self) -> torch.Tensor:
+        if self.table is not None:
+            return self.table
+        comm, live = self.comm, self.live
+        if comm.rank == live[0]:
+            comm._wait(self.works, self.peers, f"{self.what} (gather)")
+            dist = comm._dist
+            ops = [dist.P2POp(dist.isend, self.buf, comm._global(p), comm.group) for p in live[1:]]
+            comm._wait(dist.batch_isend_irecv(ops), live[1:], f"{self.what} (broadcast)")
+        else:
+            comm._wait(self.works, self.peers, self.what)
+        self.table = self.buf.cpu()
+        return self.table
+
+
 class Comm:
     """Messaging of one rank with its live peers.
 
@@ -195,34 +236,20 @@ class Comm:
         Returns:
             int64 [len(live), K] on the CPU, row i from live[i].
         """
+        return self.start_allgather_live(live, row, what=what).result()
+
+    def start_allgather_live(self, live: Sequence[int], row: torch.Tensor, *, what: str) -> _Gather:
+        """Post :meth:`allgather_live`'s first messages and return; ``.result()`` finishes it.
+
+        Lets a rank compute (e.g. its plan) while the messages are in flight."""
         live = sorted(int(r) for r in live)
         if self.rank not in live:
             raise StoreError(f"rank {self.rank} is not among the live ranks {live}")
         row = row.to(torch.int64).reshape(-1).cpu()
-        if len(live) == 1:
-            return row.unsqueeze(0).clone()
-        dist = self._dist
-        dev = self.transport_device
-        leader = live[0]
-        k = row.numel()
-        # One batch per hop: unbatched NCCL point-to-point ops are serialized like collectives.
-        if self.rank == leader:
-            table = torch.empty(len(live), k, dtype=torch.int64, device=dev)
-            table[0].copy_(row)
-            ops = [dist.P2POp(dist.irecv, table[i], self._global(p), self.group) for i, p in enumerate(live) if i]
-            self._wait(dist.batch_isend_irecv(ops), live[1:], f"{what} (gather)")
-            ops = [dist.P2POp(dist.isend, table, self._global(p), self.group) for p in live[1:]]
-            self._wait(dist.batch_isend_irecv(ops), live[1:], f"{what} (broadcast)")
-            return table.cpu()
-        send = row.to(dev)
-        op = [dist.P2POp(dist.isend, send, self._global(leader), self.group)]
-        self._wait(dist.batch_isend_irecv(op), [leader], f"{what} (gather)")
-        table = torch.empty(len(live), k, dtype=torch.int64, device=dev)
-        op = [dist.P2POp(dist.irecv, table, self._global(leader), self.group)]
-        self._wait(dist.batch_isend_irecv(op), [leader], f"{what} (broadcast)")
-        return table.cpu()
+        return _Gather(self, live, row, what)
 
-    # -- byte strings between two live ranks --------------------------------------
+        # -- byte strings between two live ranks --------------------------------------
+
     def send_blob(self, peer: int, data: bytes, *, what: str) -> None:
         """Send ``data`` to ``peer`` (length first, then the bytes)."""
         dist = self._dist

@@ -46,11 +46,11 @@ class ExecutionStats:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _idx(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    """int64 [n] index list on the CPU: the kernel launchers check indices on the host and
-    copy them to the device asynchronously, so no launch waits for queued GPU work."""
+def _idx(values: Sequence[int], device: torch.device) -> list[int]:
+    """Index list for the kernel launchers, as plain ints: they check indices on the host and
+    stage them to the device asynchronously, so no launch waits for queued GPU work."""
     del device
-    return torch.tensor(list(values), dtype=torch.int64)
+    return list(values)
 
 
 class _RoundIO:
@@ -160,7 +160,7 @@ def execute_rounds(
             pack_records(storage, layout, _idx(layers, dev), _idx(slots, dev), out=buf, records=_idx(pos, dev))
         if park_ids:
             rows = buf[: io.n_pack * rb].view(io.n_pack, rb)
-            rows[_idx(park_pos, dev)] = park_buf.view(n_parks, rb)[_idx(park_ids, dev)]
+            rows[torch.tensor(park_pos)] = park_buf.view(n_parks, rb)[torch.tensor(park_ids)]
 
     def issue(k: int) -> list:
         io = ios[k]

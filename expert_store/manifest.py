@@ -68,6 +68,7 @@ __all__ = [
     "MANIFEST_KIND",
     "Manifest",
     "ManifestLog",
+    "PreparedManifest",
     "decode_manifest",
     "encode_manifest",
     "manifest_to_json",
@@ -589,31 +590,25 @@ class ManifestLog:
             ManifestError: the version exists with different content, or
                 ``m.parent`` is not the latest committed version.
         """
+        prepared = self.prepare(m)
+        try:
+            return prepared.publish(adopt=adopt)
+        finally:
+            prepared.discard()
+
+    def prepare(self, m: Manifest) -> PreparedManifest:
+        """First half of a commit: write ``m`` to a temporary file and fsync it.
+
+        Nothing is visible to readers until :meth:`PreparedManifest.publish`; a
+        rebalance prepares its manifest while the bytes are still moving, so that
+        only the link and a directory fsync remain once they are in place."""
         data = encode_manifest(m)
-        final = self.path_of(m.version)
         if not self.dir.is_dir():
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise ManifestError(f"{self.dir}: cannot create the manifest directory: {e}") from None
             _fsync_dir(self.dir.parent)
-        if self._same_as_committed(final, data, m.version):
-            _fsync_dir(self.dir)  # the first writer may have crashed before its own directory fsync
-            return final
-        latest = self.latest()
-        if adopt and latest is not None and m.version <= latest:
-            raise ManifestError(
-                f"{final}: cannot adopt version {m.version}: this log already has version {latest} of another history"
-            )
-        if not adopt and m.parent != latest:
-            # Another rank sharing this root may have committed the same version since the check above.
-            if self._same_as_committed(final, data, m.version):
-                _fsync_dir(self.dir)
-                return final
-            raise ManifestError(
-                f"{final}: parent {m.parent} is not the latest committed version ({latest}) of {self.dir}"
-            )
-
         tmp = self.dir / f".v{m.version:08d}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
@@ -630,19 +625,7 @@ class ManifestLog:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise ManifestError(f"{tmp}: cannot write the manifest: {e}") from None
-
-        try:
-            self._publish(tmp, final)
-            _step("linked")
-        except FileExistsError:
-            # Another writer committed this version between our check and the link.
-            if not self._same_as_committed(final, data, m.version):
-                raise ManifestError(f"{final}: appeared and vanished while committing (concurrent prune?)") from None
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        _fsync_dir(self.dir)
-        return final
+        return PreparedManifest(self, m, data, tmp)
 
     @staticmethod
     def _publish(tmp: Path, final: Path) -> None:
@@ -713,3 +696,54 @@ class ManifestLog:
         if doomed:
             _fsync_dir(self.dir)
         return doomed
+
+
+class PreparedManifest:
+    """A manifest written and fsynced under a temporary name, not yet committed."""
+
+    def __init__(self, log: ManifestLog, m: Manifest, data: bytes, tmp: Path) -> None:
+        self.log = log
+        self.manifest = m
+        self.data = data
+        self.tmp: Path | None = tmp
+
+    def publish(self, *, adopt: bool = False) -> Path:
+        """Second half of a commit: the link that makes the version visible, then a directory fsync."""
+        log, m, data = self.log, self.manifest, self.data
+        final = log.path_of(m.version)
+        if self.tmp is None:
+            raise ManifestError(f"{final}: this prepared manifest was already published or discarded")
+        if log._same_as_committed(final, data, m.version):
+            _fsync_dir(log.dir)  # the first writer may have crashed before its own directory fsync
+            return final
+        latest = log.latest()
+        if adopt and latest is not None and m.version <= latest:
+            raise ManifestError(
+                f"{final}: cannot adopt version {m.version}: this log already has version {latest} of another history"
+            )
+        if not adopt and m.parent != latest:
+            # Another rank sharing this root may have committed the same version since the check above.
+            if log._same_as_committed(final, data, m.version):
+                _fsync_dir(log.dir)
+                return final
+            raise ManifestError(
+                f"{final}: parent {m.parent} is not the latest committed version ({latest}) of {log.dir}"
+            )
+        try:
+            log._publish(self.tmp, final)
+            _step("linked")
+        except FileExistsError:
+            # Another writer committed this version between our check and the link.
+            if not log._same_as_committed(final, data, m.version):
+                raise ManifestError(f"{final}: appeared and vanished while committing (concurrent prune?)") from None
+        finally:
+            self.discard()
+        _fsync_dir(log.dir)
+        return final
+
+    def discard(self) -> None:
+        """Remove the temporary file (after publishing, or when the commit is abandoned)."""
+        if self.tmp is not None:
+            with contextlib.suppress(OSError):
+                self.tmp.unlink()
+            self.tmp = None

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -506,9 +507,22 @@ class ExpertStore:
             struct.pack("<?", bool(verify)),
         )
         state = _digest_words(struct.pack("<q", self._version), self._placement.digest(), bytes(self._alive.tolist()))
-        row = torch.tensor([0 if problem is None else 1, *common, *state, self._version], dtype=torch.int64)
-        table = self.comm.allgather_live(live, row, what="rebalance agreement")
-        phases["agree"] = time.perf_counter() - t0
+        row = torch.tensor(
+            [0 if problem is None else 1, *common, *state, self._version, time.time_ns()], dtype=torch.int64
+        )
+        gather = self.comm.start_allgather_live(live, row, what="rebalance agreement")
+        # Plan while the agreement messages are in flight (the plan only depends on inputs being agreed;
+        # it is dropped if they turn out to differ, or recomputed if this rank's state is replaced).
+        plan_or_error: tuple | StoreError | None = None
+        if problem is None:
+            t1 = time.perf_counter()
+            try:
+                plan_or_error = self._plan(new_placement, alive_t, fresh_t, staging_bytes, round_bytes)
+            except StoreError as e:
+                plan_or_error = e
+            phases["plan"] = time.perf_counter() - t1
+        table = gather.result()
+        phases["agree"] = time.perf_counter() - t0 - phases.get("plan", 0.0)
         if problem is not None:
             raise problem
         refused = [live[i] for i in range(len(live)) if int(table[i, 0]) != 0]
@@ -524,31 +538,56 @@ class ExpertStore:
         if not holders:
             raise StoreError(f"rank {self.rank}: every live rank is fresh; reopen the store with ExpertStore.open")
         ref = holders[0]
-        stale = [live[i] for i in holders if not torch.equal(table[i, 5:], table[ref, 5:])]
+        stale = [live[i] for i in holders if not torch.equal(table[i, 5:10], table[ref, 5:10])]
         if stale:
             raise AgreementError(
                 f"rank {self.rank}: ranks {stale} hold another version or placement than rank {live[ref]} "
                 f"(versions {[int(table[i, 9]) for i in holders]}); nothing moved"
             )
-        behind = [live[i] for i, r in enumerate(live) if r in fresh_t and not torch.equal(table[i, 5:], table[ref, 5:])]
+        behind = [
+            live[i] for i, r in enumerate(live) if r in fresh_t and not torch.equal(table[i, 5:10], table[ref, 5:10])
+        ]
         if behind:
             self._sync_fresh(live[ref], behind)
-        # -- plan (identical on every live rank)
-        t0 = time.perf_counter()
-        plan = plan_rebalance(
-            self._placement,
-            new_placement,
-            expert_bytes=self.spec.nbytes,
-            old_alive=self._alive,
-            alive=alive_t,
-            fresh=fresh_t,
-            ranks_per_node=self.ranks_per_node,
-        )
-        budget = max(min(round_bytes, staging_bytes // 2), min(2 * self.spec.record_bytes, staging_bytes // 2))
-        rounds = schedule_rounds(plan, record_bytes=self.spec.record_bytes, budget_bytes=budget)
-        phases["plan"] = time.perf_counter() - t0
+            if self.rank in behind:  # the speculative plan used the stale state
+                t1 = time.perf_counter()
+                try:
+                    plan_or_error = self._plan(new_placement, alive_t, fresh_t, staging_bytes, round_bytes)
+                except StoreError as e:
+                    plan_or_error = e
+                phases["plan"] = time.perf_counter() - t1
+        if isinstance(plan_or_error, StoreError):
+            raise plan_or_error  # deterministic: every live rank raises the same, before anything moves
+        created = int(table[0, 10]) / 1e9  # the leader's clock: every rank commits identical bytes
+        plan, rounds = plan_or_error
         acct = plan.accounts[self.rank]
         stats = ExecutionStats()
+        new_version = self._version + 1
+        # -- the new manifest is fully known now: write and fsync it while the bytes move
+        totals = {
+            key: sum(getattr(a, key) for a in plan.accounts.values())
+            for key in ("bytes_p2p", "bytes_local", "bytes_disk")
+        }
+        manifest = self._manifest(
+            version=new_version,
+            parent=self._version,
+            reason="rebalance",
+            created=created,
+            placement=new_placement,
+            alive=torch.tensor(alive_t, dtype=torch.bool),
+            stats={
+                **totals,
+                "moves": len(plan.moves),
+                "disk_reads": len(plan.disk_reads),
+                "post_copies": len(plan.post_copies),
+                "rounds": len(rounds),
+                "staging_bytes": staging_bytes,
+                "round_bytes": round_bytes,
+                "live_ranks": len(live),
+                "fresh_ranks": len(fresh_t),
+            },
+        )
+        writer = _Background(self.log.prepare, manifest)
         # -- execute: from here on, bytes move
         my_disk = [d for d in plan.disk_reads if d.rank == self.rank]
         my_post = [c for c in plan.post_copies if c.rank == self.rank]
@@ -582,6 +621,7 @@ class ExpertStore:
             phases["local_copy"] = time.perf_counter() - t0
         except BaseException as e:
             self._broken = f"rebalance to version {self._version + 1} failed while moving bytes: {e}"
+            writer.discard()
             raise
         # -- bytes are in place on this rank; adopt the new placement, then check
         self._placement = new_placement
@@ -601,45 +641,28 @@ class ExpertStore:
             phases["verify"] = time.perf_counter() - t0
         # -- commit once every live rank has finished
         t0 = time.perf_counter()
-        row = torch.tensor(
-            [ok, acct.bytes_p2p, acct.bytes_local, acct.bytes_disk, time.time_ns(), stats.staging_peak],
-            dtype=torch.int64,
-        )
         try:
-            done = self.comm.allgather_live(live, row, what="rebalance completion")
+            done = self.comm.allgather_live(live, torch.tensor([ok], dtype=torch.int64), what="rebalance completion")
         except StoreError as e:
             self._broken = f"rebalance to version {self._version + 1} did not complete on every rank: {e}"
+            writer.discard()
             raise
         failed = [live[i] for i in range(len(live)) if int(done[i, 0]) != 1]
         if failed:
             self._broken = f"verification failed on ranks {failed} after rebalance to version {self._version + 1}"
             self._alive = old_alive
+            writer.discard()
             raise IntegrityError(
                 f"rank {self.rank}: rebalance not committed: verification failed on ranks {failed}"
                 + (f" ({verify_error})" if verify_error else "")
             )
-        totals = done.sum(dim=0)
-        created = int(done[0, 4]) / 1e9
-        new_version = self._version + 1
-        self._commit(
-            version=new_version,
-            parent=self._version,
-            reason="rebalance",
-            created=created,
-            stats={
-                "bytes_p2p": int(totals[1]),
-                "bytes_local": int(totals[2]),
-                "bytes_disk": int(totals[3]),
-                "moves": len(plan.moves),
-                "disk_reads": len(plan.disk_reads),
-                "post_copies": len(plan.post_copies),
-                "rounds": len(rounds),
-                "staging_bytes": staging_bytes,
-                "round_bytes": round_bytes,
-                "live_ranks": len(live),
-                "fresh_ranks": len(fresh_t),
-            },
-        )
+        try:
+            writer.result().publish()
+        except BaseException:
+            self._broken = f"commit of version {new_version} under {self.root} failed"
+            writer.discard()
+            raise
+        self._version = new_version
         phases["commit"] = time.perf_counter() - t0
         return RebalanceReport(
             version=new_version,
@@ -653,6 +676,21 @@ class ExpertStore:
             rounds=stats.rounds,
             verified=bool(verify),
         )
+
+    def _plan(self, new_placement: Placement, alive_t, fresh_t, staging_bytes: int, round_bytes: int):
+        """(plan, rounds): identical on every live rank that has the same inputs."""
+        plan = plan_rebalance(
+            self._placement,
+            new_placement,
+            expert_bytes=self.spec.nbytes,
+            old_alive=self._alive,
+            alive=alive_t,
+            fresh=fresh_t,
+            ranks_per_node=self.ranks_per_node,
+        )
+        rb = self.spec.record_bytes
+        budget = max(min(round_bytes, staging_bytes // 2), min(2 * rb, staging_bytes // 2))
+        return plan, schedule_rounds(plan, record_bytes=rb, budget_bytes=budget)
 
     def _sync_fresh(self, ref: int, behind: list[int]) -> None:
         """Fresh ranks whose manifest is older than the live ranks' (a rejoining rank with its own
@@ -682,23 +720,43 @@ class ExpertStore:
         self._checksums = m.checksums.clone()
 
     # ------------------------------------------------------------------ commit
-    def _commit(self, *, version: int, parent: int | None, reason: str, stats: dict, created: float | None = None):
-        m = Manifest(
+    def _manifest(
+        self,
+        *,
+        version: int,
+        parent: int | None,
+        reason: str,
+        stats: dict,
+        created: float,
+        placement: Placement | None = None,
+        alive: torch.Tensor | None = None,
+    ) -> Manifest:
+        placement = self._placement if placement is None else placement
+        return Manifest(
             version=version,
             parent=parent,
-            created=time.time() if created is None else created,
+            created=created,
             reason=reason,
             spec=self.spec,
-            num_layers=self._placement.num_layers,
-            num_experts=self._placement.num_experts,
+            num_layers=placement.num_layers,
+            num_experts=placement.num_experts,
             num_ranks=self.world_size,
-            slots_per_rank=self._placement.slots_per_rank,
+            slots_per_rank=placement.slots_per_rank,
             ranks_per_node=self.ranks_per_node,
-            phy2log=self._placement.phy2log,
-            alive=self._alive.clone(),
+            phy2log=placement.phy2log,
+            alive=(self._alive if alive is None else alive).clone(),
             checkpoint=self.checkpoint.to_dict(),
             checksums=self._checksums.clone(),
             stats={k: v for k, v in sorted(stats.items())},
+        )
+
+    def _commit(self, *, version: int, parent: int | None, reason: str, stats: dict, created: float | None = None):
+        m = self._manifest(
+            version=version,
+            parent=parent,
+            reason=reason,
+            stats=stats,
+            created=time.time() if created is None else created,
         )
         try:
             self.log.commit(m)
@@ -716,6 +774,35 @@ class ExpertStore:
 
 
 _PRIVATE = object()
+
+
+class _Background:
+    """Run ``fn(*args)`` in a thread; ``result()`` joins and re-raises; ``discard()`` drops a
+    prepared manifest nobody will publish."""
+
+    def __init__(self, fn, *args) -> None:
+        self._value = None
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self._value = fn(*args)
+            except BaseException as e:  # re-raised by result()
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="expert-store-manifest", daemon=True)
+        self._thread.start()
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def discard(self) -> None:
+        self._thread.join()
+        if self._value is not None:
+            self._value.discard()
 
 
 def _mask_ok(alive, n: int) -> bool:

@@ -7,6 +7,7 @@ and CPU fallback).
 
 from .records import (
     DEFAULT_CONFIG,
+    Indices,
     KernelConfig,
     chunks_per_expert,
     pack_records,
@@ -17,6 +18,7 @@ from .records import (
 
 __all__ = [
     "DEFAULT_CONFIG",
+    "Indices",
     "KernelConfig",
     "chunks_per_expert",
     "pack_records",
