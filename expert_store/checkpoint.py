@@ -28,17 +28,31 @@ moves in one of four ways (``method``):
   are cut into page-aligned windows; each window is registered with CUDA
   (``cudaHostRegister``, read-only), the copy engine reads the page-cache
   pages straight into the destination views, and the window is unregistered
-  once its copies are done. No CPU copy at all: the host's memory bandwidth
-  goes to the DMA alone. Windows under 1 MiB (scales) go through staging.
-* ``"auto"``: ``"register"`` for windows whose pages are in the page cache
-  (``mincore`` on 16 pages spread over the window), ``"pread"`` through
-  staging for the others (cold pages: a ``preadv`` keeps the disk queue deep,
-  registration would fault them in a few pages at a time).
+  once its copies are done. Windows under 1 MiB (scales) go through staging.
+* ``"auto"``: ``"register"`` for windows whose pages are in the page cache,
+  ``"pread"`` through staging for the others.
 
-For CPU destinations ``"register"`` and ``"auto"`` read like ``"pread"``. Ranges
-are sorted by (file, offset) and cut into chunks of at most ``chunk_bytes``; a
-prefetch thread asks the kernel for the same ranges in the same order
-(``POSIX_FADV_WILLNEED``) so that cold reads keep the disk queue full.
+For CPU destinations ``"register"`` and ``"auto"`` read like ``"pread"``.
+
+**Warm and cold reads are scheduled apart** (``adaptive=True``, the default).
+Ranges are sorted by (file, offset) and cut into reads of at most
+``chunk_bytes``; before anything moves, each read is classified as *warm* (its
+pages are in the page cache: ``mincore`` on a few pages of it) or *cold*.
+
+* Warm reads are memory copies: ``threads`` readers take them in any order,
+  as fast as the host's memory bandwidth allows.
+* Cold reads go to the disk: ``cold_threads`` readers (few) take them strictly
+  in file order, and one prefetch thread asks the kernel for the next
+  ``readahead_bytes`` of them (``POSIX_FADV_WILLNEED``), no further, so that
+  the disk sees one near-sequential stream with a deep queue instead of many
+  readers seeking between distant offsets. (The H200 host, ext4, 16 of 128
+  DeepSeek-V3 experts, 0.7 GB: 8 readers plus a prefetcher hinting every
+  range at once read cold at 0.64 GB/s, 0.37x a plain sequential read; 4
+  readers 0.89x.)
+
+Both kinds share the pinned staging and the asynchronous host-to-device copies.
+``adaptive=False`` gives the former scheduler (every read to ``threads``
+readers, every range hinted at once), kept for comparison in benchmarks.
 """
 
 from __future__ import annotations
@@ -63,50 +77,67 @@ from .safetensors_file import PAGE_SIZE, MappedFile, SafetensorsHeader, TensorEn
 from .spec import ExpertSpec
 
 __all__ = [
+    "DEFAULT_BUFFERS_PER_THREAD",
     "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_COLD_THREADS",
     "DEFAULT_METHOD",
+    "DEFAULT_READAHEAD_BYTES",
     "DEFAULT_STAGING_BYTES",
     "DEFAULT_THREADS",
     "INDEX_NAME",
     "METHODS",
     "Checkpoint",
+    "ReadStats",
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
 
-# 8 reader threads: page-cache-to-pinned copies run at ~3 GB/s per thread on the
-# H200 host (16 cores; 4 threads 12.6 GB/s, 8 threads 19.6 GB/s into CUDA slots,
-# 16 threads 16.1 GB/s: the readers then fight the prefetcher, the CUDA driver
-# and each other for cores), 17 GB/s per thread on the CI VM.
+# Warm path, measured on the H200 host (32 cores, ext4), 16 of 128 DeepSeek-V3
+# experts (0.70 GB) into CUDA slots, 16 MiB staging buffers, 2 per thread:
+# 4 threads 14.95 GB/s, 8 threads 20.8, 10 threads 19.7, 12 threads 11.3 (a
+# collapse: the readers, the CUDA driver's threads and the GIL then fight for the
+# cores and the memory bus), mmap copies 18.1, safe_open(device="cuda") 5.40.
+# The warm path is most likely bound by the host's memory bandwidth: every byte
+# crosses the memory bus four times (page cache read, staging written with its
+# read-for-ownership, staging read by the DMA). Same run: 8 threads into CPU
+# memory (three passes) 27.5 GB/s, pinned H2D alone 54.3; 27.5 * 3 ~ 20.8 * 4
+# ~ 83 GB/s. Zero-copy ("register") would need one pass, but cudaHostRegister
+# itself runs at ~17-21 GB/s and is serialized in the driver (9.2 GB/s end to
+# end), so it is not the default.
 DEFAULT_THREADS = 8
-# 256 MiB of pinned staging: 2 buffers per thread of 16 MiB each, so each
-# thread can fill one buffer while its previous one is still being copied.
-# With "register"/"auto" it also bounds the registered windows in flight.
+# Cold reads: 2 readers in file order behind a bounded prefetcher. One reader
+# copies page cache -> staging at >= 3 GB/s, faster than the disk (plain
+# sequential read 1.74 GB/s on the H200 host), so 2 are enough to keep the
+# staging buffers moving while the prefetcher keeps the disk queue full; more
+# readers only add seeks (8 readers: 0.64 GB/s, 4: 1.55).
+DEFAULT_COLD_THREADS = 2
+# 64 MiB of WILLNEED ahead of the cold readers: ~37 ms of disk time at 1.7 GB/s,
+# a deep queue for any SSD; bounded so the prefetcher never races far ahead of the
+# readers (pages hinted long before they are read can be evicted again, and a
+# reader that overtakes the prefetcher issues its own, competing, reads).
+DEFAULT_READAHEAD_BYTES = 64 << 20
+# 256 MiB of pinned staging at most (the buffers actually used are smaller: see
+# DEFAULT_CHUNK_BYTES and DEFAULT_BUFFERS_PER_THREAD).
 DEFAULT_STAGING_BYTES = 256 << 20
-# 16 MiB chunks: a DeepSeek-V3 fp8 projection (2048 x 7168) is 14 MiB, so one
-# projection is one read; large enough that per-call overhead (~20 us of
-# Python + syscall) is < 1% at 5 GB/s, small enough to spread one expert over
-# several threads.
-DEFAULT_CHUNK_BYTES = 16 << 20
+# 2 staging buffers per reader thread: each thread fills one while the copy
+# engine drains its previous one.
+DEFAULT_BUFFERS_PER_THREAD = 2
+# 4 MiB reads (and staging buffers): small enough that the staging ring (8
+# threads x 2 buffers x 4 MiB = 64 MiB, cycled in order) can stay in the host's
+# last-level cache between the CPU copy that writes it and the DMA that reads it,
+# which removes two of the four trips over the memory bus. Evidence so far: the
+# 2-core CI VM (AMD EPYC, 32 MiB L3), one thread, preadv of a warm file into a
+# reused 2 x 4 MiB ring 32.3 GB/s vs 17.7 into fresh memory (2 x 16 MiB ring:
+# 21.8); on the H200 host 32 MiB x 16 buffers was slower than 16 MiB x 16 (17.9
+# vs 20.8 GB/s). Per-read overhead (~30 us of Python, GIL held) is ~4% of a 4 MiB
+# read at 3 GB/s per thread. tools/bench_checkpoint_gpu.py sweeps 1-64 MiB: if the
+# host's cache does not help there, 16 MiB is the measured fallback.
+DEFAULT_CHUNK_BYTES = 4 << 20
 METHODS = ("pread", "mmap", "register", "auto")
-# "pread" (preadv into the destination / staging buffer). Measured on the H200
-# host (16 cores, ext4), 16 of 128 DeepSeek-V3 experts (0.70 GB) into CUDA
-# slots: warm 19.6 GB/s pread, 20.1 mmap, safe_open(device="cuda") 4.9 (4.0x);
-# cold 1.59 GB/s pread vs 1.46 for a plain sequential read (1.09x). On the
-# 2-core CI VM, 512 MiB, one thread: warm 17.0 pread vs 19.0 mmap, cold 3.6 vs
-# 1.7 (mmap fault read-around also pulls in neighbouring experts: 22.6% of the
-# file resident after reading 3.1% of it, 3.6% with preadv). Those mmap numbers
-# kept the pages mapped between runs; "mmap" now drops its mappings after each
-# copy (so the pages stay evictable) and faults them in again on every call: CI
-# VM, 4 DeepSeek-V3 experts (176 MB) into CPU memory, one thread, 13.9 GB/s mmap
-# (14.1 with populate) vs 14.6 pread. A file truncated
-# under us gives a short read instead of SIGBUS. Warm, pread is most likely bound
-# by the host's memory bandwidth (page cache -> staging -> device, three passes
-# over the bytes): into CPU memory 23.1 GB/s, pinned H2D alone 50, both at once
-# 19.6. "auto" (zero-copy DMA from resident page-cache pages, pread for
-# the rest) removes the CPU copy: tools/bench_checkpoint_gpu.py sweeps every
-# method; switch the default to "auto" once that run shows it above 5x
-# safe_open warm and cold within 80% of a sequential read.
+# "pread": preadv into the destination / staging buffer. mmap copies fault the
+# pages in through the map (and drop the mappings afterwards, so the pages stay
+# evictable); on the H200 host they were slower warm (18.1 vs 20.8 GB/s). A file
+# truncated under us gives preadv a short read (an error) instead of a SIGBUS.
 DEFAULT_METHOD = "pread"
 
 # Staging buffers and windows are multiples of this (page-aligned buffers;
@@ -120,12 +151,13 @@ _MAX_PIECES = 512
 # page-table walk) that a 7 KB scale tensor cannot amortize, and a preadv of a
 # few pages into staging is ~10 us.
 _MIN_ZERO_COPY_BYTES = 1 << 20
-# "auto" checks this many pages of a window (first and last included) for residency
-# instead of all of them: a full mincore walks the page cache per 4 KiB page, 0.35 ms
-# per 16 MiB window on the CI VM (48 GB/s), as long as the window's DMA at 50 GB/s;
-# 16 one-page calls take ~70 us (230 GB/s). A resident-looking window with a missing
-# page is still read right: registration faults the page in (only slower).
-_RESIDENCY_SAMPLES = 16
+# Each read is classified warm or cold by this many pages of it (first and last
+# included) instead of all of them: one mincore call per page costs a few
+# microseconds (ctypes), i.e. 4 samples per 4 MiB read ~ 1 ms per 0.7 GB, 3% of a
+# warm read at 25 GB/s; a full mincore walks the page cache per 4 KiB page
+# (122 GB/s on the H200 host). A wrong guess costs speed, never bytes: a warm
+# reader (or a registration) faults a missing page in itself.
+_RESIDENCY_SAMPLES = 4
 # cudaHostRegister flags (cuda_runtime_api.h): Portable = pinned for every
 # context (destinations may sit on several devices); ReadOnly = the device only
 # reads (required: the map is PROT_READ, so the pages cannot be pinned writable).
@@ -284,6 +316,42 @@ def _make_windows(parts: list[tuple[str, int, int, int, int]], max_bytes: int, p
     return windows
 
 
+@dataclass(frozen=True)
+class ReadStats:
+    """What one read call did (:attr:`Checkpoint.last_read`): how its reads were split.
+
+    ``warm_*``: reads whose sampled pages were all in the page cache when the call
+    started; ``cold_*``: the others (read in file order behind the prefetcher).
+    With ``adaptive=False`` every read counts as warm. ``buffers`` x
+    ``buffer_bytes``: the pinned staging used (0 without CUDA destinations).
+    """
+
+    warm_bytes: int
+    cold_bytes: int
+    warm_reads: int
+    cold_reads: int
+    warm_threads: int
+    cold_threads: int
+    buffers: int
+    buffer_bytes: int
+
+
+def _split_reads(resident: Sequence[bool], *, adaptive: bool) -> tuple[list[int], list[int]]:
+    """(warm, cold) read indices, each in the given (file) order: resident reads are warm;
+    without ``adaptive`` every read is warm (one pool, the former scheduler)."""
+    if not adaptive:
+        return list(range(len(resident))), []
+    return [i for i, r in enumerate(resident) if r], [i for i, r in enumerate(resident) if not r]
+
+
+def _readahead_allows(j: int, claimed: int, cum: Sequence[int], readahead_bytes: int) -> bool:
+    """Whether the prefetcher may hint cold read ``j`` while ``claimed`` cold reads have been
+    taken by readers: the next unclaimed read always, later ones while the hinted bytes from
+    the first unclaimed read up to ``j``'s end stay within ``readahead_bytes``. ``cum[k]`` is
+    the byte count of cold reads ``0 .. k-1``."""
+    return j <= claimed or cum[j + 1] - cum[claimed] <= readahead_bytes
+
+
 def _positive(name: str, value: object, default: int) -> int:
     if value is None:
         return default
@@ -365,6 +433,8 @@ class Checkpoint:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool_size = 0
         self._index_path: str | None = None
+        # How the most recent read call split its reads (for benchmarks and operators).
+        self.last_read: ReadStats | None = None
         self._weight_map: dict[str, str] = self._build_weight_map()
 
     # -- opening ------------------------------------------------------------
@@ -591,6 +661,10 @@ class Checkpoint:
         populate: bool = False,
         huge_pages: bool = False,
         streams: int | None = None,
+        cold_threads: int | None = None,
+        readahead_bytes: int | None = None,
+        buffers_per_thread: int | None = None,
+        adaptive: bool = True,
     ) -> int:
         """Read experts straight into caller tensors.
 
@@ -615,9 +689,20 @@ class Checkpoint:
                 hint: large page-cache folios may then be mapped whole).
             streams: CUDA side streams per destination device that the
                 host-to-device copies are spread over (default 1).
+            cold_threads: readers of cold reads, which they take in file order
+                (default :data:`DEFAULT_COLD_THREADS`).
+            readahead_bytes: how far ahead of the cold readers the prefetcher
+                hints (default :data:`DEFAULT_READAHEAD_BYTES`).
+            buffers_per_thread: pinned staging buffers per reader thread
+                (default :data:`DEFAULT_BUFFERS_PER_THREAD`), within
+                ``staging_bytes``.
+            adaptive: split warm and cold reads (module docstring); False
+                gives every read to ``threads`` readers and hints every range
+                at once (the former scheduler).
 
         Returns:
-            bytes read: ``len(targets) * spec.nbytes``.
+            bytes read: ``len(targets) * spec.nbytes``. How the reads were split
+            (warm / cold) is left in :attr:`last_read`.
 
         Everything (names, shards, dtypes, shapes, destinations) is checked
         before the first byte is written; a failure then leaves the
@@ -675,6 +760,10 @@ class Checkpoint:
             populate=populate,
             huge_pages=huge_pages,
             streams=_positive("streams", streams, 1),
+            cold_threads=_positive("cold_threads", cold_threads, DEFAULT_COLD_THREADS),
+            readahead_bytes=_positive("readahead_bytes", readahead_bytes, DEFAULT_READAHEAD_BYTES),
+            buffers_per_thread=_positive("buffers_per_thread", buffers_per_thread, DEFAULT_BUFFERS_PER_THREAD),
+            adaptive=bool(adaptive),
         )
         return len(targets) * spec.nbytes
 
@@ -692,6 +781,10 @@ class Checkpoint:
         populate: bool = False,
         huge_pages: bool = False,
         streams: int = 1,
+        cold_threads: int = DEFAULT_COLD_THREADS,
+        readahead_bytes: int = DEFAULT_READAHEAD_BYTES,
+        buffers_per_thread: int = DEFAULT_BUFFERS_PER_THREAD,
+        adaptive: bool = True,
     ) -> None:
         """Copy ``parts`` (path, file offset, nbytes, dest index, dest byte offset) into
         ``dests`` (flat uint8 tensors). Everything has been validated by the caller."""
@@ -699,6 +792,7 @@ class Checkpoint:
             raise CheckpointError(f"unknown read method {method!r}; use one of {list(METHODS)}")
         parts = [p for p in parts if p[2] > 0]
         if not parts:
+            self.last_read = ReadStats(0, 0, 0, 0, 0, 0, 0, 0)
             return
         files = {path: self._mapped(path) for path in {p[0] for p in parts}}
         if huge_pages:
@@ -710,16 +804,17 @@ class Checkpoint:
         copy_method = "mmap" if method == "mmap" else "pread"
         zero_copy = method in ("register", "auto") and bool(cuda_parts)
 
-        # Staging: nbuf buffers of buf_bytes (a multiple of the page size, so
-        # every buffer starts page-aligned); nbuf * buf_bytes <= staging_bytes.
-        # With zero-copy, nbuf also bounds the windows registered at once.
-        nbuf = buf_bytes = 0
+        # Staging buffers are a multiple of the page size (every buffer starts
+        # page-aligned), at most chunk_bytes, and buffers_per_thread of them per
+        # reader fit in staging_bytes. With zero-copy, the buffer count also bounds
+        # the windows registered at once.
+        buf_bytes = 0
         cuda_tasks: list[tuple[str, Any]] = []
         if cuda_parts:
-            nbuf = min(2 * threads, staging_bytes // _PAGE)
-            if nbuf == 0:
+            if staging_bytes < _PAGE:
                 raise CheckpointError(f"staging_bytes={staging_bytes} is below one page ({_PAGE} bytes)")
-            buf_bytes = max(_PAGE, min(chunk_bytes, staging_bytes // nbuf) // _PAGE * _PAGE)
+            most = min(buffers_per_thread * max(threads, cold_threads), staging_bytes // _PAGE)
+            buf_bytes = max(_PAGE, min(chunk_bytes, staging_bytes // most) // _PAGE * _PAGE)
             if zero_copy:
                 windows = _make_windows(cuda_parts, buf_bytes, _PAGE)
                 cuda_tasks = [("window", w) for w in windows]
@@ -728,10 +823,38 @@ class Checkpoint:
                 jobs_ = _make_jobs(cuda_parts, buf_bytes)
                 cuda_tasks = [("staged", j) for j in jobs_]
                 largest = max(j.nbytes for j in jobs_)
-            nbuf = min(nbuf, len(cuda_tasks))
             buf_bytes = min(buf_bytes, -(-largest // _PAGE) * _PAGE)
         tasks: list[tuple[str, Any]] = [("cpu", j) for j in _make_jobs(cpu_parts, chunk_bytes)] + cuda_tasks
         tasks.sort(key=lambda t: (t[1].path, t[1].offset if t[0] != "window" else t[1].start))
+
+        def extent(kind: str, t: Any) -> tuple[int, int]:
+            """(first file byte, nbytes) that a task reads or registers."""
+            if kind == "window":
+                return t.start, min(t.end, files[t.path].header.file_size) - t.start
+            return t.offset, t.nbytes
+
+        # Warm / cold: a few pages of each read, checked before anything moves.
+        resident = [True] * len(tasks)
+        if adaptive or method == "auto":
+            for k, (kind, t) in enumerate(tasks):
+                off, n = extent(kind, t)
+                resident[k] = files[t.path].resident(off, n, samples=_RESIDENCY_SAMPLES)
+        warm, cold = _split_reads(resident, adaptive=adaptive)
+        warm_used, cold_used = min(threads, len(warm)), min(cold_threads, len(cold))
+        nbuf = 0
+        if cuda_tasks:
+            nbuf = min(buffers_per_thread * (warm_used + cold_used), staging_bytes // buf_bytes, len(cuda_tasks))
+        sizes = [extent(kind, t)[1] for kind, t in tasks]
+        self.last_read = ReadStats(
+            warm_bytes=sum(sizes[k] for k in warm),
+            cold_bytes=sum(sizes[k] for k in cold),
+            warm_reads=len(warm),
+            cold_reads=len(cold),
+            warm_threads=warm_used,
+            cold_threads=cold_used,
+            buffers=nbuf,
+            buffer_bytes=buf_bytes if nbuf else 0,
+        )
 
         cpu_arrays: dict[int, np.ndarray] = {}
         for p in cpu_parts:
@@ -739,7 +862,8 @@ class Checkpoint:
                 cpu_arrays[p[3]] = dests[p[3]].numpy()
 
         # Free list of in-flight slots: (staging buffer index, CUDA events of the copies
-        # last issued from it, the window registered for them or None).
+        # last issued from it, the window registered for them or None). FIFO: the slot
+        # taken is the one released longest ago, whose copies are the most likely done.
         free: queue.Queue[tuple[int, list[Any], tuple[MappedFile, int, int] | None]] = queue.Queue()
         staging_box: list[tuple[torch.Tensor, np.ndarray]] = []
         staging_lock = threading.Lock()
@@ -840,9 +964,7 @@ class Checkpoint:
                     reg = None
                 mf = files[w.path]
                 size = min(w.end, mf.header.file_size) - w.start
-                direct = size >= _MIN_ZERO_COPY_BYTES and (
-                    method == "register" or mf.resident(w.start, size, samples=_RESIDENCY_SAMPLES)
-                )
+                direct = size >= _MIN_ZERO_COPY_BYTES and (method == "register" or resident[k])
                 if direct:
                     if populate:
                         mf.populate(w.start, size)
@@ -860,54 +982,93 @@ class Checkpoint:
         runners = {"cpu": run_cpu, "staged": run_staged, "window": run_window}
         failed = threading.Event()
         errors: list[BaseException] = []
-        next_task = iter(enumerate(tasks))
-        task_lock = threading.Lock()
+        # Cold reads claimed so far (readers take them in file order); the prefetcher
+        # waits on ``progress`` for claims before it hints further ahead.
+        claimed = [0]
+        progress = threading.Condition()
+        cold_cum = [0]
+        for k in cold:
+            cold_cum.append(cold_cum[-1] + sizes[k])
 
-        def worker() -> None:
+        def run(k: int) -> bool:
+            kind, task = tasks[k]
+            try:
+                runners[kind](k, task)
+                return True
+            except BaseException as e:
+                if not isinstance(e, StoreError):
+                    first, n = extent(kind, task)
+                    e = CheckpointError(f"{task.path}: reading bytes [{first}, {first + n}) failed: {e}")
+                errors.append(e)
+                failed.set()
+                with progress:
+                    progress.notify_all()  # wake the prefetcher so it can stop
+                return False
+
+        next_warm = iter(warm)
+        warm_lock = threading.Lock()
+
+        def warm_worker() -> None:
             while not failed.is_set():
-                with task_lock:
-                    item = next(next_task, None)
-                if item is None:
-                    return
-                k, (kind, task) = item
-                try:
-                    runners[kind](k, task)
-                except BaseException as e:
-                    if not isinstance(e, StoreError):
-                        first = task.start if kind == "window" else task.offset
-                        last = task.end if kind == "window" else task.offset + task.nbytes
-                        e = CheckpointError(f"{task.path}: reading bytes [{first}, {last}) failed: {e}")
-                    errors.append(e)
-                    failed.set()
+                with warm_lock:
+                    k = next(next_warm, None)
+                if k is None or not run(k):
                     return
 
-        hints = [
-            (t.path, t.start, t.end - t.start) if kind == "window" else (t.path, t.offset, t.nbytes)
-            for kind, t in tasks
-        ]
-
-        def prefetcher() -> None:
-            for path, off, n in hints:
-                if failed.is_set():
+        def cold_worker() -> None:
+            while not failed.is_set():
+                with progress:
+                    j = claimed[0]
+                    if j >= len(cold):
+                        return
+                    claimed[0] = j + 1
+                    progress.notify_all()
+                if not run(cold[j]):
                     return
-                try:
-                    files[path].advise_willneed(off, n)
-                except OSError:
-                    return  # a hint only: reads still work without it
 
-        n_threads = min(threads, len(tasks))
-        use_prefetch = prefetch and len(tasks) > 1
+        def hint(k: int) -> bool:
+            kind, t = tasks[k]
+            off, n = extent(kind, t)
+            try:
+                files[t.path].advise_willneed(off, n)
+            except OSError:
+                return False  # a hint only: reads still work without it
+            return True
+
+        def cold_prefetcher() -> None:
+            """Hint the cold reads in file order, never more than readahead_bytes past the first
+            one no reader has taken yet; skip those a reader took first (its read fetches them)."""
+            for j in range(len(cold)):
+                with progress:
+                    while not failed.is_set() and not _readahead_allows(j, claimed[0], cold_cum, readahead_bytes):
+                        progress.wait(0.1)
+                    if failed.is_set():
+                        return
+                    if j < claimed[0]:
+                        continue
+                if not hint(cold[j]):
+                    return
+
+        def flat_prefetcher() -> None:
+            # adaptive=False: every range at once, in file order (the former scheduler).
+            for k in range(len(tasks)):
+                if failed.is_set() or not hint(k):
+                    return
+
+        if adaptive:
+            prefetcher = cold_prefetcher if prefetch and len(cold) > 1 else None
+        else:
+            prefetcher = flat_prefetcher if prefetch and len(tasks) > 1 else None
+        workers = [warm_worker] * warm_used + [cold_worker] * cold_used + ([prefetcher] if prefetcher else [])
         # Registrations of two concurrent calls could overlap (the driver refuses that).
         lock = self._zero_copy_lock if zero_copy else contextlib.nullcontext()
         with lock:
             try:
-                if n_threads == 1 and not use_prefetch:
-                    worker()  # nothing to overlap: stay on the caller's thread
+                if len(workers) == 1:
+                    workers[0]()  # nothing to overlap: stay on the caller's thread
                 else:
-                    pool = self._executor(n_threads + use_prefetch)
-                    futures = [pool.submit(prefetcher)] if use_prefetch else []
-                    futures += [pool.submit(worker) for _ in range(n_threads)]
-                    concurrent.futures.wait(futures)
+                    pool = self._executor(len(workers))
+                    concurrent.futures.wait([pool.submit(w) for w in workers])
             finally:
                 # Staging and registered windows must outlive the copies out of them.
                 for ss in side.values():

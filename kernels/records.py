@@ -129,17 +129,18 @@ __all__ = [
 # imported, so the dispatch follows the same moment.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Defaults: the best mean ratio to the device copy in the first H200 sweep
-# (bf16 H=2048 I=768 and DeepSeek-V3 fp8, 64-294 MiB slabs, pack and unpack):
-# 64 KiB chunks, 32 KiB per iteration, 16 warps: 85.6 % mean; 92.1 / 91.5 % (bf16)
-# and 95.2 / 95.2 % (fp8) at 256+ MiB, where the host did not limit the numbers.
-# Every configuration swept was within ~1 % of the best at 256+ MiB except
-# 128 KiB chunks (~3 % behind: a longer tail); at 64-84 MiB the host bound them all.
+# Defaults: the winner of the second H200 sweep (2026-11-29, back-to-back calls
+# between two events, results/bench_kernels_h200_20261129.txt): 128 KiB chunks,
+# 32 KiB per iteration, 16 warps: mean 95.1 %, worst 92.9 % of the device copy
+# over bf16 (H=2048, I=768) and DeepSeek-V3 fp8 experts at 72-294 MiB, pack and
+# unpack. The first sweep's pick (64 KiB chunks) fell to 51 % on the 72 MiB bf16
+# case back to back (93.5 % when queued behind other work): twice the programs,
+# and the host's launch work (~75 us) outlasted the 36 us copy.
 #
-# 64 KiB chunks: a 64 MiB slab makes ~1024-1350 programs (more than one wave of
-# 132 SMs x 4 resident programs); the grid's tail (the last programs, running
-# with too few bytes in flight) costs about one program's lifetime.
-CHUNK_BYTES = 64 * 1024
+# 128 KiB chunks: a 64 MiB slab makes ~512-700 programs, one to two waves of
+# 132 SMs x 4 resident programs; fewer, longer programs amortize the chunk-table
+# lookup and keep each SM streaming.
+CHUNK_BYTES = 128 * 1024
 # 32 KiB per loop iteration: with 16 warps each thread moves 64 B = four 16-byte
 # vectors per iteration; 4 resident programs per SM keep ~128 KiB in flight per
 # SM, about 4x what Little's law asks of HBM3e (~30 KiB per SM at ~800 ns).

@@ -24,7 +24,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import expert_store.checkpoint as ckmod
-from expert_store.checkpoint import INDEX_NAME, METHODS, Checkpoint, _make_windows
+from expert_store.checkpoint import (
+    INDEX_NAME,
+    METHODS,
+    Checkpoint,
+    ReadStats,
+    _make_windows,
+    _readahead_allows,
+    _split_reads,
+)
 from expert_store.errors import CheckpointError, StoreError
 from expert_store.safetensors_file import PAGE_SIZE, MappedFile, parse_header
 from expert_store.spec import ExpertSpec, TensorSpec
@@ -673,6 +681,9 @@ def test_bad_method_and_streams(qwen_file):
             ckpt.read_into(info.spec, [(0, 0, dests)], method="dma")
         with pytest.raises(CheckpointError, match="streams"):
             ckpt.read_into(info.spec, [(0, 0, dests)], streams=0)
+        for option in ("cold_threads", "readahead_bytes", "buffers_per_thread"):
+            with pytest.raises(CheckpointError, match=option):
+                ckpt.read_into(info.spec, [(0, 0, dests)], **{option: 0})
     assert _all_poisoned(dests)
 
 
@@ -743,7 +754,12 @@ def qwen_mid(tmp_path_factory) -> cf.CheckpointInfo:
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(
     "options",
-    [{}, {"populate": True, "streams": 3, "chunk_bytes": 1 << 20, "threads": 1}, {"staging_bytes": 3 * 4096 + 1}],
+    [
+        {},
+        {"populate": True, "streams": 3, "chunk_bytes": 1 << 20, "threads": 1},
+        {"staging_bytes": 3 * 4096 + 1},
+        {"adaptive": False, "threads": 3, "chunk_bytes": 1 << 20},
+    ],
 )
 def test_device_pipelines_on_cpu(qwen_mid, monkeypatch, method, options):
     """The device path (staging buffers reused across chunks; zero-copy windows registered, copied
@@ -791,6 +807,165 @@ def test_zero_copy_registration_failure(qwen_mid, monkeypatch):
         assert len(ops.sizes) == 1 and not ops.live
         dests = _poisoned(info.spec)
         ckpt.read_into(info.spec, [(0, 3, dests)], method="pread")  # the checkpoint still reads
+    assert _same_bytes(dests, info.expected_expert(0, 3))
+
+
+# -- warm / cold split ----------------------------------------------------------------
+
+
+def test_split_and_readahead_rules():
+    """Resident reads are warm and the rest cold, each list in file order (adaptive=False puts all in
+    one list); the prefetcher may hint the next unclaimed cold read always, and later ones only
+    while the bytes from the first unclaimed read through them fit in the readahead."""
+    resident = [True, False, False, True, False]
+    assert _split_reads(resident, adaptive=True) == ([0, 3], [1, 2, 4])
+    assert _split_reads(resident, adaptive=False) == ([0, 1, 2, 3, 4], [])
+    cum = [0, 10, 30, 60, 100]  # cold reads of 10, 20, 30, 40 bytes
+    assert _readahead_allows(0, 0, cum, 1)  # the next read, whatever its size
+    assert _readahead_allows(1, 0, cum, 30) and not _readahead_allows(2, 0, cum, 30)
+    assert _readahead_allows(2, 1, cum, 50) and not _readahead_allows(3, 1, cum, 50)
+    assert _readahead_allows(1, 3, cum, 1)  # already claimed: the caller skips it
+
+
+def _expert_ranges(ckpt: Checkpoint, spec: ExpertSpec, expert: int) -> list[tuple[str, int, int]]:
+    return [(p, e.offset, e.offset + e.nbytes) for entries in ckpt._spec_entries(spec, 0, expert) for p, e in entries]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", METHODS)
+def test_adaptive_split_orders_cold_reads(qwen_mid, monkeypatch, method):
+    """With some experts resident and the others not (residency stubbed by byte range), through the
+    device pipeline on CPU: every byte lands where it belongs; warm experts are read by the warm
+    pool and never hinted; cold reads are done by one reader strictly in file order; each
+    WILLNEED hint is for a cold read and never runs more than the readahead (plus one read) ahead
+    of the reader; last_read accounts every byte as warm or cold."""
+    info = qwen_mid
+    ops = _FakeDeviceOps()
+    monkeypatch.setattr(ckmod, "_DEVICE_OPS", ops)
+    warm_experts, chunk, readahead = {1, 4}, 128 << 10, 384 << 10
+    log: list[tuple[str, str, int, int]] = []
+    log_lock = threading.Lock()
+    real_copy, real_hint = MappedFile.copy_into, MappedFile.advise_willneed
+
+    def copy_into(self, offset, dest, **kw):
+        with log_lock:
+            log.append(("read", self.path, offset, sum(d.nbytes for d in dest)))
+        return real_copy(self, offset, dest, **kw)
+
+    def advise_willneed(self, offset, nbytes):
+        with log_lock:
+            log.append(("hint", self.path, offset, nbytes))
+        return real_hint(self, offset, nbytes)
+
+    pairs = [(0, e) for e in (5, 0, 2, 1, 3, 4, 5)]
+    dests = [_poisoned(info.spec) for _ in pairs]
+    with info.checkpoint() as ckpt:
+        warm_ranges = [r for e in warm_experts for r in _expert_ranges(ckpt, info.spec, e)]
+        cold_ranges = [r for e in set(range(6)) - warm_experts for r in _expert_ranges(ckpt, info.spec, e)]
+
+        def touches(ranges, path, lo, hi) -> bool:
+            return any(p == path and a < hi and lo < b for p, a, b in ranges)
+
+        def is_warm(path, lo, hi) -> bool:
+            return not touches(cold_ranges, path, lo, hi)
+
+        def resident(self, offset, nbytes, *, samples=None):
+            # A range is resident when it holds bytes of warm experts only (windows are whole
+            # pages, so they may also hold bytes of no expert).
+            hi = min(offset + nbytes, self.header.file_size)
+            return touches(warm_ranges, self.path, offset, hi) and is_warm(self.path, offset, hi)
+
+        monkeypatch.setattr(MappedFile, "resident", resident)
+        monkeypatch.setattr(MappedFile, "copy_into", copy_into)
+        monkeypatch.setattr(MappedFile, "advise_willneed", advise_willneed)
+        ckpt.read_into(
+            info.spec,
+            [(la, e, d) for (la, e), d in zip(pairs, dests)],
+            method=method,
+            chunk_bytes=chunk,
+            cold_threads=1,
+            threads=3,
+            readahead_bytes=readahead,
+        )
+        stats = ckpt.last_read
+    for (la, e), d in zip(pairs, dests):
+        assert _same_bytes(d, info.expected_expert(la, e)), (la, e)
+    assert not ops.live
+    assert isinstance(stats, ReadStats) and stats.cold_threads == 1 and 1 <= stats.warm_threads <= 3
+    assert stats.warm_reads > 0 and stats.cold_reads > 1
+    warm_bytes = len(warm_experts) * info.spec.nbytes
+    # Expert 5 goes to two destinations: read twice, except by windows (one registration or read).
+    cold_bytes = (4 if method in ("register", "auto") else 5) * info.spec.nbytes
+    # A read (or window) that straddles a warm and a cold expert counts as cold: allow a few.
+    slack = 4 * (chunk + PAGE_SIZE)
+    assert abs(stats.warm_bytes - warm_bytes) <= slack and abs(stats.cold_bytes - cold_bytes) <= slack, stats
+    hints = [(p, o, n) for kind, p, o, n in log if kind == "hint"]
+    assert hints and all(not is_warm(p, o, o + n) for p, o, n in hints)
+    cold_reads = [(p, o, n) for kind, p, o, n in log if kind == "read" and not is_warm(p, o, o + n)]
+    assert cold_reads == sorted(cold_reads), "cold reads out of file order"
+    if method in ("register", "auto"):
+        return  # windows: hints are whole windows, reads only the staged ones; order checked above
+    # Readahead bound. The one cold reader reads the cold reads in order, so a hint is cold read
+    # j (hints skip reads already claimed) and, when it is issued, r reads have started: the
+    # prefetcher allows hints while bytes of reads [claimed, j] <= readahead, and claimed <= r + 1.
+    cum = [0]
+    for _, _, n in cold_reads:
+        cum.append(cum[-1] + n)
+    r = j = 0
+    for kind, p, o, n in log:
+        if kind == "read" and not is_warm(p, o, o + n):
+            r += 1
+        elif kind == "hint":
+            while cold_reads[j] != (p, o, n):
+                j += 1
+            assert cum[j + 1] - cum[max(0, r - 1)] <= readahead + 2 * chunk, (r, j)
+            j += 1
+
+
+def test_adaptive_split_follows_the_page_cache(qwen_mid, monkeypatch):
+    """With the real page cache: after eviction, an expert read once is classified warm and one
+    never read is classified cold (mincore sampling), and both are read bit-exact."""
+    info = qwen_mid
+    monkeypatch.setattr(ckmod, "_DEVICE_OPS", _FakeDeviceOps())
+    for f in info.files:
+        cf.evict_page_cache(f)
+    if max(cf.resident_fraction(f) for f in info.files) > 0.05:
+        pytest.skip("POSIX_FADV_DONTNEED does not evict on this filesystem")
+    with info.checkpoint() as ckpt:
+        ckpt.read_into(info.spec, [(0, 2, _poisoned(info.spec))], method="pread")  # expert 2 now warm
+        dests = [_poisoned(info.spec), _poisoned(info.spec)]
+        ckpt.read_into(info.spec, [(0, 2, dests[0]), (0, 3, dests[1])])
+        stats = ckpt.last_read
+    assert _same_bytes(dests[0], info.expected_expert(0, 2)) and _same_bytes(dests[1], info.expected_expert(0, 3))
+    assert stats.warm_bytes == info.spec.nbytes and stats.cold_bytes == info.spec.nbytes, stats
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_read_error_stops_every_reader(qwen_mid, monkeypatch, adaptive):
+    """An I/O error in one read (here a cold one, with warm reads, cold readers and the prefetcher
+    running) raises CheckpointError naming the file and bytes, without hanging the prefetcher, and
+    the checkpoint reads normally afterwards."""
+    info = qwen_mid
+    monkeypatch.setattr(ckmod, "_DEVICE_OPS", _FakeDeviceOps())
+    real_copy = MappedFile.copy_into
+    calls = [0]
+
+    def flaky(self, offset, dest, **kw):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OSError(5, "Input/output error (fake)")
+        return real_copy(self, offset, dest, **kw)
+
+    with info.checkpoint() as ckpt:
+        monkeypatch.setattr(MappedFile, "resident", lambda self, o, n, *, samples=None: o % 2 == 0)
+        monkeypatch.setattr(MappedFile, "copy_into", flaky)
+        targets = [(0, e, _poisoned(info.spec)) for e in range(6)]
+        with pytest.raises(CheckpointError, match=r"\.safetensors: reading bytes \[\d+, \d+\) failed.*fake"):
+            ckpt.read_into(info.spec, targets, chunk_bytes=64 << 10, readahead_bytes=64 << 10, adaptive=adaptive)
+        monkeypatch.setattr(MappedFile, "copy_into", real_copy)
+        dests = _poisoned(info.spec)
+        ckpt.read_into(info.spec, [(0, 3, dests)])
     assert _same_bytes(dests, info.expected_expert(0, 3))
 
 

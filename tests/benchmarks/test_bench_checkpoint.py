@@ -6,7 +6,8 @@ intermediate size.
 * CPU (runs everywhere): ``read_into`` CPU destinations, warm page cache, vs one
   ``preadv`` of the same number of contiguous bytes from the same file.
 * CUDA (skipped without a GPU): ``read_into`` slots of a resident slab, warm and
-  cold, with the default method and with ``"auto"`` (zero-copy DMA out of
+  cold, with the default method (adaptive: warm reads to the warm pool, cold
+  reads in file order behind a bounded readahead) and with ``"auto"`` (zero-copy DMA out of
   resident page-cache pages), vs ``safe_open(device="cuda")`` on the same tensors
   (target: warm >= 5x) and vs a plain sequential read of the same number of
   bytes (target: cold >= 0.8x).
@@ -165,4 +166,7 @@ def test_bench_read_into_cuda_cold(benchmark, gpu_setup, method):
     benchmark.pedantic(run, setup=evict, rounds=3, iterations=1)
     benchmark.extra_info["method"] = method or "default"
     benchmark.extra_info["resident_before_cold"] = resident
+    # How the reader split the last cold run: every byte should have been classified cold.
+    stats = ckpt.last_read
+    benchmark.extra_info["cold_bytes_fraction"] = stats.cold_bytes / max(1, stats.cold_bytes + stats.warm_bytes)
     _report(benchmark, f"read_into CUDA cold ({method or 'default'})", nbytes, ours, ceilings)
