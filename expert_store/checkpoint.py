@@ -122,17 +122,14 @@ DEFAULT_STAGING_BYTES = 256 << 20
 # 2 staging buffers per reader thread: each thread fills one while the copy
 # engine drains its previous one.
 DEFAULT_BUFFERS_PER_THREAD = 2
-# 4 MiB reads (and staging buffers): small enough that the staging ring (8
-# threads x 2 buffers x 4 MiB = 64 MiB, cycled in order) can stay in the host's
-# last-level cache between the CPU copy that writes it and the DMA that reads it,
-# which removes two of the four trips over the memory bus. Evidence so far: the
-# 2-core CI VM (AMD EPYC, 32 MiB L3), one thread, preadv of a warm file into a
-# reused 2 x 4 MiB ring 32.3 GB/s vs 17.7 into fresh memory (2 x 16 MiB ring:
-# 21.8); on the H200 host 32 MiB x 16 buffers was slower than 16 MiB x 16 (17.9
-# vs 20.8 GB/s). Per-read overhead (~30 us of Python, GIL held) is ~4% of a 4 MiB
-# read at 3 GB/s per thread. tools/bench_checkpoint_gpu.py sweeps 1-64 MiB: if the
-# host's cache does not help there, 16 MiB is the measured fallback.
-DEFAULT_CHUNK_BYTES = 4 << 20
+# 16 MiB reads (and staging buffers). Measured on an H200 host (2026-11-29, 16 of
+# 128 DeepSeek-V3 experts, 0.705 GB into GPU slots, results/bench_checkpoint_h200_20261129.txt):
+# warm 4 MiB 12.8 GB/s, 8 MiB 16.4, 16 MiB 19.3, 32 MiB 19.9, 64 MiB 19.1
+# (safe_open(device="cuda") 4.26); cold all within 0.96-1.14x a plain sequential
+# read. Small reads into a cache-resident ring did lift the CPU copy alone (8 threads,
+# 2 x 4 MiB per thread: 45 GB/s) but not the pipeline with the host-to-device DMA,
+# which then dominates: per-read Python and event overhead outweigh the cache gain.
+DEFAULT_CHUNK_BYTES = 16 << 20
 METHODS = ("pread", "mmap", "register", "auto")
 # "pread": preadv into the destination / staging buffer. mmap copies fault the
 # pages in through the map (and drop the mappings afterwards, so the pages stay
