@@ -906,7 +906,9 @@ def test_adaptive_split_orders_cold_reads(qwen_mid, monkeypatch, method):
     slack = 4 * (chunk + PAGE_SIZE)
     assert abs(stats.warm_bytes - warm_bytes) <= slack and abs(stats.cold_bytes - cold_bytes) <= slack, stats
     hints = [(p, o, n) for kind, p, o, n in log if kind == "hint"]
-    assert hints and all(not is_warm(p, o, o + n) for p, o, n in hints)
+    # Warm reads are never hinted. (Whether any hint is issued at all is a race with the readers:
+    # the prefetcher skips reads already claimed, so it is not asserted.)
+    assert all(not is_warm(p, o, o + n) for p, o, n in hints)
     cold_reads = [(p, o, n) for kind, p, o, n in log if kind == "read" and not is_warm(p, o, o + n)]
     assert cold_reads == sorted(cold_reads), "cold reads out of file order"
     if method in ("register", "auto"):
