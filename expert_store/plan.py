@@ -338,31 +338,26 @@ def schedule_rounds(plan: RebalancePlan, *, record_bytes: int, budget_bytes: int
             used[rank] += 1
         chosen: set[int] = set()
 
-        def closure(i: int, chosen=chosen, done=done) -> list[int]:
-            """Move i plus every move still to run that reads the destination of a move in the set:
-            together they can share a round (all packs precede all unpacks)."""
+        def closure_if_fits(i: int, chosen=chosen, done=done, used=used) -> list[int] | None:
+            """Move i plus every move still to run that reads the destination of a move in the set
+            (together they can share a round: all packs precede all unpacks), or None as soon as
+            the set outgrows some rank's budget for this round."""
             out, stack, seen = [], [i], {i}
+            need: dict[int, int] = defaultdict(int)
             while stack:
                 j = stack.pop()
                 out.append(j)
+                for rank in (src_rank[j],) if local[j] else (src_rank[j], dst_rank[j]):
+                    need[rank] += 1
+                    if used[rank] + need[rank] > cap:
+                        return None
                 for r in readers.get(dkey[j], ()):
                     if r not in seen and r not in done and r not in chosen:
                         seen.add(r)
                         stack.append(r)
+            for rank, n in need.items():
+                used[rank] += n
             return out
-
-        def try_add(group: list[int], used=used, chosen=chosen) -> bool:
-            need: dict[int, int] = defaultdict(int)
-            for j in group:
-                need[src_rank[j]] += 1
-                if not local[j]:
-                    need[dst_rank[j]] += 1
-            if any(used[r] + n > cap for r, n in need.items()):
-                return False
-            for r, n in need.items():
-                used[r] += n
-            chosen.update(group)
-            return True
 
         while True:
             for i in remaining:
@@ -370,7 +365,9 @@ def schedule_rounds(plan: RebalancePlan, *, record_bytes: int, budget_bytes: int
                     continue
                 if used[src_rank[i]] >= cap or used[dst_rank[i]] >= cap:
                     continue  # cheap pre-check: this move alone does not fit any more
-                try_add(closure(i))
+                group = closure_if_fits(i)
+                if group is not None:
+                    chosen.update(group)
             if chosen:
                 break
             # Deadlock: a cycle of moves larger than a round. Park the destination of the
