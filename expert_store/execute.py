@@ -21,6 +21,7 @@ round k+2. Two buffers are in use at a time, so staging never exceeds 2 B.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -44,6 +45,9 @@ class ExecutionStats:
     rounds: int = 0
     staging_peak: int = 0  # bytes of staging allocated at once on this rank
     seconds: dict[str, float] = field(default_factory=dict)
+    # With EXPERT_STORE_TIMELINE=1 on CUDA: per round, ms after the first pack was queued at
+    # which the GPU had finished that round's (pack, transfer, unpack), from CUDA events.
+    timeline: list[tuple[float, float, float]] | None = None
 
 
 def _idx(values: Sequence[int], device: torch.device) -> list[int]:
@@ -51,6 +55,27 @@ def _idx(values: Sequence[int], device: torch.device) -> list[int]:
     stage them to the device asynchronously, so no launch waits for queued GPU work."""
     del device
     return list(values)
+
+
+class _Timeline:
+    """CUDA events on the current stream at each round's milestones (EXPERT_STORE_TIMELINE=1)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.on = device.type == "cuda" and os.environ.get("EXPERT_STORE_TIMELINE") == "1"
+        self.ev: dict[tuple[str, int], torch.cuda.Event] = {}
+
+    def mark(self, what: str, k: int) -> None:
+        if self.on:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.ev[(what, k)] = e
+
+    def result(self) -> list[tuple[float, float, float]] | None:
+        if not self.on:
+            return None
+        start = self.ev[("start", 0)]
+        n = max(k for _, k in self.ev) + 1
+        return [tuple(start.elapsed_time(self.ev[(w, k)]) for w in ("pack", "recv", "unpack")) for k in range(n)]
 
 
 class _RoundIO:
@@ -139,7 +164,6 @@ def execute_rounds(
         raise StoreError(f"rank {rank}: cannot allocate {nbuf} x {cap} bytes of staging on {dev}: {e}") from None
     stats.staging_peak = max(stats.staging_peak, nbuf * cap + n_parks * rb)
     stats.rounds = len(ios)
-    t_pack = t_unpack = t_wait = 0.0
     storage = slabs.storage
     layout = slabs.layout
 
@@ -182,38 +206,51 @@ def execute_rounds(
                 bufs[k % nbuf], storage, layout, _idx(layers, dev), _idx(slots, dev), records=_idx(recs, dev)
             )
 
+    events = _Timeline(dev)
+    events.mark("start", 0)
+    n = len(ios)
+    t_pack = t_wait = t_unpack = 0.0
     if nbuf == 1:
-        for k in range(len(ios)):
+        # One buffer: each round is packed, exchanged and unpacked before the next.
+        for k in range(n):
             t0 = time.perf_counter()
             pack(k)
+            events.mark("pack", k)
             works = issue(k)
             t1 = time.perf_counter()
             comm.finish_exchange(works, what=f"round {k} exchange")
+            events.mark("recv", k)
             t2 = time.perf_counter()
             unpack(k)
+            events.mark("unpack", k)
             t_pack += t1 - t0
             t_wait += t2 - t1
             t_unpack += time.perf_counter() - t2
-        ios = []
     else:
+        # Two buffers: pack(k+1) is queued before round k's transfer is waited for, and the
+        # transfer of round k+1 is issued before round k is unpacked.
         t0 = time.perf_counter()
         pack(0)
-        t_pack += time.perf_counter() - t0
+        events.mark("pack", 0)
         works = issue(0)
-    for k in range(len(ios)):
-        t0 = time.perf_counter()
-        if k + 1 < len(ios):
-            pack(k + 1)
-        t1 = time.perf_counter()
-        comm.finish_exchange(works, what=f"round {k} exchange")
-        t2 = time.perf_counter()
-        works = issue(k + 1) if k + 1 < len(ios) else []
-        unpack(k)
-        t3 = time.perf_counter()
-        t_pack += t1 - t0
-        t_wait += t2 - t1
-        t_unpack += t3 - t2
+        t_pack += time.perf_counter() - t0
+        for k in range(n):
+            t0 = time.perf_counter()
+            if k + 1 < n:
+                pack(k + 1)
+                events.mark("pack", k + 1)
+            t1 = time.perf_counter()
+            comm.finish_exchange(works, what=f"round {k} exchange")
+            events.mark("recv", k)
+            t2 = time.perf_counter()
+            works = issue(k + 1) if k + 1 < n else []
+            unpack(k)
+            events.mark("unpack", k)
+            t_pack += t1 - t0
+            t_wait += t2 - t1
+            t_unpack += time.perf_counter() - t2
     comm.sync_device(dev, what="rebalance rounds")
+    stats.timeline = events.result()
     stats.seconds["host_pack"] = t_pack
     stats.seconds["host_wait"] = t_wait
     stats.seconds["host_unpack"] = t_unpack

@@ -69,6 +69,7 @@ class RebalanceReport:
     staging_peak: int = 0
     rounds: int = 0
     verified: bool = False
+    timeline: list | None = None  # EXPERT_STORE_TIMELINE=1 on CUDA: per round GPU ms (packed, received, unpacked)
 
 
 def _device(device) -> torch.device:
@@ -675,6 +676,7 @@ class ExpertStore:
             staging_peak=stats.staging_peak,
             rounds=stats.rounds,
             verified=bool(verify),
+            timeline=stats.timeline,
         )
 
     def _plan(self, new_placement: Placement, alive_t, fresh_t, staging_bytes: int, round_bytes: int):
