@@ -68,19 +68,24 @@ _WORD_MASK = {4: 0xFFFFFFFF, 2: 0xFFFF, 1: 0xFF}
 
 
 def _resident_rows(storage: torch.Tensor, layout: SlabLayout, t: int) -> torch.Tensor:
-    """uint8 [L, S, nbytes_t] view of tensor t of every (layer, slot)."""
-    nb = layout.spec.tensors[t].nbytes
-    start = layout.region_offsets[t]
-    per_layer = storage.view(layout.num_layers, layout.layer_bytes)
-    return per_layer[:, start : start + layout.slots * nb].view(layout.num_layers, layout.slots, nb)
+    """[L, S, nbytes_t / W] view of tensor t of every (layer, slot), in words of W = spec.word_bytes.
+
+    Words, not bytes: advanced indexing moves one element at a time, so W-byte elements
+    make the CPU fallback W times faster (every offset here is a multiple of W)."""
+    w = layout.spec.word_bytes
+    nw = layout.spec.tensors[t].nbytes // w
+    start = layout.region_offsets[t] // w
+    per_layer = storage.view(_WORD_DTYPE[w]).view(layout.num_layers, layout.layer_bytes // w)
+    return per_layer[:, start : start + layout.slots * nw].view(layout.num_layers, layout.slots, nw)
 
 
 def _record_rows(slab: torch.Tensor, spec: ExpertSpec, t: int) -> torch.Tensor:
-    """uint8 [K, nbytes_t] view of tensor t of every record the slab can hold."""
+    """[K, nbytes_t / W] view of tensor t of every record the slab can hold, in words."""
+    w = spec.word_bytes
     cap = slab.numel() // spec.record_bytes
-    start = spec.record_offsets[t]
-    records = slab[: cap * spec.record_bytes].view(cap, spec.record_bytes)
-    return records[:, start : start + spec.tensors[t].nbytes]
+    start = spec.record_offsets[t] // w
+    records = slab[: cap * spec.record_bytes].view(_WORD_DTYPE[w]).view(cap, spec.record_bytes // w)
+    return records[:, start : start + spec.tensors[t].nbytes // w]
 
 
 def _default_records(records: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
@@ -156,7 +161,7 @@ def _hash_words(words: torch.Tensor, first_position: int) -> torch.Tensor:
 
 
 def _checksum_rows(rows_of: list[torch.Tensor], spec: ExpertSpec) -> torch.Tensor:
-    """int64 [n]: checksum of n experts given, per tensor t, its uint8 [n, nbytes_t] rows (any strides)."""
+    """int64 [n]: checksum of n experts given, per tensor t, its [n, nbytes_t / W] word rows (any strides)."""
     w = spec.word_bytes
     n = rows_of[0].shape[0]
     total = torch.zeros(n, dtype=torch.int64, device=rows_of[0].device)
@@ -168,8 +173,7 @@ def _checksum_rows(rows_of: list[torch.Tensor], spec: ExpertSpec) -> torch.Tenso
         for i0 in range(0, n, group):
             for c0 in range(0, nwords, piece):
                 c1 = min(nwords, c0 + piece)
-                part = rows[i0 : i0 + group, c0 * w : c1 * w].contiguous()
-                words = part.view(_WORD_DTYPE[w]).to(torch.int64) & _WORD_MASK[w]
+                words = rows[i0 : i0 + group, c0:c1].to(torch.int64) & _WORD_MASK[w]
                 total[i0 : i0 + group] += _hash_words(words, first + c0)
     return total
 
