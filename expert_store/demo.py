@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     root = work / "store"
     backend = "nccl" if use_cuda else "gloo"
-    print(f"store: {root}; {args.ranks} rank(s) on {'cuda' if use_cuda else 'cpu'} ({backend})")
+    transport = f"{backend} between {args.ranks} processes" if args.ranks > 1 else "one process, no process group"
+    print(f"store: {root}; {args.ranks} rank(s) on {'cuda' if use_cuda else 'cpu'} ({transport})")
     if args.ranks == 1:
         rows = [demo_rank(0, 1, ck, root, use_cuda, args.spare)]
     else:
