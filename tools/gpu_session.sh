@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install, GPU tests, then the benchmarks. Logs go to $OUT.
-#   bash tools/gpu_session.sh [tests|kernels|checkpoint|rebalance|all]...
+#   bash tools/gpu_session.sh [tests|kernels|checkpoint|rebalance|elastic|all]...
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export TORCH_NCCL_SHOW_EAGER_INIT_P2P_SERIALIZATION_WARNING=false
 OUT=${OUT:-/tmp/es-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 \
   || { echo "editable install failed:"; tail -5 "$OUT/install.log"; exit 1; }
@@ -13,7 +14,8 @@ for s in $steps; do
   case $s in
     tests|all) run gpu-tests python3 -m pytest -q -m "gpu or multigpu" -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;&
     kernels|all) run kernels python3 tools/bench_kernels_gpu.py 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 ;;&
-    rebalance|all) run rebalance python3 tools/bench_rebalance_gpu.py --cases qwen,small,ds 2>&1 | tee "$OUT/bench_rebalance.log" | grep -v "^\s*$" | tail -25 ;;&
+    rebalance|all) run rebalance python3 tools/bench_rebalance_gpu.py --cases qwen,small,ds --out "$OUT" 2>&1 | tee "$OUT/bench_rebalance.log" | grep -v "^\s*$" | tail -25 ;;&
+    elastic|all) run elastic python3 tools/elastic_rebalance_gpus.py --out "$OUT" 2>&1 | tail -45 ;;&
     checkpoint|all) run checkpoint python3 tools/bench_checkpoint_gpu.py 2>&1 | tee "$OUT/bench_checkpoint.log" | tail -30 ;;
   esac
 done
