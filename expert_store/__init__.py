@@ -3,7 +3,7 @@
 See README.md for the user's manual and the design notes for the API contract.
 """
 
-from . import eplb
+from . import eplb, presets
 from .checkpoint import Checkpoint
 from .errors import (
     AgreementError,
@@ -44,4 +44,5 @@ __all__ = [
     "StoreError",
     "TensorSpec",
     "eplb",
+    "presets",
 ]

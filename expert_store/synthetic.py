@@ -20,35 +20,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .spec import ExpertSpec, TensorSpec
+from .presets import deepseek_v3_names, deepseek_v3_spec
+from .spec import ExpertSpec
 
-__all__ = ["SyntheticCheckpoint", "deepseek_names", "write_synthetic_checkpoint"]
+__all__ = ["SyntheticCheckpoint", "write_synthetic_checkpoint"]
 
 _BLOCK = 128  # DeepSeek-V3 quantizes weights in 128 x 128 blocks, one float32 scale each
-
-
-def deepseek_names() -> dict[str, list[str] | str]:
-    """Spec tensor -> checkpoint name templates, DeepSeek-V3 style (gate and up concatenated into w13)."""
-    pre = "model.layers.{layer}.mlp.experts.{expert}."
-    return {
-        "w13": [pre + "gate_proj.weight", pre + "up_proj.weight"],
-        "w13_scale": [pre + "gate_proj.weight_scale_inv", pre + "up_proj.weight_scale_inv"],
-        "w2": pre + "down_proj.weight",
-        "w2_scale": pre + "down_proj.weight_scale_inv",
-    }
-
-
-def deepseek_spec(H: int, I: int) -> ExpertSpec:  # noqa: E741 (the model's own symbols)
-    """fp8 w13 [2I, H], w2 [H, I] with float32 block scales."""
-    hb, ib = -(-H // _BLOCK), -(-I // _BLOCK)
-    return ExpertSpec(
-        [
-            TensorSpec("w13", (2 * I, H), torch.float8_e4m3fn),
-            TensorSpec("w13_scale", (2 * ib, hb), torch.float32),
-            TensorSpec("w2", (H, I), torch.float8_e4m3fn),
-            TensorSpec("w2_scale", (hb, ib), torch.float32),
-        ]
-    )
 
 
 @dataclass(frozen=True)
@@ -123,8 +100,8 @@ def write_synthetic_checkpoint(
     )
     return SyntheticCheckpoint(
         path=root,
-        spec=deepseek_spec(H, I),
-        names=deepseek_names(),
+        spec=deepseek_v3_spec(H, I),
+        names=deepseek_v3_names(),
         layers=layers,
         num_layers=num_layers,
         num_experts=num_experts,

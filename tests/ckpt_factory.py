@@ -44,8 +44,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from expert_store import presets
 from expert_store.checkpoint import INDEX_NAME, Checkpoint
-from expert_store.spec import ExpertSpec, TensorSpec
+from expert_store.spec import ExpertSpec
 
 __all__ = [
     "BLOCK",
@@ -87,37 +88,11 @@ def tensor_bytes(layer: int, expert: int, name: str, shape: Sequence[int], dtype
     return raw.view(dtype).reshape(tuple(shape))
 
 
-def deepseek_spec(H: int, I: int) -> ExpertSpec:  # noqa: E741 (the model's own symbols)
-    """Spec of a DeepSeek-V3 style fp8 expert: w13 ``[2I, H]``, w13_scale ``[2*ceil(I/B), ceil(H/B)]``,
-    w2 ``[H, I]``, w2_scale ``[ceil(H/B), ceil(I/B)]``."""
-    return ExpertSpec(
-        [
-            TensorSpec("w13", (2 * I, H), torch.float8_e4m3fn),
-            TensorSpec("w13_scale", (2 * _cdiv(I, BLOCK), _cdiv(H, BLOCK)), torch.float32),
-            TensorSpec("w2", (H, I), torch.float8_e4m3fn),
-            TensorSpec("w2_scale", (_cdiv(H, BLOCK), _cdiv(I, BLOCK)), torch.float32),
-        ]
-    )
-
-
-def deepseek_names() -> dict[str, list[str] | str]:
-    """``names=`` for :func:`deepseek_spec`: gate + up concatenated into w13 (and their scales)."""
-    return {
-        "w13": [_EXPERT + "gate_proj.weight", _EXPERT + "up_proj.weight"],
-        "w13_scale": [_EXPERT + "gate_proj.weight_scale_inv", _EXPERT + "up_proj.weight_scale_inv"],
-        "w2": _EXPERT + "down_proj.weight",
-        "w2_scale": _EXPERT + "down_proj.weight_scale_inv",
-    }
-
-
-def qwen_spec(H: int, I: int, dtype: torch.dtype = torch.bfloat16) -> ExpertSpec:  # noqa: E741
-    """Spec of a Qwen3-MoE style expert: w13 ``[2I, H]``, w2 ``[H, I]`` (bf16)."""
-    return ExpertSpec([TensorSpec("w13", (2 * I, H), dtype), TensorSpec("w2", (H, I), dtype)])
-
-
-def qwen_names() -> dict[str, list[str] | str]:
-    """``names=`` for :func:`qwen_spec`."""
-    return {"w13": [_EXPERT + "gate_proj.weight", _EXPERT + "up_proj.weight"], "w2": _EXPERT + "down_proj.weight"}
+# The model presets live in the package; these names are kept for the tests.
+deepseek_spec = presets.deepseek_v3_spec
+deepseek_names = presets.deepseek_v3_names
+qwen_spec = presets.qwen3_moe_spec
+qwen_names = presets.qwen3_moe_names
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import expert_store.kernels.records as records_mod
+from expert_store import presets
 from expert_store.errors import SpecError, StoreError
 from expert_store.kernels import (
     KernelConfig,
@@ -893,18 +894,11 @@ def test_ring_side_stream_copy_is_waited_for(monkeypatch):
 # GPU, real sizes
 # ----------------------------------------------------------------------------
 def spec_bf16(h: int = 2048, i: int = 768) -> ExpertSpec:
-    return ExpertSpec([TensorSpec("w13", (2 * i, h), torch.bfloat16), TensorSpec("w2", (h, i), torch.bfloat16)])
+    return presets.qwen3_moe_spec(h, i)
 
 
 def spec_fp8_dsv3(h: int = 7168, i: int = 2048) -> ExpertSpec:
-    return ExpertSpec(
-        [
-            TensorSpec("w13", (2 * i, h), torch.float8_e4m3fn),
-            TensorSpec("w13_scale", (2 * i // 128, h // 128), torch.float32),
-            TensorSpec("w2", (h, i), torch.float8_e4m3fn),
-            TensorSpec("w2_scale", (h // 128, i // 128), torch.float32),
-        ]
-    )
+    return presets.deepseek_v3_spec(h, i)
 
 
 def spec_real_odd() -> ExpertSpec:

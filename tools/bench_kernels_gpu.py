@@ -54,6 +54,7 @@ import triton
 import triton.testing
 
 import expert_store.kernels.records as records_mod
+from expert_store import presets
 from expert_store.kernels import (
     DEFAULT_CONFIG,
     KernelConfig,
@@ -87,18 +88,11 @@ SWEEP = [
 
 
 def spec_bf16(h: int = 2048, i: int = 768) -> ExpertSpec:
-    return ExpertSpec([TensorSpec("w13", (2 * i, h), torch.bfloat16), TensorSpec("w2", (h, i), torch.bfloat16)])
+    return presets.qwen3_moe_spec(h, i)
 
 
 def spec_fp8_dsv3(h: int = 7168, i: int = 2048) -> ExpertSpec:
-    return ExpertSpec(
-        [
-            TensorSpec("w13", (2 * i, h), torch.float8_e4m3fn),
-            TensorSpec("w13_scale", (2 * i // 128, h // 128), torch.float32),
-            TensorSpec("w2", (h, i), torch.float8_e4m3fn),
-            TensorSpec("w2_scale", (h // 128, i // 128), torch.float32),
-        ]
-    )
+    return presets.deepseek_v3_spec(h, i)
 
 
 def spec_odd() -> ExpertSpec:

@@ -30,9 +30,10 @@ import time
 import pytest
 import torch
 
+from expert_store import presets
 from expert_store.kernels import pack_records, resident_checksums, unpack_records
 from expert_store.layout import SlabLayout
-from expert_store.spec import ExpertSpec, TensorSpec
+from expert_store.spec import ExpertSpec
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -42,24 +43,7 @@ K = 60  # calls per back-to-back window (a multiple of ROTATE): the first call's
 WINDOWS = 7
 
 
-def spec_bf16() -> ExpertSpec:
-    h, i = 2048, 768
-    return ExpertSpec([TensorSpec("w13", (2 * i, h), torch.bfloat16), TensorSpec("w2", (h, i), torch.bfloat16)])
-
-
-def spec_fp8_dsv3() -> ExpertSpec:
-    h, i = 7168, 2048
-    return ExpertSpec(
-        [
-            TensorSpec("w13", (2 * i, h), torch.float8_e4m3fn),
-            TensorSpec("w13_scale", (2 * i // 128, h // 128), torch.float32),
-            TensorSpec("w2", (h, i), torch.float8_e4m3fn),
-            TensorSpec("w2_scale", (h // 128, i // 128), torch.float32),
-        ]
-    )
-
-
-KINDS = {"bf16": spec_bf16, "fp8-dsv3": spec_fp8_dsv3}
+KINDS = {"bf16": lambda: presets.qwen3_moe_spec(2048, 768), "fp8-dsv3": lambda: presets.deepseek_v3_spec(7168, 2048)}
 
 
 def _random_bytes(numel: int, seed: int) -> torch.Tensor:
