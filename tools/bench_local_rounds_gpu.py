@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""One GPU: the rebalance round machinery without a network, against the kernels' own time.
+
+    python tools/bench_local_rounds_gpu.py
+
+A one-rank store of 128 Qwen3-30B-A3B-sized bf16 experts (9.4 MB) swaps the two
+halves of its slots (every slot changes; each pair is a 2-cycle of local moves),
+so rebalance runs the same rounds as an exchange, minus the transfer. Compared
+with one pack + one unpack of the same bytes, this shows the per-call and per-round
+overheads (agreement, plan, launches, commit) that the NCCL benchmark cannot separate.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(HERE / "tests")]
+os.environ.setdefault("EXPERT_STORE_TIMELINE", "1")
+
+import ckpt_factory as cf  # noqa: E402
+import torch  # noqa: E402
+
+import expert_store as es  # noqa: E402
+from expert_store.kernels import pack_records, unpack_records  # noqa: E402
+
+
+def main() -> None:
+    dev = torch.device("cuda")
+    base = Path(tempfile.mkdtemp(prefix="es-local-"))
+    E = 128
+    info = cf.write_qwen(base / "ckpt", H=2048, I=768, num_layers=1, num_experts=E, extras=False)
+    p0 = es.Placement.contiguous(num_layers=1, num_experts=E, num_ranks=1, slots_per_rank=E)
+    p1 = es.Placement(torch.roll(p0.phy2log, E // 2, dims=1), num_ranks=1, num_experts=E)
+    store = es.ExpertStore.create(
+        base / "store", spec=info.spec, placement=p0, checkpoint=info.checkpoint(), device=dev
+    )
+    nbytes = E * info.spec.nbytes
+    # kernels alone: pack all E experts into one slab, unpack them back (same bytes as the rebalance)
+    slab = torch.empty(E * info.spec.record_bytes, dtype=torch.uint8, device=dev)
+    idx = list(range(E))
+    zeros = [0] * E
+
+    def kernels():
+        pack_records(store.slabs.storage, store.layout, zeros, idx, out=slab)
+        unpack_records(slab, store.slabs.storage, store.layout, zeros, idx[::-1][: E // 2] + idx[: E // 2])
+
+    for _ in range(3):
+        kernels()
+    torch.cuda.synchronize()
+    t = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        kernels()
+        torch.cuda.synchronize()
+        t.append(time.perf_counter() - t0)
+    k_s = statistics.median(t)
+    # copy ceiling of the same bytes, twice (pack + unpack each read and write them)
+    a = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    t = []
+    for _ in range(10):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        b.copy_(a)
+        a.copy_(b)
+        torch.cuda.synchronize()
+        t.append(time.perf_counter() - t0)
+    c_s = statistics.median(t)
+    print(f"{torch.cuda.get_device_name()} | {nbytes / 1e6:.0f} MB moved per rebalance (swap of {E} experts)")
+    print(f"two device copies of the bytes: {c_s * 1e3:.2f} ms; pack + unpack of all experts: {k_s * 1e3:.2f} ms")
+    for staging, rnd in ((1 << 30, 256 << 20), (1 << 30, 512 << 20), (4 << 30, 2 << 30)):
+        store.rebalance(p1, staging_bytes=staging, round_bytes=rnd)
+        store.rebalance(p0, staging_bytes=staging, round_bytes=rnd)
+        tot, ex, reps = [], [], None
+        for i in range(6):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            reps = store.rebalance(p1 if i % 2 == 0 else p0, staging_bytes=staging, round_bytes=rnd)
+            torch.cuda.synchronize()
+            tot.append(time.perf_counter() - t0)
+            ex.append(reps.phase_seconds["exchange"])
+        ph = " ".join(f"{k}={v * 1e3:.2f}" for k, v in reps.phase_seconds.items())
+        tl = "; ".join(f"r{k}: {a_:.2f}/{b_:.2f}/{c_:.2f}" for k, (a_, b_, c_) in enumerate(reps.timeline or []))
+        print(
+            f"staging {staging >> 20} MiB, rounds of {rnd >> 20} MiB: {reps.rounds} rounds; total "
+            f"{statistics.median(tot) * 1e3:.2f} ms, exchange {statistics.median(ex) * 1e3:.2f} ms "
+            f"(kernels alone {k_s * 1e3:.2f}); phases ms {ph}"
+        )
+        print(f"   GPU ms after start, per round (packed/received/unpacked): {tl}")
+    store.verify()
+    print("verify: ok")
+
+
+if __name__ == "__main__":
+    main()
