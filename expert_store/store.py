@@ -456,39 +456,9 @@ class ExpertStore:
         # -- local validation; errors are shared through the agreement so all ranks fail together
         problem: StoreError | None = None
         try:
-            self._check_usable()
-            if not isinstance(new_placement, Placement):
-                raise PlacementError(f"new_placement must be an es.Placement, got {type(new_placement).__name__}")
-            alive_t = _mask(alive, R)
-            fresh_t = sorted({int(r) for r in fresh})
-            if staging_bytes is None:
-                staging_bytes = DEFAULT_STAGING_BYTES
-            if isinstance(staging_bytes, bool) or not isinstance(staging_bytes, int) or staging_bytes <= 0:
-                raise StoreError(f"staging_bytes must be a positive int, got {staging_bytes!r}")
-            if round_bytes is None:
-                round_bytes = DEFAULT_ROUND_BYTES
-            if isinstance(round_bytes, bool) or not isinstance(round_bytes, int) or round_bytes <= 0:
-                raise StoreError(f"round_bytes must be a positive int, got {round_bytes!r}")
-            if not alive_t[self.rank]:
-                raise StoreError(f"rank {self.rank} is marked dead in `alive` but called rebalance")
-            if self._empty and self.rank not in fresh_t:
-                raise StoreError(f"rank {self.rank} was joined (holds nothing) but is not listed in fresh")
-            p = new_placement
-            if (p.num_layers, p.num_experts, p.num_ranks, p.slots_per_rank) != (
-                self._placement.num_layers,
-                self._placement.num_experts,
-                self._placement.num_ranks,
-                self._placement.slots_per_rank,
-            ):
-                raise PlacementError(
-                    f"new placement (L, E, R, S) = {(p.num_layers, p.num_experts, p.num_ranks, p.slots_per_rank)} "
-                    f"differs from the store's "
-                    f"{(self._placement.num_layers, self._placement.num_experts, R, self._placement.slots_per_rank)}"
-                )
-            for r in fresh_t:
-                if not 0 <= r < R or not alive_t[r]:
-                    raise StoreError(f"fresh rank {r} is not a live rank")
-            new_placement.check_servable(torch.tensor(alive_t))
+            alive_t, fresh_t, staging_bytes, round_bytes = self._check_rebalance_args(
+                new_placement, alive, fresh, staging_bytes, round_bytes
+            )
         except StoreError as e:
             problem = e
             alive_t = _mask(alive, R) if _mask_ok(alive, R) else (True,) * R
@@ -678,6 +648,42 @@ class ExpertStore:
             verified=bool(verify),
             timeline=stats.timeline,
         )
+
+    def _check_rebalance_args(self, new_placement, alive, fresh, staging_bytes, round_bytes):
+        """Validate rebalance's arguments on this rank; returns (alive, fresh, staging_bytes, round_bytes)."""
+        R = self.world_size
+        self._check_usable()
+        if not isinstance(new_placement, Placement):
+            raise PlacementError(f"new_placement must be an es.Placement, got {type(new_placement).__name__}")
+        alive_t = _mask(alive, R)
+        try:
+            fresh_t = sorted({int(r) for r in fresh})
+        except (TypeError, ValueError):
+            raise StoreError(f"fresh must be an iterable of rank numbers, got {fresh!r}") from None
+        if staging_bytes is None:
+            staging_bytes = DEFAULT_STAGING_BYTES
+        if isinstance(staging_bytes, bool) or not isinstance(staging_bytes, int) or staging_bytes <= 0:
+            raise StoreError(f"staging_bytes must be a positive int, got {staging_bytes!r}")
+        if round_bytes is None:
+            round_bytes = DEFAULT_ROUND_BYTES
+        if isinstance(round_bytes, bool) or not isinstance(round_bytes, int) or round_bytes <= 0:
+            raise StoreError(f"round_bytes must be a positive int, got {round_bytes!r}")
+        if not alive_t[self.rank]:
+            raise StoreError(f"rank {self.rank} is marked dead in `alive` but called rebalance")
+        if self._empty and self.rank not in fresh_t:
+            raise StoreError(f"rank {self.rank} was joined (holds nothing) but is not listed in fresh")
+        mine, new = self._placement, new_placement
+        dims = (new.num_layers, new.num_experts, new.num_ranks, new.slots_per_rank)
+        if dims != (mine.num_layers, mine.num_experts, mine.num_ranks, mine.slots_per_rank):
+            raise PlacementError(
+                f"new placement (L, E, R, S) = {dims} differs from the store's "
+                f"{(mine.num_layers, mine.num_experts, R, mine.slots_per_rank)}"
+            )
+        for r in fresh_t:
+            if not 0 <= r < R or not alive_t[r]:
+                raise StoreError(f"fresh rank {r} is not a live rank")
+        new_placement.check_servable(torch.tensor(alive_t))
+        return alive_t, fresh_t, staging_bytes, round_bytes
 
     def _plan(self, new_placement: Placement, alive_t, fresh_t, staging_bytes: int, round_bytes: int):
         """(plan, rounds): identical on every live rank that has the same inputs."""

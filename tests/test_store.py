@@ -121,6 +121,14 @@ def test_bad_rebalance_input_moves_nothing(tmp_path, ds):
         store.rebalance(p, alive=[True, True])
     with pytest.raises(es.StoreError, match="staging_bytes"):
         store.rebalance(p, staging_bytes=0)
+    with pytest.raises(es.StoreError, match="round_bytes"):
+        store.rebalance(p, round_bytes=-1)
+    with pytest.raises(es.StoreError, match="fresh must be"):
+        store.rebalance(p, fresh=["a"])
+    with pytest.raises(es.StoreError, match="fresh rank 3"):
+        store.rebalance(p, fresh=(3,))
+    with pytest.raises(es.PlacementError, match=r"es\.Placement"):
+        store.rebalance(p.phy2log)
     with pytest.raises(es.StoreError, match="staging"):
         store.rebalance(random_placement(torch.Generator().manual_seed(1), L=2, E=8, R=1, S=8), staging_bytes=16)
     assert torch.equal(before, store.slabs.storage) and store.version == 1
