@@ -144,6 +144,8 @@ class ExpertStore:
         self._checksums = torch.zeros(placement.num_layers, placement.num_experts, dtype=torch.int64)
         self._empty = False  # joined, not yet filled
         self._broken: str | None = None  # set when bytes may not match the version
+        # Retention: after each rebalance commit keep only this many newest versions (None: all).
+        self.keep_versions: int | None = None
         return self
 
     @classmethod
@@ -634,6 +636,8 @@ class ExpertStore:
             writer.discard()
             raise
         self._version = new_version
+        if self.keep_versions is not None:
+            self.log.prune(keep=self.keep_versions)
         phases["commit"] = time.perf_counter() - t0
         return RebalanceReport(
             version=new_version,

@@ -132,3 +132,16 @@ def test_bad_rebalance_input_moves_nothing(tmp_path, ds):
     with pytest.raises(es.StoreError, match="staging"):
         store.rebalance(random_placement(torch.Generator().manual_seed(1), L=2, E=8, R=1, S=8), staging_bytes=16)
     assert torch.equal(before, store.slabs.storage) and store.version == 1
+
+
+def test_retention_keeps_the_newest_versions(tmp_path, ds):
+    """With keep_versions set, each rebalance commit prunes older manifests; the store still reopens."""
+    gen = torch.Generator().manual_seed(3)
+    store = _create(tmp_path, ds, random_placement(gen, L=2, E=8, R=1, S=9))
+    store.keep_versions = 2
+    for _ in range(4):
+        store.rebalance(random_placement(gen, L=2, E=8, R=1, S=9))
+    assert es.ManifestLog(tmp_path / "store").versions() == [4, 5]
+    again = es.ExpertStore.open(tmp_path / "store", checkpoint=ds.checkpoint())
+    assert again.version == 5
+    assert_slots_exact(again, ds, what="after pruning")
