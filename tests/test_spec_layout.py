@@ -118,3 +118,19 @@ def test_kernels_install_under_the_package_namespace(tmp_path):
     kernels_file, top_level = out.stdout.split("\n")[:2]
     assert Path(kernels_file).resolve().parent == ours
     assert top_level == "None" or Path(top_level).resolve().parent != ours
+
+
+def test_presets_match_the_models():
+    """DeepSeek-V3 and Qwen3-30B-A3B expert specs: shapes, dtypes and sizes as in their checkpoints."""
+    ds = es.presets.deepseek_v3_spec()
+    assert [(t.name, t.shape, t.dtype) for t in ds] == [
+        ("w13", (4096, 7168), torch.float8_e4m3fn),
+        ("w13_scale", (32, 56), torch.float32),
+        ("w2", (7168, 2048), torch.float8_e4m3fn),
+        ("w2_scale", (56, 16), torch.float32),
+    ]
+    assert ds.nbytes == 4096 * 7168 + 32 * 56 * 4 + 7168 * 2048 + 56 * 16 * 4
+    qw = es.presets.qwen3_moe_spec()
+    assert qw.nbytes == (1536 * 2048 + 2048 * 768) * 2 and qw["w13"].dtype == torch.bfloat16
+    assert set(es.presets.deepseek_v3_names()) == set(ds.names)
+    assert set(es.presets.qwen3_moe_names()) == set(qw.names)
