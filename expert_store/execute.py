@@ -1,7 +1,7 @@
 """Carry out one rank's part of a rebalance plan.
 
 Symbols: L layers, S slots per rank, n records in a round, B the per-round
-staging budget (bytes). A *round* is a list of :class:`~expert_store.plan.Move`;
+staging budget (bytes). A :class:`~expert_store.plan.Round` is parks plus moves;
 this rank's view of round k:
 
     buffer k % 2: uint8 [n_k * record_bytes]
@@ -37,7 +37,7 @@ from .errors import StoreError
 from .layout import ResidentSlabs
 from .plan import DiskRead, Move, PostCopy, Round
 
-__all__ = ["ExecutionStats", "copy_slots", "execute_rounds", "run_disk_reads", "run_post_copies"]
+__all__ = ["BackgroundCall", "ExecutionStats", "copy_slots", "execute_rounds", "run_disk_reads", "run_post_copies"]
 
 
 @dataclass
@@ -48,13 +48,6 @@ class ExecutionStats:
     # With EXPERT_STORE_TIMELINE=1 on CUDA: per round, ms after the first pack was queued at
     # which the GPU had finished that round's (pack, transfer, unpack), from CUDA events.
     timeline: list[tuple[float, float, float]] | None = None
-
-
-def _idx(values: Sequence[int], device: torch.device) -> list[int]:
-    """Index list for the kernel launchers, as plain ints: they check indices on the host and
-    stage them to the device asynchronously, so no launch waits for queued GPU work."""
-    del device
-    return list(values)
 
 
 class _Timeline:
@@ -174,14 +167,14 @@ def execute_rounds(
             pack_records(
                 storage,
                 layout,
-                _idx([p.layer for p in io.parks], dev),
-                _idx([p.slot for p in io.parks], dev),
+                [p.layer for p in io.parks],
+                [p.slot for p in io.parks],
                 out=park_buf,
-                records=_idx([p.park for p in io.parks], dev),
+                records=[p.park for p in io.parks],
             )
         layers, slots, pos, park_ids, park_pos = io.pack_lists()
         if layers:
-            pack_records(storage, layout, _idx(layers, dev), _idx(slots, dev), out=buf, records=_idx(pos, dev))
+            pack_records(storage, layout, layers, slots, out=buf, records=pos)
         if park_ids:
             rows = buf[: io.n_pack * rb].view(io.n_pack, rb)
             rows[torch.tensor(park_pos)] = park_buf.view(n_parks, rb)[torch.tensor(park_ids)]
@@ -202,9 +195,7 @@ def execute_rounds(
     def unpack(k: int) -> None:
         layers, slots, recs = ios[k].unpack_lists()
         if layers:
-            unpack_records(
-                bufs[k % nbuf], storage, layout, _idx(layers, dev), _idx(slots, dev), records=_idx(recs, dev)
-            )
+            unpack_records(bufs[k % nbuf], storage, layout, layers, slots, records=recs)
 
     events = _Timeline(dev)
     events.mark("start", 0)
@@ -266,30 +257,34 @@ def run_disk_reads(
     return checkpoint.read_into(slabs.spec, targets, staging_bytes=staging_bytes)
 
 
-class DiskReader:
-    """Runs :func:`run_disk_reads` in a background thread, re-raising its error on join."""
+class BackgroundCall:
+    """Run ``fn(*args, **kwargs)`` in a daemon thread while the caller goes on.
 
-    def __init__(self, reads, **kw) -> None:
+    ``result()`` joins and returns the value or re-raises the error; ``wait()`` joins and
+    returns the value, or None if the call failed (for clean-up paths)."""
+
+    def __init__(self, fn, *args, name: str = "expert-store-background", **kwargs) -> None:
+        self._value = None
         self._error: BaseException | None = None
-        self.nbytes = 0
-        self.seconds = 0.0
 
-        def work() -> None:
-            t0 = time.perf_counter()
+        def run() -> None:
             try:
-                self.nbytes = run_disk_reads(reads, **kw)
-            except BaseException as e:  # re-raised in join()
+                self._value = fn(*args, **kwargs)
+            except BaseException as e:  # re-raised by result()
                 self._error = e
-            self.seconds = time.perf_counter() - t0
 
-        self._thread = threading.Thread(target=work, name="expert-store-disk", daemon=True)
+        self._thread = threading.Thread(target=run, name=name, daemon=True)
         self._thread.start()
 
-    def join(self) -> int:
+    def result(self):
         self._thread.join()
         if self._error is not None:
             raise self._error
-        return self.nbytes
+        return self._value
+
+    def wait(self):
+        self._thread.join()
+        return self._value
 
 
 def copy_slots(
@@ -307,9 +302,9 @@ def copy_slots(
     buf = torch.empty(min(per, n) * rb, dtype=torch.uint8, device=dev)
     for a in range(0, n, per):
         b = min(n, a + per)
-        lt = _idx(layers[a:b], dev)
-        pack_records(slabs.storage, slabs.layout, lt, _idx(src_slots[a:b], dev), out=buf)
-        unpack_records(buf, slabs.storage, slabs.layout, lt, _idx(dst_slots[a:b], dev))
+        lt = layers[a:b]
+        pack_records(slabs.storage, slabs.layout, lt, src_slots[a:b], out=buf)
+        unpack_records(buf, slabs.storage, slabs.layout, lt, dst_slots[a:b])
     return buf.numel()
 
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue as queue_mod
 import socket
+import time
 import traceback
 from datetime import timedelta
 
@@ -96,9 +98,6 @@ def run_ranks(
             else:
                 os.environ[k] = v
     results: dict[int, tuple[str, object]] = {}
-    import queue as queue_mod
-    import time
-
     deadline = time.monotonic() + timeout_s
     try:
         while len(results) < world_size:

@@ -134,9 +134,6 @@ class RebalancePlan:
     accounts: dict[int, RankAccount]
     changed: set[tuple[int, int, int]]  # (rank, layer, local slot) whose content is (re)written
 
-    def moves_of(self, rank: int) -> list[Move]:
-        return [m for m in self.moves if m.src_rank == rank or m.dst_rank == rank]
-
 
 def _as_mask(values: Sequence[bool] | torch.Tensor | None, n: int, what: str) -> tuple[bool, ...]:
     if values is None:
@@ -309,11 +306,11 @@ def schedule_rounds(plan: RebalancePlan, *, record_bytes: int, budget_bytes: int
         )
 
     cap = budget_bytes // record_bytes  # records per rank per round
-    n_slots = max(m.layer for m in moves) + 1
+    n_layers = max(m.layer for m in moves) + 1
     width = plan.slots_per_rank
 
     def key(rank: int, layer: int, slot: int) -> int:
-        return (rank * n_slots + layer) * width + slot
+        return (rank * n_layers + layer) * width + slot
 
     src_rank = [m.src_rank for m in moves]
     dst_rank = [m.dst_rank for m in moves]

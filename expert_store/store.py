@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from expert_store.kernels import resident_checksums
 from .checkpoint import Checkpoint
 from .comm import DEFAULT_TIMEOUT_S, Comm
 from .errors import AgreementError, IntegrityError, ManifestError, PlacementError, StoreError
-from .execute import DiskReader, ExecutionStats, copy_slots, execute_rounds, run_post_copies
+from .execute import BackgroundCall, ExecutionStats, copy_slots, execute_rounds, run_disk_reads, run_post_copies
 from .layout import ResidentSlabs, SlabLayout
 from .manifest import Manifest, ManifestLog, decode_manifest
 from .placement import Placement
@@ -463,7 +462,7 @@ class ExpertStore:
             )
         except StoreError as e:
             problem = e
-            alive_t = _mask(alive, R) if _mask_ok(alive, R) else (True,) * R
+            alive_t = _mask_or_all(alive, R)
             fresh_t = []
         live = [r for r in range(R) if alive_t[r]]
         if self.rank not in live:
@@ -560,7 +559,7 @@ class ExpertStore:
                 "fresh_ranks": len(fresh_t),
             },
         )
-        writer = _Background(self.log.prepare, manifest)
+        writer = BackgroundCall(self.log.prepare, manifest, name="expert-store-manifest")
         # -- execute: from here on, bytes move
         my_disk = [d for d in plan.disk_reads if d.rank == self.rank]
         my_post = [c for c in plan.post_copies if c.rank == self.rank]
@@ -570,21 +569,16 @@ class ExpertStore:
         disk_budget = staging_bytes // 4
         try:
             t0 = time.perf_counter()
-            reader = (
-                DiskReader(early, slabs=self.slabs, checkpoint=self.checkpoint, staging_bytes=disk_budget)
-                if early
-                else None
-            )
+            disk = dict(slabs=self.slabs, checkpoint=self.checkpoint, staging_bytes=disk_budget)
+            reader = BackgroundCall(run_disk_reads, early, name="expert-store-disk", **disk) if early else None
             execute_rounds(
                 rounds, rank=self.rank, slabs=self.slabs, comm=self.comm, stats=stats, staging_bytes=staging_bytes
             )
             phases["exchange"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             if reader is not None:
-                reader.join()
-            if late:
-                r2 = DiskReader(late, slabs=self.slabs, checkpoint=self.checkpoint, staging_bytes=disk_budget)
-                r2.join()
+                reader.result()
+            run_disk_reads(late, **disk)  # slots whose old content the moves needed: only now free
             phases["disk_wait"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             used = run_post_copies(my_post, slabs=self.slabs, budget=staging_bytes // 2)
@@ -594,7 +588,7 @@ class ExpertStore:
             phases["local_copy"] = time.perf_counter() - t0
         except BaseException as e:
             self._broken = f"rebalance to version {self._version + 1} failed while moving bytes: {e}"
-            writer.discard()
+            _discard(writer)
             raise
         # -- bytes are in place on this rank; adopt the new placement, then check
         self._placement = new_placement
@@ -618,13 +612,13 @@ class ExpertStore:
             done = self.comm.allgather_live(live, torch.tensor([ok], dtype=torch.int64), what="rebalance completion")
         except StoreError as e:
             self._broken = f"rebalance to version {self._version + 1} did not complete on every rank: {e}"
-            writer.discard()
+            _discard(writer)
             raise
         failed = [live[i] for i in range(len(live)) if int(done[i, 0]) != 1]
         if failed:
             self._broken = f"verification failed on ranks {failed} after rebalance to version {self._version + 1}"
             self._alive = old_alive
-            writer.discard()
+            _discard(writer)
             raise IntegrityError(
                 f"rank {self.rank}: rebalance not committed: verification failed on ranks {failed}"
                 + (f" ({verify_error})" if verify_error else "")
@@ -633,7 +627,7 @@ class ExpertStore:
             writer.result().publish()
         except BaseException:
             self._broken = f"commit of version {new_version} under {self.root} failed"
-            writer.discard()
+            _discard(writer)
             raise
         self._version = new_version
         if self.keep_versions is not None:
@@ -788,41 +782,19 @@ class ExpertStore:
 _PRIVATE = object()
 
 
-class _Background:
-    """Run ``fn(*args)`` in a thread; ``result()`` joins and re-raises; ``discard()`` drops a
-    prepared manifest nobody will publish."""
-
-    def __init__(self, fn, *args) -> None:
-        self._value = None
-        self._error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                self._value = fn(*args)
-            except BaseException as e:  # re-raised by result()
-                self._error = e
-
-        self._thread = threading.Thread(target=run, name="expert-store-manifest", daemon=True)
-        self._thread.start()
-
-    def result(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-    def discard(self) -> None:
-        self._thread.join()
-        if self._value is not None:
-            self._value.discard()
+def _discard(writer: BackgroundCall) -> None:
+    """Remove the temporary file of a prepared manifest that will not be published."""
+    prepared = writer.wait()
+    if prepared is not None:
+        prepared.discard()
 
 
-def _mask_ok(alive, n: int) -> bool:
+def _mask_or_all(alive, n: int) -> tuple[bool, ...]:
+    """_mask, or every rank alive when ``alive`` itself is malformed (the error is reported elsewhere)."""
     try:
-        _mask(alive, n)
-        return True
+        return _mask(alive, n)
     except StoreError:
-        return False
+        return (True,) * n
 
 
 def _mask(alive, n: int) -> tuple[bool, ...]:

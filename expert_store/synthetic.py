@@ -44,12 +44,11 @@ def _random(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tens
     n = 1
     for d in shape:
         n *= d
-    size = torch.empty((), dtype=dtype).element_size()
-    raw = torch.randint(0, 256, (n * size,), dtype=torch.uint8, generator=g)
     if dtype == torch.float32:
         # plausible positive scales rather than random bit patterns (NaN/inf are fine to move, but ugly to look at)
         return torch.rand(shape, generator=g, dtype=torch.float32) * 1e-3 + 1e-4
-    return raw.view(dtype).view(shape)
+    size = torch.empty((), dtype=dtype).element_size()
+    return torch.randint(0, 256, (n * size,), dtype=torch.uint8, generator=g).view(dtype).view(shape)
 
 
 def write_synthetic_checkpoint(
