@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from datetime import timedelta
 
 import torch
@@ -51,31 +52,34 @@ class _Gather:
             return
         dist, dev, g = comm._dist, comm.transport_device, comm._global
         k = row.numel()
-        self.buf = torch.empty(len(live), k, dtype=torch.int64, device=dev)
-        if comm.rank == live[0]:
-            self.buf[0].copy_(row)
-            ops = [dist.P2POp(dist.irecv, self.buf[i], g(p), comm.group) for i, p in enumerate(live) if i]
-            self.works, self.peers = dist.batch_isend_irecv(ops), live[1:]
-        else:
-            self.send = row.to(dev)
-            ops = [
-                dist.P2POp(dist.isend, self.send, g(live[0]), comm.group),
-                dist.P2POp(dist.irecv, self.buf, g(live[0]), comm.group),
-            ]
-            self.works, self.peers = dist.batch_isend_irecv(ops), [live[0], live[0]]
+        with comm._message_stream():
+            self.buf = torch.empty(len(live), k, dtype=torch.int64, device=dev)
+            if comm.rank == live[0]:
+                self.buf[0].copy_(row)
+                ops = [dist.P2POp(dist.irecv, self.buf[i], g(p), comm.group) for i, p in enumerate(live) if i]
+                self.works, self.peers = dist.batch_isend_irecv(ops), live[1:]
+            else:
+                self.send = row.to(dev)
+                ops = [
+                    dist.P2POp(dist.isend, self.send, g(live[0]), comm.group),
+                    dist.P2POp(dist.irecv, self.buf, g(live[0]), comm.group),
+                ]
+                self.works, self.peers = dist.batch_isend_irecv(ops), [live[0], live[0]]
 
     def result(self) -> torch.Tensor:
         if self.table is not None:
             return self.table
         comm, live = self.comm, self.live
-        if comm.rank == live[0]:
-            comm._wait(self.works, self.peers, f"{self.what} (gather)")
-            dist = comm._dist
-            ops = [dist.P2POp(dist.isend, self.buf, comm._global(p), comm.group) for p in live[1:]]
-            comm._wait(dist.batch_isend_irecv(ops), live[1:], f"{self.what} (broadcast)")
-        else:
-            comm._wait(self.works, self.peers, self.what)
-        self.table = self.buf.cpu()
+        with comm._message_stream():
+            if comm.rank == live[0]:
+                comm._wait(self.works, self.peers, f"{self.what} (gather)")
+                dist = comm._dist
+                ops = [dist.P2POp(dist.isend, self.buf, comm._global(p), comm.group) for p in live[1:]]
+                comm._wait(dist.batch_isend_irecv(ops), live[1:], f"{self.what} (broadcast)")
+            else:
+                comm._wait(self.works, self.peers, self.what)
+            comm._sync_messages(self.what)
+            self.table = self.buf.cpu()
         return self.table
 
 
@@ -105,6 +109,7 @@ class Comm:
         self.group = group
         self.transport_device = torch.device("cpu")
         self._bounce = False
+        self._messages: torch.cuda.Stream | None = None  # NCCL: the stream small messages are ordered on
         if world_size == 1:
             self._dist = None
             return
@@ -210,6 +215,22 @@ class Comm:
         for c in copies:
             c.done()
 
+    def _message_stream(self):
+        """Context in which small messages (agreement, blobs) are queued on NCCL.
+
+        They get a stream of their own: NCCL orders its work after the current stream,
+        and the current stream may hold a round's packing queued ahead of the agreement."""
+        if self.transport_device.type != "cuda":
+            return nullcontext()
+        if self._messages is None:
+            self._messages = torch.cuda.Stream(self.transport_device)
+        return torch.cuda.stream(self._messages)
+
+    def _sync_messages(self, what: str) -> None:
+        """Wait, with the deadline, for the message stream (NCCL waits do not block the host)."""
+        if self.transport_device.type == "cuda":
+            self.sync_device(self.transport_device, what=what)
+
     def sync_device(self, device: torch.device, *, what: str) -> None:
         """Wait for all work queued on ``device``'s current stream, with the deadline."""
         if device.type != "cuda":
@@ -248,29 +269,36 @@ class Comm:
         row = row.to(torch.int64).reshape(-1).cpu()
         return _Gather(self, live, row, what)
 
-        # -- byte strings between two live ranks --------------------------------------
-
+    # -- byte strings between two live ranks --------------------------------------
     def send_blob(self, peer: int, data: bytes, *, what: str) -> None:
         """Send ``data`` to ``peer`` (length first, then the bytes)."""
         dist = self._dist
         dev = self.transport_device
-        n = torch.tensor([len(data)], dtype=torch.int64, device=dev)
-        self._wait(dist.batch_isend_irecv([dist.P2POp(dist.isend, n, self._global(peer), self.group)]), [peer], what)
-        if data:
-            payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev)
-            op = [dist.P2POp(dist.isend, payload, self._global(peer), self.group)]
-            self._wait(dist.batch_isend_irecv(op), [peer], what)
+        with self._message_stream():
+            n = torch.tensor([len(data)], dtype=torch.int64, device=dev)
+            ops = [dist.P2POp(dist.isend, n, self._global(peer), self.group)]
+            if data:
+                payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev)
+                ops.append(dist.P2POp(dist.isend, payload, self._global(peer), self.group))
+            for op in ops:  # two batches: the receiver posts the payload's receive once it knows its size
+                self._wait(dist.batch_isend_irecv([op]), [peer], what)
+            self._sync_messages(what)
 
     def recv_blob(self, peer: int, *, what: str) -> bytes:
         """Receive what :meth:`send_blob` sent from ``peer``."""
         dist = self._dist
         dev = self.transport_device
-        n = torch.empty(1, dtype=torch.int64, device=dev)
-        self._wait(dist.batch_isend_irecv([dist.P2POp(dist.irecv, n, self._global(peer), self.group)]), [peer], what)
-        size = int(n.item())
-        if size == 0:
-            return b""
-        payload = torch.empty(size, dtype=torch.uint8, device=dev)
-        op = [dist.P2POp(dist.irecv, payload, self._global(peer), self.group)]
-        self._wait(dist.batch_isend_irecv(op), [peer], what)
-        return payload.cpu().numpy().tobytes()
+        with self._message_stream():
+            n = torch.empty(1, dtype=torch.int64, device=dev)
+            self._wait(
+                dist.batch_isend_irecv([dist.P2POp(dist.irecv, n, self._global(peer), self.group)]), [peer], what
+            )
+            self._sync_messages(what)
+            size = int(n.item())
+            if size == 0:
+                return b""
+            payload = torch.empty(size, dtype=torch.uint8, device=dev)
+            op = [dist.P2POp(dist.irecv, payload, self._global(peer), self.group)]
+            self._wait(dist.batch_isend_irecv(op), [peer], what)
+            self._sync_messages(what)
+            return payload.cpu().numpy().tobytes()

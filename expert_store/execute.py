@@ -9,8 +9,11 @@ this rank's view of round k:
 
 Pipeline (one packing launch and one unpacking launch per round)::
 
-    pack(0); issue(0)
+    pack(0)                      # RoundRunner.prepack, while the agreement is in flight
+    issue(0)                     # RoundRunner.run, once the ranks agree
     for k: pack(k+1); finish(k); issue(k+1); unpack(k)
+    while_in_flight()            # host work (the manifest write) under the last transfers
+    wait for the device
 
 ``pack(k+1)`` never reads a slot that ``unpack(k)`` writes: the schedule puts a
 move writing slot X no earlier than the last move reading X's old content, so
@@ -24,7 +27,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -37,7 +40,7 @@ from .errors import StoreError
 from .layout import ResidentSlabs
 from .plan import DiskRead, Move, PostCopy, Round
 
-__all__ = ["BackgroundCall", "ExecutionStats", "copy_slots", "execute_rounds", "run_disk_reads", "run_post_copies"]
+__all__ = ["BackgroundCall", "ExecutionStats", "RoundRunner", "copy_slots", "run_disk_reads", "run_post_copies"]
 
 
 @dataclass
@@ -127,49 +130,50 @@ class _RoundIO:
         return layers, slots, recs
 
 
-def execute_rounds(
-    rounds: list[Round],
-    *,
-    rank: int,
-    slabs: ResidentSlabs,
-    comm: Comm,
-    stats: ExecutionStats,
-    staging_bytes: int,
-) -> None:
-    """Run every round that involves this rank (parks, sends, receives, local moves).
+class RoundRunner:
+    """This rank's part of the rounds (parks, sends, receives, local moves).
 
     ``rounds`` come from :func:`~expert_store.plan.schedule_rounds` with a budget of
-    ``staging_bytes // 2`` per round; staging never exceeds ``staging_bytes``."""
-    rb = slabs.spec.record_bytes
-    dev = slabs.device
-    ios = [io for io in (_RoundIO(rank, r) for r in rounds) if not io.empty]
-    if not ios:
-        return
-    cap = max(max(io.n_total for io in ios), 1) * rb
-    n_parks = max((p.park + 1 for io in ios for p in io.parks), default=0)
-    # Two buffers let round k+1 be packed while round k is in flight; the schedule
-    # keeps cap and the parks each within staging_bytes / 2, so one buffer always fits.
-    nbuf = 2 if len(ios) > 1 and 2 * cap + n_parks * rb <= staging_bytes else 1
-    try:
-        bufs = [torch.empty(cap, dtype=torch.uint8, device=dev) for _ in range(nbuf)]
-        park_buf = torch.empty(n_parks * rb, dtype=torch.uint8, device=dev)
-    except RuntimeError as e:
-        raise StoreError(f"rank {rank}: cannot allocate {nbuf} x {cap} bytes of staging on {dev}: {e}") from None
-    stats.staging_peak = max(stats.staging_peak, nbuf * cap + n_parks * rb)
-    stats.rounds = len(ios)
-    storage = slabs.storage
-    layout = slabs.layout
+    ``staging_bytes // 2`` per round; staging never exceeds ``staging_bytes``.
 
-    def pack(k: int) -> None:
-        io = ios[k]
-        buf = bufs[k % nbuf]
+    :meth:`prepack` allocates the staging and queues the packing of round 0. It writes
+    staging only (no slot, no message), so the store calls it while the agreement is
+    still in flight and drops the runner if the ranks disagree. :meth:`run` does the rest.
+    """
+
+    def __init__(self, rounds: list[Round], *, rank: int, slabs: ResidentSlabs, comm: Comm, staging_bytes: int) -> None:
+        self.rank, self.slabs, self.comm = rank, slabs, comm
+        self.rb = slabs.spec.record_bytes
+        self.ios = [io for io in (_RoundIO(rank, r) for r in rounds) if not io.empty]
+        self.packed = 0  # rounds whose packing is queued
+        self.staging_peak = 0
+        self.events = _Timeline(slabs.device)
+        if not self.ios:
+            return
+        rb, dev = self.rb, slabs.device
+        cap = max(max(io.n_total for io in self.ios), 1) * rb
+        self.n_parks = max((p.park + 1 for io in self.ios for p in io.parks), default=0)
+        # Two buffers let round k+1 be packed while round k is in flight; the schedule
+        # keeps cap and the parks each within staging_bytes / 2, so one buffer always fits.
+        nbuf = 2 if len(self.ios) > 1 and 2 * cap + self.n_parks * rb <= staging_bytes else 1
+        try:
+            self.bufs = [torch.empty(cap, dtype=torch.uint8, device=dev) for _ in range(nbuf)]
+            self.park_buf = torch.empty(self.n_parks * rb, dtype=torch.uint8, device=dev)
+        except RuntimeError as e:
+            raise StoreError(f"rank {rank}: cannot allocate {nbuf} x {cap} bytes of staging on {dev}: {e}") from None
+        self.staging_peak = nbuf * cap + self.n_parks * rb
+
+    def _pack(self, k: int) -> None:
+        io, rb = self.ios[k], self.rb
+        storage, layout = self.slabs.storage, self.slabs.layout
+        buf = self.bufs[k % len(self.bufs)]
         if io.parks:
             pack_records(
                 storage,
                 layout,
                 [p.layer for p in io.parks],
                 [p.slot for p in io.parks],
-                out=park_buf,
+                out=self.park_buf,
                 records=[p.park for p in io.parks],
             )
         layers, slots, pos, park_ids, park_pos = io.pack_lists()
@@ -177,11 +181,13 @@ def execute_rounds(
             pack_records(storage, layout, layers, slots, out=buf, records=pos)
         if park_ids:
             rows = buf[: io.n_pack * rb].view(io.n_pack, rb)
-            rows[torch.tensor(park_pos)] = park_buf.view(n_parks, rb)[torch.tensor(park_ids)]
+            rows[torch.tensor(park_pos)] = self.park_buf.view(self.n_parks, rb)[torch.tensor(park_ids)]
+        self.events.mark("pack", k)
+        self.packed = k + 1
 
-    def issue(k: int) -> list:
-        io = ios[k]
-        buf = bufs[k % nbuf]
+    def _issue(self, k: int) -> list:
+        io, rb = self.ios[k], self.rb
+        buf = self.bufs[k % len(self.bufs)]
         sends, recvs = {}, {}
         pos = len(io.local)
         for q, v in io.out.items():
@@ -190,61 +196,73 @@ def execute_rounds(
         for q, v in io.inc.items():
             recvs[q] = buf[pos * rb : (pos + len(v)) * rb]
             pos += len(v)
-        return comm.start_exchange(sends, recvs)
+        return self.comm.start_exchange(sends, recvs)
 
-    def unpack(k: int) -> None:
-        layers, slots, recs = ios[k].unpack_lists()
+    def _unpack(self, k: int) -> None:
+        layers, slots, recs = self.ios[k].unpack_lists()
         if layers:
-            unpack_records(bufs[k % nbuf], storage, layout, layers, slots, records=recs)
+            unpack_records(
+                self.bufs[k % len(self.bufs)], self.slabs.storage, self.slabs.layout, layers, slots, records=recs
+            )
+        self.events.mark("unpack", k)
 
-    events = _Timeline(dev)
-    events.mark("start", 0)
-    n = len(ios)
-    t_pack = t_wait = t_unpack = 0.0
-    if nbuf == 1:
-        # One buffer: each round is packed, exchanged and unpacked before the next.
-        for k in range(n):
-            t0 = time.perf_counter()
-            pack(k)
-            events.mark("pack", k)
-            works = issue(k)
-            t1 = time.perf_counter()
-            comm.finish_exchange(works, what=f"round {k} exchange")
-            events.mark("recv", k)
-            t2 = time.perf_counter()
-            unpack(k)
-            events.mark("unpack", k)
-            t_pack += t1 - t0
-            t_wait += t2 - t1
-            t_unpack += time.perf_counter() - t2
-    else:
-        # Two buffers: pack(k+1) is queued before round k's transfer is waited for, and the
-        # transfer of round k+1 is issued before round k is unpacked.
-        t0 = time.perf_counter()
-        pack(0)
-        events.mark("pack", 0)
-        works = issue(0)
-        t_pack += time.perf_counter() - t0
-        for k in range(n):
-            t0 = time.perf_counter()
-            if k + 1 < n:
-                pack(k + 1)
-                events.mark("pack", k + 1)
-            t1 = time.perf_counter()
-            comm.finish_exchange(works, what=f"round {k} exchange")
-            events.mark("recv", k)
-            t2 = time.perf_counter()
-            works = issue(k + 1) if k + 1 < n else []
-            unpack(k)
-            events.mark("unpack", k)
-            t_pack += t1 - t0
-            t_wait += t2 - t1
-            t_unpack += time.perf_counter() - t2
-    comm.sync_device(dev, what="rebalance rounds")
-    stats.timeline = events.result()
-    stats.seconds["host_pack"] = t_pack
-    stats.seconds["host_wait"] = t_wait
-    stats.seconds["host_unpack"] = t_unpack
+    def prepack(self) -> None:
+        """Queue the packing of round 0 (staging only: safe before the ranks have agreed)."""
+        if self.ios and not self.packed:
+            self.events.mark("start", 0)
+            self._pack(0)
+
+    def run(self, stats: ExecutionStats, *, while_in_flight: Callable[[], None] | None = None) -> None:
+        """Run every round; ``while_in_flight()`` is called once the last round is queued,
+        before waiting for the device (host work that overlaps the transfers)."""
+        stats.rounds = len(self.ios)
+        stats.staging_peak = max(stats.staging_peak, self.staging_peak)
+        if not self.ios:
+            if while_in_flight is not None:
+                while_in_flight()
+            return
+        n, nbuf = len(self.ios), len(self.bufs)
+        t_pack = t_wait = t_unpack = 0.0
+        self.prepack()
+        if nbuf == 1:
+            # One buffer: each round is packed, exchanged and unpacked before the next.
+            for k in range(n):
+                t0 = time.perf_counter()
+                if self.packed <= k:
+                    self._pack(k)
+                works = self._issue(k)
+                t1 = time.perf_counter()
+                self.comm.finish_exchange(works, what=f"round {k} exchange")
+                self.events.mark("recv", k)
+                t2 = time.perf_counter()
+                self._unpack(k)
+                t_pack += t1 - t0
+                t_wait += t2 - t1
+                t_unpack += time.perf_counter() - t2
+        else:
+            # Two buffers: pack(k+1) is queued before round k's transfer is waited for, and the
+            # transfer of round k+1 is issued before round k is unpacked.
+            works = self._issue(0)
+            for k in range(n):
+                t0 = time.perf_counter()
+                if k + 1 < n:
+                    self._pack(k + 1)
+                t1 = time.perf_counter()
+                self.comm.finish_exchange(works, what=f"round {k} exchange")
+                self.events.mark("recv", k)
+                t2 = time.perf_counter()
+                works = self._issue(k + 1) if k + 1 < n else []
+                self._unpack(k)
+                t_pack += t1 - t0
+                t_wait += t2 - t1
+                t_unpack += time.perf_counter() - t2
+        if while_in_flight is not None:
+            while_in_flight()
+        self.comm.sync_device(self.slabs.device, what="rebalance rounds")
+        stats.timeline = self.events.result()
+        stats.seconds["host_pack"] = t_pack
+        stats.seconds["host_wait"] = t_wait
+        stats.seconds["host_unpack"] = t_unpack
 
 
 def run_disk_reads(

@@ -37,9 +37,9 @@ from expert_store.kernels import resident_checksums
 from .checkpoint import Checkpoint
 from .comm import DEFAULT_TIMEOUT_S, Comm
 from .errors import AgreementError, IntegrityError, ManifestError, PlacementError, StoreError
-from .execute import BackgroundCall, ExecutionStats, copy_slots, execute_rounds, run_disk_reads, run_post_copies
+from .execute import BackgroundCall, ExecutionStats, RoundRunner, copy_slots, run_disk_reads, run_post_copies
 from .layout import ResidentSlabs, SlabLayout
-from .manifest import Manifest, ManifestLog, decode_manifest
+from .manifest import Manifest, ManifestLog, PreparedManifest, decode_manifest
 from .placement import Placement
 from .plan import plan_rebalance, schedule_rounds
 from .spec import ExpertSpec
@@ -485,13 +485,12 @@ class ExpertStore:
         gather = self.comm.start_allgather_live(live, row, what="rebalance agreement")
         # Plan while the agreement messages are in flight (the plan only depends on inputs being agreed;
         # it is dropped if they turn out to differ, or recomputed if this rank's state is replaced).
+        # Round 0 is packed into staging too (no slot written, nothing sent), so the GPU starts
+        # working while the messages travel.
         plan_or_error: tuple | StoreError | None = None
         if problem is None:
             t1 = time.perf_counter()
-            try:
-                plan_or_error = self._plan(new_placement, alive_t, fresh_t, staging_bytes, round_bytes)
-            except StoreError as e:
-                plan_or_error = e
+            plan_or_error = self._plan_and_prepack(new_placement, alive_t, fresh_t, staging_bytes, round_bytes)
             phases["plan"] = time.perf_counter() - t1
         table = gather.result()
         phases["agree"] = time.perf_counter() - t0 - phases.get("plan", 0.0)
@@ -523,57 +522,62 @@ class ExpertStore:
             self._sync_fresh(live[ref], behind)
             if self.rank in behind:  # the speculative plan used the stale state
                 t1 = time.perf_counter()
-                try:
-                    plan_or_error = self._plan(new_placement, alive_t, fresh_t, staging_bytes, round_bytes)
-                except StoreError as e:
-                    plan_or_error = e
+                plan_or_error = self._plan_and_prepack(new_placement, alive_t, fresh_t, staging_bytes, round_bytes)
                 phases["plan"] = time.perf_counter() - t1
         if isinstance(plan_or_error, StoreError):
             raise plan_or_error  # deterministic: every live rank raises the same, before anything moves
         created = int(table[0, 10]) / 1e9  # the leader's clock: every rank commits identical bytes
-        plan, rounds = plan_or_error
+        plan, rounds, runner = plan_or_error
         acct = plan.accounts[self.rank]
         stats = ExecutionStats()
         new_version = self._version + 1
-        # -- the new manifest is fully known now: write and fsync it while the bytes move
-        totals = {
-            key: sum(getattr(a, key) for a in plan.accounts.values())
-            for key in ("bytes_p2p", "bytes_local", "bytes_disk")
-        }
-        manifest = self._manifest(
-            version=new_version,
-            parent=self._version,
-            reason="rebalance",
-            created=created,
-            placement=new_placement,
-            alive=torch.tensor(alive_t, dtype=torch.bool),
-            stats={
-                **totals,
-                "moves": len(plan.moves),
-                "disk_reads": len(plan.disk_reads),
-                "post_copies": len(plan.post_copies),
-                "rounds": len(rounds),
-                "staging_bytes": staging_bytes,
-                "round_bytes": round_bytes,
-                "live_ranks": len(live),
-                "fresh_ranks": len(fresh_t),
-            },
-        )
-        writer = BackgroundCall(self.log.prepare, manifest, name="expert-store-manifest")
+        prepared: list[PreparedManifest] = []
+        prepare_error: list[str] = []
+
+        def write_manifest() -> None:
+            """The new manifest is fully known: write and fsync it while the last round is in flight.
+
+            A failure here is shared through the completion messages, so no rank commits."""
+            totals = {
+                key: sum(getattr(a, key) for a in plan.accounts.values())
+                for key in ("bytes_p2p", "bytes_local", "bytes_disk")
+            }
+            manifest = self._manifest(
+                version=new_version,
+                parent=self._version,
+                reason="rebalance",
+                created=created,
+                placement=new_placement,
+                alive=torch.tensor(alive_t, dtype=torch.bool),
+                stats={
+                    **totals,
+                    "moves": len(plan.moves),
+                    "disk_reads": len(plan.disk_reads),
+                    "post_copies": len(plan.post_copies),
+                    "rounds": len(rounds),
+                    "staging_bytes": staging_bytes,
+                    "round_bytes": round_bytes,
+                    "live_ranks": len(live),
+                    "fresh_ranks": len(fresh_t),
+                },
+            )
+            try:
+                prepared.append(self.log.prepare(manifest))
+            except StoreError as e:
+                prepare_error.append(str(e))
+
         # -- execute: from here on, bytes move
         my_disk = [d for d in plan.disk_reads if d.rank == self.rank]
         my_post = [c for c in plan.post_copies if c.rank == self.rank]
-        read_first = {(m.src_rank, m.layer, m.src_slot) for m in plan.moves}
-        early = [d for d in my_disk if (d.rank, d.layer, d.slot) not in read_first]
-        late = [d for d in my_disk if (d.rank, d.layer, d.slot) in read_first]
+        read_first = {(m.layer, m.src_slot) for m in plan.moves if m.src_rank == self.rank}
+        early = [d for d in my_disk if (d.layer, d.slot) not in read_first]
+        late = [d for d in my_disk if (d.layer, d.slot) in read_first]
         disk_budget = staging_bytes // 4
         try:
             t0 = time.perf_counter()
             disk = dict(slabs=self.slabs, checkpoint=self.checkpoint, staging_bytes=disk_budget)
             reader = BackgroundCall(run_disk_reads, early, name="expert-store-disk", **disk) if early else None
-            execute_rounds(
-                rounds, rank=self.rank, slabs=self.slabs, comm=self.comm, stats=stats, staging_bytes=staging_bytes
-            )
+            runner.run(stats, while_in_flight=write_manifest)
             phases["exchange"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             if reader is not None:
@@ -588,46 +592,55 @@ class ExpertStore:
             phases["local_copy"] = time.perf_counter() - t0
         except BaseException as e:
             self._broken = f"rebalance to version {self._version + 1} failed while moving bytes: {e}"
-            _discard(writer)
+            _discard(prepared)
             raise
         # -- bytes are in place on this rank; adopt the new placement, then check
         self._placement = new_placement
         self._empty = False
         old_alive = self._alive
         self._alive = torch.tensor(alive_t, dtype=torch.bool)
-        ok = 1
-        verify_error = ""
-        if verify:
+        # completion status: 1 done; _VERIFY_FAILED or _MANIFEST_FAILED stop every rank's commit
+        status = _MANIFEST_FAILED if prepare_error else 1
+        problem_text = prepare_error[0] if prepare_error else ""
+        if verify and status == 1:
             t0 = time.perf_counter()
             changed = sorted((layer, s) for (r, layer, s) in plan.changed if r == self.rank)
             try:
                 self.verify(slots=changed)
             except IntegrityError as e:
-                ok = 0
-                verify_error = str(e)
+                status = _VERIFY_FAILED
+                problem_text = str(e)
             phases["verify"] = time.perf_counter() - t0
         # -- commit once every live rank has finished
         t0 = time.perf_counter()
         try:
-            done = self.comm.allgather_live(live, torch.tensor([ok], dtype=torch.int64), what="rebalance completion")
+            done = self.comm.allgather_live(
+                live, torch.tensor([status], dtype=torch.int64), what="rebalance completion"
+            )
         except StoreError as e:
             self._broken = f"rebalance to version {self._version + 1} did not complete on every rank: {e}"
-            _discard(writer)
+            _discard(prepared)
             raise
-        failed = [live[i] for i in range(len(live)) if int(done[i, 0]) != 1]
-        if failed:
-            self._broken = f"verification failed on ranks {failed} after rebalance to version {self._version + 1}"
+        codes = [int(done[i, 0]) for i in range(len(live))]
+        if any(c != 1 for c in codes):
+            bad_verify = [r for r, c in zip(live, codes) if c == _VERIFY_FAILED]
+            bad_write = [r for r, c in zip(live, codes) if c not in (1, _VERIFY_FAILED)]
+            reasons = ([f"verification failed on ranks {bad_verify}"] if bad_verify else []) + (
+                [f"the manifest could not be written on ranks {bad_write}"] if bad_write else []
+            )
+            self._broken = f"{'; '.join(reasons)} after rebalance to version {self._version + 1}"
             self._alive = old_alive
-            _discard(writer)
-            raise IntegrityError(
-                f"rank {self.rank}: rebalance not committed: verification failed on ranks {failed}"
-                + (f" ({verify_error})" if verify_error else "")
+            _discard(prepared)
+            error = IntegrityError if bad_verify else ManifestError
+            raise error(
+                f"rank {self.rank}: rebalance not committed: {'; '.join(reasons)}"
+                + (f" ({problem_text})" if problem_text else "")
             )
         try:
-            writer.result().publish()
+            prepared[0].publish()
         except BaseException:
             self._broken = f"commit of version {new_version} under {self.root} failed"
-            _discard(writer)
+            _discard(prepared)
             raise
         self._version = new_version
         if self.keep_versions is not None:
@@ -682,6 +695,19 @@ class ExpertStore:
                 raise StoreError(f"fresh rank {r} is not a live rank")
         new_placement.check_servable(torch.tensor(alive_t))
         return alive_t, fresh_t, staging_bytes, round_bytes
+
+    def _plan_and_prepack(self, new_placement: Placement, alive_t, fresh_t, staging_bytes: int, round_bytes: int):
+        """(plan, rounds, runner) with round 0 packed into staging, or the planner's StoreError.
+
+        The error is returned, not raised: it is deterministic (every rank with the same
+        inputs gets it), so it is raised once the ranks have agreed on those inputs."""
+        try:
+            plan, rounds = self._plan(new_placement, alive_t, fresh_t, staging_bytes, round_bytes)
+        except StoreError as e:
+            return e
+        runner = RoundRunner(rounds, rank=self.rank, slabs=self.slabs, comm=self.comm, staging_bytes=staging_bytes)
+        runner.prepack()
+        return plan, rounds, runner
 
     def _plan(self, new_placement: Placement, alive_t, fresh_t, staging_bytes: int, round_bytes: int):
         """(plan, rounds): identical on every live rank that has the same inputs."""
@@ -780,13 +806,14 @@ class ExpertStore:
 
 
 _PRIVATE = object()
+_VERIFY_FAILED = 2  # completion status of a rank whose changed slots failed their checksums
+_MANIFEST_FAILED = 3  # completion status of a rank that could not write the new manifest
 
 
-def _discard(writer: BackgroundCall) -> None:
+def _discard(prepared: list[PreparedManifest]) -> None:
     """Remove the temporary file of a prepared manifest that will not be published."""
-    prepared = writer.wait()
-    if prepared is not None:
-        prepared.discard()
+    for p in prepared:
+        p.discard()
 
 
 def _mask_or_all(alive, n: int) -> tuple[bool, ...]:

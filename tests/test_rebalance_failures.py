@@ -70,3 +70,27 @@ def test_silent_peer_times_out_instead_of_hanging(tmp_path, ckpt):
 def test_failed_verification_commits_nothing(tmp_path, ckpt):
     """A corrupted source detected by verify=True on the receiver: no version is committed anywhere."""
     assert run_ranks(corrupt_source, 2, ckpt, tmp_path / "store", timeout_s=90) == ["ok", "ok"]
+
+
+def manifest_write_fails(rank, world, info, root):
+    """Rank 1 cannot write the new manifest (disk full, say) while the bytes move: the failure
+    travels with the completion messages, so no rank commits and every rank names rank 1."""
+    store, target = _create(rank, world, info, root, timeout_s=30.0)
+    if rank == 1:
+
+        def refuse(self, m):
+            raise es.ManifestError(f"{self.dir}: cannot write the manifest: no space left on device")
+
+        es.ManifestLog.prepare = refuse  # this process only
+    with pytest.raises(es.ManifestError, match="manifest could not be written on ranks \\[1\\]"):
+        store.rebalance(target)
+    assert store.version == 1 and es.ManifestLog(root).latest() == 1
+    with pytest.raises(es.StoreError, match="unusable"):
+        store.rebalance(target)
+    return "ok"
+
+
+@pytest.mark.timeout(120)
+def test_failed_manifest_write_commits_nothing(tmp_path, ckpt):
+    """A rank that cannot write the new manifest stops the commit on every rank: version stays 1."""
+    assert run_ranks(manifest_write_fails, 2, ckpt, tmp_path / "store", timeout_s=90) == ["ok", "ok"]

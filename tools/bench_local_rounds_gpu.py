@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One GPU: the rebalance round machinery without a network, against the kernels' own time.
 
-    python tools/bench_local_rounds_gpu.py
+    python tools/bench_local_rounds_gpu.py [--profile DIR]
 
 A one-rank store of 128 Qwen3-30B-A3B-sized bf16 experts (9.4 MB) swaps the two
 halves of its slots (every slot changes; each pair is a 2-cycle of local moves),
@@ -12,7 +12,10 @@ overheads (agreement, plan, launches, commit) that the NCCL benchmark cannot sep
 
 from __future__ import annotations
 
+import argparse
+import cProfile
 import os
+import pstats
 import statistics
 import sys
 import tempfile
@@ -30,7 +33,38 @@ import expert_store as es  # noqa: E402
 from expert_store.kernels import pack_records, unpack_records  # noqa: E402
 
 
+def profile(store, p0, p1, out: Path) -> None:
+    """Host profile (cProfile) and a torch.profiler trace of a few rebalances, written under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    kw = dict(staging_bytes=4 << 30, round_bytes=2 << 30)
+    for i in range(4):
+        store.rebalance(p1 if i % 2 == 0 else p0, **kw)
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    for i in range(10):
+        store.rebalance(p1 if i % 2 == 0 else p0, **kw)
+        torch.cuda.synchronize()
+    pr.disable()
+    with open(out / "cprofile_local_rounds.txt", "w") as f:
+        st = pstats.Stats(pr, stream=f)
+        st.sort_stats("tottime").print_stats(40)
+        st.sort_stats("cumulative").print_stats(60)
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=False) as prof:
+        for i in range(2):
+            store.rebalance(p1 if i % 2 == 0 else p0, **kw)
+            torch.cuda.synchronize()
+    prof.export_chrome_trace(str(out / "trace_local_rounds.json"))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", type=Path, default=None, help="also write a host profile and a trace here")
+    args = ap.parse_args()
     dev = torch.device("cuda")
     base = Path(tempfile.mkdtemp(prefix="es-local-"))
     E = 128
@@ -93,6 +127,8 @@ def main() -> None:
             f"(kernels alone {k_s * 1e3:.2f}); phases ms {ph}"
         )
         print(f"   GPU ms after start, per round (packed/received/unpacked): {tl}")
+    if args.profile is not None:
+        profile(store, p0, p1, args.profile)
     store.verify()
     print("verify: ok")
 
