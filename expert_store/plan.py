@@ -288,10 +288,17 @@ def schedule_rounds(plan: RebalancePlan, *, record_bytes: int, budget_bytes: int
     moves) before it unpacks anything, so a move may write slot X in round k
     only if every move reading X's old content is in round <= k. Per rank and
     round, bytes sent + bytes received + bytes parked (a local move counts
-    once) stay within ``budget_bytes``. When no move can go (a cycle of moves
-    larger than a round), one blocked slot is *parked*: its old content is
-    kept in a park record until every move needing it has run. Deterministic:
-    every rank gets the same rounds.
+    once) stay within ``budget_bytes``. Deterministic: every rank gets the same
+    rounds.
+
+    How: "j reads the old content of the slot w writes" makes j a *reader* of w.
+    Moves that read each other in a cycle (a swap, say) form a strongly connected
+    component that must share a round; the components form a DAG, and a component
+    is *ready* once every reader outside it is scheduled. Each round takes ready
+    components first-fit, in the order of their first move, and a component that
+    becomes ready during the round may still join it. When a component does not fit
+    even an empty round, one of its slots is *parked*: its old content is kept in a
+    park record until every move needing it has run, which cuts the cycle.
 
     Raises StoreError when the budget is below two records, or when parked
     records alone fill a rank's budget.
@@ -304,102 +311,265 @@ def schedule_rounds(plan: RebalancePlan, *, record_bytes: int, budget_bytes: int
             f"staging budget of {budget_bytes} bytes per round is below two expert records "
             f"({2 * record_bytes} bytes); raise staging_bytes"
         )
+    return _Scheduler(moves, slots_per_rank=plan.slots_per_rank, cap=budget_bytes // record_bytes).run(budget_bytes)
 
-    cap = budget_bytes // record_bytes  # records per rank per round
-    n_layers = max(m.layer for m in moves) + 1
-    width = plan.slots_per_rank
 
-    def key(rank: int, layer: int, slot: int) -> int:
-        return (rank * n_layers + layer) * width + slot
+class _Scheduler:
+    """State of :func:`schedule_rounds`: moves by index, components by id.
 
-    src_rank = [m.src_rank for m in moves]
-    dst_rank = [m.dst_rank for m in moves]
-    local = [m.is_local for m in moves]
-    skey = [key(m.src_rank, m.layer, m.src_slot) for m in moves]  # -1 once the source is parked
-    dkey = [key(m.dst_rank, m.layer, m.dst_slot) for m in moves]
-    # readers[X]: moves still to run that read slot X's old content, for every X some move writes.
-    readers: dict[int, list[int]] = defaultdict(list)
-    dests = set(dkey)
-    for i, k in enumerate(skey):
-        if k in dests:
-            readers[k].append(i)
-    remaining = list(range(len(moves)))
-    done: set[int] = set()
-    park_refs: dict[tuple[int, int], int] = {}  # (rank, park id) -> moves still reading it
-    free_parks: dict[int, list[int]] = defaultdict(list)
-    next_park: dict[int, int] = defaultdict(int)
-    rounds: list[Round] = []
-    while remaining:
-        parks: list[Park] = []
-        used: dict[int, int] = defaultdict(int)  # records per rank this round
-        for rank, _ in park_refs:
-            used[rank] += 1
-        chosen: set[int] = set()
+    Flat lists instead of an object per move or per component: with tens of
+    thousands of moves, small containers cost more in garbage-collector passes
+    than in the work itself."""
 
-        def closure_if_fits(i: int, chosen=chosen, done=done, used=used) -> list[int] | None:
-            """Move i plus every move still to run that reads the destination of a move in the set
-            (together they can share a round: all packs precede all unpacks), or None as soon as
-            the set outgrows some rank's budget for this round."""
-            out, stack, seen = [], [i], {i}
-            need: dict[int, int] = defaultdict(int)
-            while stack:
-                j = stack.pop()
-                out.append(j)
-                for rank in (src_rank[j],) if local[j] else (src_rank[j], dst_rank[j]):
-                    need[rank] += 1
-                    if used[rank] + need[rank] > cap:
-                        return None
-                for r in readers.get(dkey[j], ()):
-                    if r not in seen and r not in done and r not in chosen:
-                        seen.add(r)
-                        stack.append(r)
-            for rank, n in need.items():
-                used[rank] += n
-            return out
+    def __init__(self, moves: list[Move], *, slots_per_rank: int, cap: int) -> None:
+        n = len(moves)
+        self.moves = moves
+        self.cap = cap  # records per rank per round
+        self.src = [m.src_rank for m in moves]
+        self.dst = [m.dst_rank for m in moves]
+        self.num_ranks = max(max(self.src), max(self.dst)) + 1
+        writer_of = {(m.dst_rank, m.layer, m.dst_slot): i for i, m in enumerate(moves)}  # one writer per slot
+        get = writer_of.get
+        # source_writer[j]: the move writing the slot j reads (j must not run after it), or -1.
+        # Readers of w, in CSR form: rd[rd_start[w]:rd_start[w + 1]], valid while source_writer[j] == w.
+        self.source_writer = sw = [get((m.src_rank, m.layer, m.src_slot), -1) for m in moves]
+        start = [0] * (n + 1)
+        for w in sw:
+            if w >= 0:
+                start[w + 1] += 1
+        for i in range(n):
+            start[i + 1] += start[i]
+        fill = start[:-1]
+        rd = [0] * start[n]
+        for j, w in enumerate(sw):
+            if w >= 0:
+                rd[fill[w]] = j
+                fill[w] += 1
+        self.rd, self.rd_start = rd, start
+        self.done = bytearray(n)
+        self.comp = [-1] * n  # component id of each move
+        self.cm: list[int] = []  # members of component c: cm[cm_start[c]:cm_start[c + 1]], ascending
+        self.cm_start = [0]
+        self.comp_first: list[int] = []  # first (lowest) move of each component: the scheduling order
+        self.multi_need: dict[int, tuple[tuple[int, int], ...]] = {}  # (rank, records) of components > 1 move
+        self.pending: list[int] = []  # readers outside the component, not yet scheduled
+        self.dead: list[bool] = []  # split by a park
+        self.work_left = [0] * self.num_ranks  # records per rank still to schedule
+        for a, b in zip(self.src, self.dst):
+            self.work_left[a] += 1
+            if a != b:
+                self.work_left[b] += 1
+        self.park_refs: dict[tuple[int, int], int] = {}  # (rank, park id) -> moves still reading it
+        self.free_parks: dict[int, list[int]] = defaultdict(list)
+        self.next_park: dict[int, int] = defaultdict(int)
+        self._index = [-1] * n  # Tarjan scratch
+        self._low = [0] * n
+        self.ready = self._add_components(range(n))  # ready components, by first move
 
-        while True:
-            for i in remaining:
-                if i in chosen:
+    def _readers(self, w: int):
+        sw = self.source_writer
+        return (j for j in self.rd[self.rd_start[w] : self.rd_start[w + 1]] if sw[j] == w)
+
+    # -- components ----------------------------------------------------------------
+    def _add_components(self, nodes: Iterable[int]) -> list[int]:
+        """Strongly connected components of the reader graph restricted to ``nodes``
+        (iterative Tarjan); returns the new ones that are ready, by first move."""
+        nodes = list(nodes)
+        inside = bytearray(len(self.moves))
+        for v in nodes:
+            inside[v] = 1
+        index, low = self._index, self._low
+        for v in nodes:
+            index[v] = -1
+        rd, rd_start, sw, comp = self.rd, self.rd_start, self.source_writer, self.comp
+        stack: list[int] = []
+        on_stack = bytearray(len(self.moves))
+        counter = 0
+        new_first = len(self.cm_start) - 1
+        for root in nodes:
+            if index[root] >= 0:
+                continue
+            index[root] = low[root] = counter
+            counter += 1
+            stack.append(root)
+            on_stack[root] = 1
+            work_v, work_pos = [root], [rd_start[root]]
+            while work_v:
+                v = work_v[-1]
+                pos, end = work_pos[-1], rd_start[v + 1]
+                w = -1
+                while pos < end:
+                    u = rd[pos]
+                    pos += 1
+                    if not inside[u] or sw[u] != v:
+                        continue
+                    if index[u] < 0:
+                        w = u
+                        break
+                    if on_stack[u] and index[u] < low[v]:
+                        low[v] = index[u]
+                work_pos[-1] = pos
+                if w >= 0:  # descend into w
+                    index[w] = low[w] = counter
+                    counter += 1
+                    stack.append(w)
+                    on_stack[w] = 1
+                    work_v.append(w)
+                    work_pos.append(rd_start[w])
                     continue
-                if used[src_rank[i]] >= cap or used[dst_rank[i]] >= cap:
-                    continue  # cheap pre-check: this move alone does not fit any more
-                group = closure_if_fits(i)
-                if group is not None:
-                    chosen.update(group)
-            if chosen:
+                work_v.pop()
+                work_pos.pop()
+                if work_v and low[v] < low[work_v[-1]]:
+                    low[work_v[-1]] = low[v]
+                if low[v] == index[v]:
+                    c = len(self.cm_start) - 1
+                    k = len(stack) - 1
+                    while stack[k] != v:
+                        k -= 1
+                    group = stack[k:]
+                    del stack[k:]
+                    for u in group:
+                        on_stack[u] = 0
+                        comp[u] = c
+                    if len(group) > 1:
+                        group.sort()
+                        need: dict[int, int] = defaultdict(int)
+                        for j in group:
+                            need[self.src[j]] += 1
+                            if self.dst[j] != self.src[j]:
+                                need[self.dst[j]] += 1
+                        self.multi_need[c] = tuple(need.items())
+                    self.comp_first.append(group[0])  # groups are sorted
+                    self.cm.extend(group)
+                    self.cm_start.append(len(self.cm))
+                    self.pending.append(0)
+                    self.dead.append(False)
+        done, cm, cm_start, pending, ready = self.done, self.cm, self.cm_start, self.pending, []
+        for c in range(new_first, len(cm_start) - 1):
+            count = 0
+            for w in cm[cm_start[c] : cm_start[c + 1]]:
+                for pos in range(rd_start[w], rd_start[w + 1]):
+                    j = rd[pos]
+                    if sw[j] == w and comp[j] != c and not done[j]:
+                        count += 1
+            pending[c] = count
+            if count == 0:
+                ready.append(c)
+        ready.sort(key=self.comp_first.__getitem__)
+        return ready
+
+    def _members(self, c: int) -> list[int]:
+        return self.cm[self.cm_start[c] : self.cm_start[c + 1]]
+
+    def _park(self, c: int, used: list[int], parks: list[Park], remaining: int) -> list[int]:
+        """Cut component c (too large for any round) by parking the destination of its first
+        move that other members read; returns its parts that are ready."""
+        comp, done = self.comp, self.done
+        i0 = next(i for i in self._members(c) if any(comp[j] == c for j in self._readers(i)))
+        m0 = self.moves[i0]
+        rank = m0.dst_rank
+        if used[rank] + 2 > self.cap:
+            raise StoreError(
+                f"cannot schedule {remaining} remaining moves within {self.cap} records per round: "
+                f"rank {rank} already parks {used[rank]} records; raise staging_bytes"
+            )
+        pid = self.free_parks[rank].pop() if self.free_parks[rank] else self.next_park[rank]
+        self.next_park[rank] = max(self.next_park[rank], pid + 1)
+        parks.append(Park(rank, m0.layer, m0.dst_slot, pid))
+        used[rank] += 1
+        moved = [j for j in self._readers(i0) if not done[j]]
+        for j in moved:  # they read the park record from now on
+            self.moves[j] = replace(self.moves[j], src_park=pid)
+            self.source_writer[j] = -1
+            if comp[j] != c:  # a reader outside c no longer holds c back
+                self.pending[c] -= 1
+        self.park_refs[(rank, pid)] = len(moved)
+        self.dead[c] = True
+        return self._add_components(self._members(c))
+
+    def _fill(self, candidates: list[int], used: list[int], chosen: list[int], keep: list[int]) -> list[int]:
+        """Take the candidates that fit this round, in order; the others go to ``keep``.
+        Returns the components that became ready meanwhile."""
+        cap, done, dead = self.cap, self.done, self.dead
+        src, dst, cm, cm_start, multi_need = self.src, self.dst, self.cm, self.cm_start, self.multi_need
+        work_left, source_writer, comp, pending = self.work_left, self.source_writer, self.comp, self.pending
+        open_ranks = sum(1 for r, k in enumerate(work_left) if k and used[r] < cap)
+        released: list[int] = []
+        for pos, c in enumerate(candidates):
+            if not open_ranks:  # every rank with work left is full: nothing else can fit
+                keep.extend(candidates[pos:])
                 break
-            # Deadlock: a cycle of moves larger than a round. Park the destination of the
-            # first remaining move: its readers then read the park record, breaking the cycle.
-            i0 = next((i for i in remaining if any(r not in done for r in readers.get(dkey[i], ()))), None)
-            if i0 is None:
-                raise StoreError(
-                    f"cannot schedule {len(remaining)} remaining moves within {budget_bytes} staging bytes per "
-                    "round; raise staging_bytes"
-                )
-            m0 = moves[i0]
-            rank, layer, slot = m0.dst_rank, m0.layer, m0.dst_slot
-            if used[rank] + 2 > cap:
-                raise StoreError(
-                    f"cannot schedule {len(remaining)} remaining moves within {budget_bytes} staging bytes per "
-                    f"round: rank {rank} already parks {used[rank]} records; raise staging_bytes"
-                )
-            pid = free_parks[rank].pop() if free_parks[rank] else next_park[rank]
-            next_park[rank] = max(next_park[rank], pid + 1)
-            parks.append(Park(rank, layer, slot, pid))
-            used[rank] += 1
-            parked = dkey[i0]
-            pending_readers = [i for i in readers.pop(parked, []) if i not in done]
-            for i in pending_readers:
-                moves[i] = replace(moves[i], src_park=pid)
-                skey[i] = -1
-            park_refs[(rank, pid)] = len(pending_readers)
-        for i in chosen:
-            if moves[i].src_park >= 0:
-                park_refs[(src_rank[i], moves[i].src_park)] -= 1
-        for k in [k for k, v in park_refs.items() if v == 0]:
-            del park_refs[k]
-            free_parks[k[0]].append(k[1])
-        done |= chosen
-        rounds.append(Round(parks=parks, moves=[moves[i] for i in sorted(chosen)]))
-        remaining = [i for i in remaining if i not in chosen]
-    return rounds
+            if dead[c]:
+                continue
+            lo, hi = cm_start[c], cm_start[c + 1]
+            if hi - lo == 1:  # one move: one record on its source, one on its destination
+                j = cm[lo]
+                a, b = src[j], dst[j]
+                if used[a] >= cap or used[b] >= cap:
+                    keep.append(c)
+                    continue
+                items = ((a, 1),) if a == b else ((a, 1), (b, 1))
+            else:
+                items = multi_need[c]
+                if any(used[r] + k > cap for r, k in items):
+                    keep.append(c)
+                    continue
+            for r, k in items:
+                was_open = used[r] < cap and work_left[r] > 0
+                used[r] += k
+                work_left[r] -= k
+                if was_open and (used[r] >= cap or not work_left[r]):
+                    open_ranks -= 1
+            for pos in range(lo, hi):
+                j = cm[pos]
+                chosen.append(j)
+                done[j] = 1
+            for pos in range(lo, hi):  # release the writers of what c read
+                w = source_writer[cm[pos]]
+                if w >= 0 and comp[w] != c:
+                    cw = comp[w]
+                    pending[cw] -= 1
+                    if pending[cw] == 0:
+                        released.append(cw)
+        return released
+
+    # -- rounds ----------------------------------------------------------------------
+    def run(self, budget_bytes: int) -> list[Round]:
+        rounds: list[Round] = []
+        remaining = len(self.moves)
+        first = self.comp_first.__getitem__
+        while remaining:
+            parks: list[Park] = []
+            used = [0] * self.num_ranks  # records per rank this round
+            for rank, _ in self.park_refs:
+                used[rank] += 1
+            chosen: list[int] = []
+            keep: list[int] = []
+            candidates = self.ready
+            while True:
+                # components freed during the round may still join it (all packs precede all unpacks)
+                while candidates:
+                    released = self._fill(candidates, used, chosen, keep)
+                    candidates = sorted(released, key=first)
+                if chosen:
+                    break
+                # Nothing fits a round holding only parks: a cycle larger than a round.
+                big = next((c for c in keep if not self.dead[c] and self.cm_start[c + 1] - self.cm_start[c] > 1), None)
+                if big is None:
+                    raise StoreError(
+                        f"cannot schedule {remaining} remaining moves within {budget_bytes} staging bytes per "
+                        "round; raise staging_bytes"
+                    )
+                candidates = sorted([c for c in keep if c != big] + self._park(big, used, parks, remaining), key=first)
+                keep = []
+            self.ready = sorted((c for c in keep if not self.dead[c]), key=first)
+            for i in chosen:
+                m = self.moves[i]
+                if m.src_park >= 0:
+                    self.park_refs[(m.src_rank, m.src_park)] -= 1
+            for k in [k for k, v in self.park_refs.items() if v == 0]:
+                del self.park_refs[k]
+                self.free_parks[k[0]].append(k[1])
+            remaining -= len(chosen)
+            rounds.append(Round(parks=parks, moves=[self.moves[i] for i in sorted(chosen)]))
+        return rounds
