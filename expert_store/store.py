@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from expert_store.kernels import resident_checksums
+from expert_store.kernels import pack_records, resident_checksums, unpack_records
 
 from .checkpoint import Checkpoint
 from .comm import DEFAULT_TIMEOUT_S, Comm
@@ -138,6 +138,7 @@ class ExpertStore:
         self.log = ManifestLog(self.root)
         self.comm = Comm(group, rank=rank, world_size=world_size, device=self.device, timeout_s=timeout_s)
         self.slabs = ResidentSlabs(self.layout, self.device)
+        _warm_kernels(self.slabs)
         self._version = 0
         self._alive = torch.ones(world_size, dtype=torch.bool)
         self._checksums = torch.zeros(placement.num_layers, placement.num_experts, dtype=torch.int64)
@@ -814,6 +815,19 @@ def _discard(prepared: list[PreparedManifest]) -> None:
     """Remove the temporary file of a prepared manifest that will not be published."""
     for p in prepared:
         p.discard()
+
+
+def _warm_kernels(slabs: ResidentSlabs) -> None:
+    """Compile (or load from Triton's cache) the pack, unpack and checksum kernels of this layout
+    now, so the first rebalance does not pay for it (a few hundred ms on a fresh machine)."""
+    if slabs.device.type != "cuda":
+        return
+    layout = slabs.layout
+    one = torch.empty(layout.spec.record_bytes, dtype=torch.uint8, device=slabs.device)
+    pack_records(slabs.storage, layout, [0], [0], out=one)
+    unpack_records(one, slabs.storage, layout, [0], [0])  # the same bytes back: slot 0 is unchanged
+    resident_checksums(slabs.storage, layout, [0], [0])
+    torch.cuda.synchronize(slabs.device)  # before anything else (checkpoint reads) writes slot 0
 
 
 def _mask_or_all(alive, n: int) -> tuple[bool, ...]:
