@@ -7,7 +7,9 @@ spawn one process per rank; the timed numbers come from inside the ranks
 
 from __future__ import annotations
 
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,8 +47,34 @@ def test_bench_planning(benchmark, R, S):
 
     p = benchmark(plan)
     per_layer_ms = benchmark.stats.stats.median / L * 1e3
-    benchmark.extra_info.update({"ms_per_layer": per_layer_ms, "target_ms_per_layer": 1.0, "moves": len(p.moves)})
-    print(f"\nplanning P={R * S} R={R}: {per_layer_ms:.3f} ms per layer ({len(p.moves)} moves), target <= 1 ms")
+    # the two halves apart (median of 5): who gets what from where, and the split into rounds
+    plan_ms = _median_ms(lambda: plan_rebalance(old, new, expert_bytes=spec_bytes, ranks_per_node=8)) / L
+    sched = {
+        mib: _median_ms(lambda b=mib: schedule_rounds(p, record_bytes=spec_bytes, budget_bytes=b << 20)) / L
+        for mib in (256, 1024)
+    }
+    benchmark.extra_info.update(
+        {
+            "ms_per_layer": per_layer_ms,
+            "plan_ms_per_layer": plan_ms,
+            "schedule_ms_per_layer": sched,
+            "target_ms_per_layer": 1.0,
+            "moves": len(p.moves),
+        }
+    )
+    print(
+        f"\nplanning P={R * S} R={R}: {per_layer_ms:.3f} ms per layer ({len(p.moves)} moves; plan {plan_ms:.3f}, "
+        f"schedule {sched[256]:.3f} / {sched[1024]:.3f} for 256 MiB / 1 GiB rounds), target <= 1 ms"
+    )
+
+
+def _median_ms(fn, reps: int = 5) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
 
 
 def _two_rank(benchmark, tmp_path, backend, *, H, I, E, staging):  # noqa: E741
