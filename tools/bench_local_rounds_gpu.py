@@ -71,9 +71,16 @@ def main() -> None:
     info = cf.write_qwen(base / "ckpt", H=2048, I=768, num_layers=1, num_experts=E, extras=False)
     p0 = es.Placement.contiguous(num_layers=1, num_experts=E, num_ranks=1, slots_per_rank=E)
     p1 = es.Placement(torch.roll(p0.phy2log, E // 2, dims=1), num_ranks=1, num_experts=E)
+    t0 = time.perf_counter()
     store = es.ExpertStore.create(
         base / "store", spec=info.spec, placement=p0, checkpoint=info.checkpoint(), device=dev
     )
+    t1 = time.perf_counter()
+    first = store.rebalance(p1, staging_bytes=1 << 30)  # the first call in this process: nothing compiled yet?
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    store.rebalance(p0, staging_bytes=1 << 30)
+    print(f"create {t1 - t0:.2f} s; first rebalance {(t2 - t1) * 1e3:.1f} ms ({first.rounds} rounds)")
     nbytes = E * info.spec.nbytes
     # kernels alone: pack all E experts into one slab, unpack them back (same bytes as the rebalance)
     slab = torch.empty(E * info.spec.record_bytes, dtype=torch.uint8, device=dev)
