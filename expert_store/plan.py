@@ -310,7 +310,16 @@ def schedule_rounds(plan: RebalancePlan, *, record_bytes: int, budget_bytes: int
             f"staging budget of {budget_bytes} bytes per round is below two expert records "
             f"({2 * record_bytes} bytes); raise staging_bytes"
         )
-    return _Scheduler(moves, slots_per_rank=plan.slots_per_rank, cap=budget_bytes // record_bytes).run(budget_bytes)
+    cap = budget_bytes // record_bytes
+    per_rank: dict[int, int] = defaultdict(int)
+    for m in moves:
+        per_rank[m.src_rank] += 1
+        if m.dst_rank != m.src_rank:
+            per_rank[m.dst_rank] += 1
+    if max(per_rank.values()) <= cap:
+        # Everything fits one round: all packs precede all unpacks, so any order is safe.
+        return [Round(parks=[], moves=moves)]
+    return _Scheduler(moves, slots_per_rank=plan.slots_per_rank, cap=cap).run(budget_bytes)
 
 
 class _Scheduler:
