@@ -4,7 +4,7 @@
     inspect-store versions ROOT [--json]
     inspect-store show ROOT [--version N] [--layer L] [--json]
     inspect-store diff ROOT A B [--json]
-    inspect-store plan ROOT A B [--staging-bytes N] [--fresh R,...] [--json]
+    inspect-store plan ROOT A B [--staging-bytes N] [--round-bytes N] [--fresh R,...] [--json]
     inspect-store verify ROOT [--checkpoint-bytes] [--checkpoint PATH] [--json]
 
 Symbols: L MoE layers, E logical experts per layer, R ranks, S slots per rank,
@@ -45,9 +45,9 @@ from expert_store.kernels.reference import slab_checksums_reference
 from .checkpoint import Checkpoint
 from .errors import ManifestError, StoreError
 from .manifest import Manifest, ManifestLog
-from .plan import plan_rebalance, schedule_rounds
+from .plan import plan_rebalance, round_budget, schedule_rounds
 from .spec import ExpertSpec, dtype_name
-from .store import DEFAULT_STAGING_BYTES
+from .store import DEFAULT_ROUND_BYTES, DEFAULT_STAGING_BYTES
 
 __all__ = [
     "UsageError",
@@ -561,15 +561,17 @@ def plan_between(
     b: int,
     *,
     staging_bytes: int | None = None,
+    round_bytes: int | None = None,
     fresh: Sequence[int] = (),
 ) -> dict[str, Any]:
     """What a rebalance from version ``a`` (its placement and alive mask) to version ``b``
     (its placement and alive mask) moves, as :func:`expert_store.plan.plan_rebalance` and
     :func:`~expert_store.plan.schedule_rounds` compute it on every live rank.
 
-    ``staging_bytes`` defaults to the value recorded in ``b`` (when it was made by a
-    rebalance), else the store's default; as in the store, each round gets half of it.
-    ``fresh``: live ranks whose memory was empty (joined) for that rebalance.
+    ``staging_bytes`` and ``round_bytes`` default to the values recorded in ``b`` (when it
+    was made by a rebalance), else the store's defaults; rounds get the store's budget
+    (:func:`~expert_store.plan.round_budget`). ``fresh``: live ranks whose memory was
+    empty (joined) for that rebalance.
     """
     log = _open_log(root)
     ma, mb = _read_pair(log, a, b)
@@ -579,6 +581,12 @@ def plan_between(
         staging_bytes = recorded_staging if isinstance(recorded_staging, int) else DEFAULT_STAGING_BYTES
     if isinstance(staging_bytes, bool) or not isinstance(staging_bytes, int) or staging_bytes <= 0:
         raise UsageError(f"--staging-bytes must be a positive int, got {staging_bytes!r}")
+    recorded_round = mb.stats.get("round_bytes")
+    if round_bytes is None:
+        round_bytes = recorded_round if isinstance(recorded_round, int) else DEFAULT_ROUND_BYTES
+    if isinstance(round_bytes, bool) or not isinstance(round_bytes, int) or round_bytes <= 0:
+        raise UsageError(f"--round-bytes must be a positive int, got {round_bytes!r}")
+    budget = round_budget(staging_bytes=staging_bytes, round_bytes=round_bytes, record_bytes=spec.record_bytes)
     for r in fresh:
         if not 0 <= r < mb.num_ranks or not bool(mb.alive[r]):
             raise UsageError(f"--fresh rank {r} is not a live rank of version {mb.version}")
@@ -592,7 +600,7 @@ def plan_between(
             fresh=fresh,
             ranks_per_node=mb.ranks_per_node,
         )
-        rounds = schedule_rounds(plan, record_bytes=spec.record_bytes, budget_bytes=staging_bytes // 2)
+        rounds = schedule_rounds(plan, record_bytes=spec.record_bytes, budget_bytes=budget)
     except StoreError as e:
         raise type(e)(f"plan {ma.version} -> {mb.version} under {log.root}: {e}") from None
     links: dict[tuple[int, int], int] = {}
@@ -662,7 +670,8 @@ def plan_between(
         "expert_bytes": spec.nbytes,
         "record_bytes": spec.record_bytes,
         "staging_bytes": staging_bytes,
-        "round_budget_bytes": staging_bytes // 2,
+        "round_bytes": round_bytes,
+        "round_budget_bytes": budget,
         "alive_a": _alive_ranks(ma),
         "alive_b": _alive_ranks(mb),
         "fresh": sorted(set(fresh)),
@@ -1013,6 +1022,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="staging memory per rank (1G, 512M, ...); default: as recorded in B, else 1 GiB",
     )
+    sp.add_argument(
+        "--round-bytes",
+        type=_size_arg,
+        default=None,
+        metavar="N",
+        help="records per rank and round (256M, ...); default: as recorded in B, else 256 MiB",
+    )
     sp.add_argument("--fresh", type=_ranks_arg, default=[], metavar="R,...", help="ranks that were empty (joined)")
     sp = add("verify", "check every manifest, the version chain and (optionally) the checkpoint bytes")
     sp.add_argument(
@@ -1057,7 +1073,9 @@ def _run(args: argparse.Namespace) -> int:
             d = diff_versions(args.root, a, b)
             emit(d, [] if as_json else _render_diff(d))
         else:
-            d = plan_between(args.root, a, b, staging_bytes=args.staging_bytes, fresh=args.fresh)
+            d = plan_between(
+                args.root, a, b, staging_bytes=args.staging_bytes, round_bytes=args.round_bytes, fresh=args.fresh
+            )
             emit(d, [] if as_json else _render_plan(d))
     elif cmd == "verify":
         d = verify_store(args.root, checkpoint_bytes=args.checkpoint_bytes, checkpoint=args.checkpoint)

@@ -45,6 +45,7 @@ __all__ = [
     "RebalancePlan",
     "Round",
     "plan_rebalance",
+    "round_budget",
     "schedule_rounds",
 ]
 
@@ -278,6 +279,14 @@ def plan_rebalance(
         accounts=accounts,
         changed=changed,
     )
+
+
+def round_budget(*, staging_bytes: int, round_bytes: int, record_bytes: int) -> int:
+    """Bytes of records per rank and round, as a rebalance schedules them: ``round_bytes``,
+    at most half the staging (two rounds are in flight at once), and at least two records
+    when half the staging holds them (the scheduler's minimum)."""
+    half = staging_bytes // 2
+    return max(min(round_bytes, half), min(2 * record_bytes, half))
 
 
 def schedule_rounds(plan: RebalancePlan, *, record_bytes: int, budget_bytes: int) -> list[Round]:

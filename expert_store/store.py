@@ -41,7 +41,7 @@ from .execute import BackgroundCall, ExecutionStats, RoundRunner, copy_slots, ru
 from .layout import ResidentSlabs, SlabLayout
 from .manifest import Manifest, ManifestLog, PreparedManifest, decode_manifest
 from .placement import Placement
-from .plan import plan_rebalance, schedule_rounds
+from .plan import plan_rebalance, round_budget, schedule_rounds
 from .spec import ExpertSpec
 
 __all__ = ["DEFAULT_ROUND_BYTES", "DEFAULT_STAGING_BYTES", "ExpertStore", "RebalanceReport"]
@@ -722,7 +722,7 @@ class ExpertStore:
             ranks_per_node=self.ranks_per_node,
         )
         rb = self.spec.record_bytes
-        budget = max(min(round_bytes, staging_bytes // 2), min(2 * rb, staging_bytes // 2))
+        budget = round_budget(staging_bytes=staging_bytes, round_bytes=round_bytes, record_bytes=rb)
         return plan, schedule_rounds(plan, record_bytes=rb, budget_bytes=budget)
 
     def _sync_fresh(self, ref: int, behind: list[int]) -> None:

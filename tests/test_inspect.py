@@ -227,6 +227,23 @@ def test_plan_reproduces_each_rebalance(capsys, built):
     assert_one_line_error(err, "staging")
 
 
+def test_plan_uses_the_recorded_round_bytes(capsys, tmp_path, ds):
+    """A rebalance whose rounds were limited by round_bytes (not by staging): plan A B schedules
+    with the same budget, so its rounds match the report; --round-bytes overrides it."""
+    root = tmp_path / "store"
+    p0 = es.Placement.contiguous(num_layers=L, num_experts=E, num_ranks=1, slots_per_rank=S)
+    store = es.ExpertStore.create(root, spec=ds.spec, placement=p0, checkpoint=ds.checkpoint())
+    p1 = random_placement(torch.Generator().manual_seed(5), L=L, E=E, R=1, S=S)
+    rep = store.rebalance(p1, staging_bytes=1 << 30, round_bytes=3 * ds.spec.record_bytes)
+    store.checkpoint.close()
+    assert rep.rounds > 1
+    rc, d = run_json(capsys, "plan", root, 1, 2)
+    assert rc == 0 and d["totals"]["rounds"] == rep.rounds and d["recorded"]["matches"] is True
+    assert d["round_budget_bytes"] == 3 * ds.spec.record_bytes
+    rc, d = run_json(capsys, "plan", root, 1, 2, "--round-bytes", "1G")
+    assert rc == 0 and d["totals"]["rounds"] == 1 and d["round_budget_bytes"] == 1 << 29  # half the staging
+
+
 # --------------------------------------------------------------------------- multi-rank manifests
 
 
