@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,11 +36,19 @@ from expert_store.kernels import pack_records, unpack_records
 
 from .checkpoint import Checkpoint
 from .comm import Comm
-from .errors import StoreError
+from .errors import PeerTimeoutError, StoreError
 from .layout import ResidentSlabs
-from .plan import DiskRead, Move, PostCopy, Round
+from .plan import DiskRead, Move, PostCopy, RebalancePlan, Round, merge_plans
 
-__all__ = ["BackgroundCall", "ExecutionStats", "RoundRunner", "copy_slots", "run_disk_reads", "run_post_copies"]
+__all__ = [
+    "BackgroundCall",
+    "ChunkedRun",
+    "ExecutionStats",
+    "RoundRunner",
+    "copy_slots",
+    "run_disk_reads",
+    "run_post_copies",
+]
 
 
 @dataclass
@@ -54,17 +62,27 @@ class ExecutionStats:
 
 
 class _Timeline:
-    """CUDA events on the current stream at each round's milestones (EXPERT_STORE_TIMELINE=1)."""
+    """CUDA events on the current stream at each round's milestones (EXPERT_STORE_TIMELINE=1).
+
+    Shared by the runners of one rebalance: rounds are numbered across them."""
 
     def __init__(self, device: torch.device) -> None:
         self.on = device.type == "cuda" and os.environ.get("EXPERT_STORE_TIMELINE") == "1"
         self.ev: dict[tuple[str, int], torch.cuda.Event] = {}
+        self.base = 0  # rounds of the runners before the current one
+
+    def start(self) -> None:
+        """Mark the start, once per rebalance."""
+        if self.on and ("start", 0) not in self.ev:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.ev[("start", 0)] = e
 
     def mark(self, what: str, k: int) -> None:
         if self.on:
             e = torch.cuda.Event(enable_timing=True)
             e.record()
-            self.ev[(what, k)] = e
+            self.ev[(what, self.base + k)] = e
 
     def result(self) -> list[tuple[float, float, float]] | None:
         if not self.on:
@@ -141,13 +159,22 @@ class RoundRunner:
     still in flight and drops the runner if the ranks disagree. :meth:`run` does the rest.
     """
 
-    def __init__(self, rounds: list[Round], *, rank: int, slabs: ResidentSlabs, comm: Comm, staging_bytes: int) -> None:
+    def __init__(
+        self,
+        rounds: list[Round],
+        *,
+        rank: int,
+        slabs: ResidentSlabs,
+        comm: Comm,
+        staging_bytes: int,
+        timeline: _Timeline | None = None,
+    ) -> None:
         self.rank, self.slabs, self.comm = rank, slabs, comm
         self.rb = slabs.spec.record_bytes
         self.ios = [io for io in (_RoundIO(rank, r) for r in rounds) if not io.empty]
         self.packed = 0  # rounds whose packing is queued
         self.staging_peak = 0
-        self.events = _Timeline(slabs.device)
+        self.events = timeline if timeline is not None else _Timeline(slabs.device)
         if not self.ios:
             return
         rb, dev = self.rb, slabs.device
@@ -209,13 +236,16 @@ class RoundRunner:
     def prepack(self) -> None:
         """Queue the packing of round 0 (staging only: safe before the ranks have agreed)."""
         if self.ios and not self.packed:
-            self.events.mark("start", 0)
+            self.events.start()
             self._pack(0)
 
-    def run(self, stats: ExecutionStats, *, while_in_flight: Callable[[], None] | None = None) -> None:
+    def run(
+        self, stats: ExecutionStats, *, while_in_flight: Callable[[], None] | None = None, wait: bool = True
+    ) -> None:
         """Run every round; ``while_in_flight()`` is called once the last round is queued,
-        before waiting for the device (host work that overlaps the transfers)."""
-        stats.rounds = len(self.ios)
+        before waiting for the device (host work that overlaps the transfers). With
+        ``wait=False`` the rounds are only queued (on NCCL; gloo rounds block anyway)."""
+        stats.rounds += len(self.ios)
         stats.staging_peak = max(stats.staging_peak, self.staging_peak)
         if not self.ios:
             if while_in_flight is not None:
@@ -258,11 +288,93 @@ class RoundRunner:
                 t_unpack += time.perf_counter() - t2
         if while_in_flight is not None:
             while_in_flight()
+        self.events.base += n
+        if wait:
+            self.comm.sync_device(self.slabs.device, what="rebalance rounds")
+            stats.timeline = self.events.result()
+        for key, t in (("host_pack", t_pack), ("host_wait", t_wait), ("host_unpack", t_unpack)):
+            stats.seconds[key] = stats.seconds.get(key, 0.0) + t
+
+
+class ChunkedRun:
+    """Plan layer chunks one at a time and run each chunk's rounds, planning chunk k+1 while
+    chunk k's rounds are on the GPU (see :func:`~expert_store.plan.plan_chunks`).
+
+    Constructing it plans chunk 0 and queues its first packing (staging only), so the store
+    builds it while the agreement is in flight. Staging: a chunk's runner gets the staging
+    share :func:`plan_chunks` gives it, and chunk k+1's runner is allocated only once the
+    GPU has finished chunk k-1, so at most two runners hold staging at a time."""
+
+    def __init__(self, chunks: Iterator[tuple[RebalancePlan, list[Round], int]], *, rank: int, slabs, comm) -> None:
+        self.rank, self.slabs, self.comm = rank, slabs, comm
+        self._chunks = chunks
+        self.timeline = _Timeline(slabs.device)
+        self.plans: list[RebalancePlan] = []
+        self.rounds = 0
+        self.plan: RebalancePlan | None = None  # all chunks merged, once every chunk is planned
+        nxt = self._plan_next()
+        self._runner = self._runner_for(nxt) if nxt is not None else None
+
+    def _plan_next(self) -> tuple[list[Round], int] | None:
+        try:
+            plan, rounds, staging = next(self._chunks)
+        except StopIteration:
+            return None
+        self.plans.append(plan)
+        self.rounds += len(rounds)
+        return rounds, staging
+
+    def _runner_for(self, planned: tuple[list[Round], int]) -> RoundRunner:
+        rounds, staging = planned
+        runner = RoundRunner(
+            rounds, rank=self.rank, slabs=self.slabs, comm=self.comm, staging_bytes=staging, timeline=self.timeline
+        )
+        runner.prepack()
+        return runner
+
+    def run(
+        self,
+        stats: ExecutionStats,
+        *,
+        on_plan: Callable[[RebalancePlan], None],
+        while_in_flight: Callable[[], None] | None = None,
+    ) -> RebalancePlan:
+        """Run every chunk; ``on_plan(plan)`` is called for each chunk's plan before its rounds,
+        ``while_in_flight()`` once the last round is queued. Returns the merged plan."""
+        cuda = self.slabs.device.type == "cuda"
+        runner, done_before = self._runner, None
+        on_plan(self.plans[0])
+        while runner is not None:
+            runner.run(stats, wait=False)
+            done = None
+            if cuda:
+                done = torch.cuda.Event()
+                done.record()
+            planned = self._plan_next()  # on the CPU while this chunk's rounds run on the GPU
+            if planned is None:
+                break
+            on_plan(self.plans[-1])
+            if done_before is not None:
+                self._wait(done_before)  # chunk k-1 is off the GPU: its staging is free
+            following = self._runner_for(planned)
+            stats.staging_peak = max(stats.staging_peak, runner.staging_peak + following.staging_peak)
+            runner, done_before = following, done
+        self.plan = merge_plans(self.plans) if len(self.plans) > 1 else self.plans[0]
+        if while_in_flight is not None:
+            while_in_flight()
         self.comm.sync_device(self.slabs.device, what="rebalance rounds")
-        stats.timeline = self.events.result()
-        stats.seconds["host_pack"] = t_pack
-        stats.seconds["host_wait"] = t_wait
-        stats.seconds["host_unpack"] = t_unpack
+        stats.timeline = self.timeline.result()
+        stats.rounds = self.rounds
+        return self.plan
+
+    def _wait(self, event: torch.cuda.Event) -> None:
+        deadline = time.monotonic() + self.comm.timeout_s
+        while not event.query():
+            if time.monotonic() > deadline:
+                raise PeerTimeoutError(
+                    f"rank {self.rank}: a chunk of rebalance rounds did not finish within {self.comm.timeout_s:.0f} s"
+                )
+            time.sleep(0.0002)
 
 
 def run_disk_reads(

@@ -45,7 +45,7 @@ from expert_store.kernels.reference import slab_checksums_reference
 from .checkpoint import Checkpoint
 from .errors import ManifestError, StoreError
 from .manifest import Manifest, ManifestLog
-from .plan import plan_rebalance, round_budget, schedule_rounds
+from .plan import merge_plans, plan_chunks, round_budget
 from .spec import ExpertSpec, dtype_name
 from .store import DEFAULT_ROUND_BYTES, DEFAULT_STAGING_BYTES
 
@@ -566,7 +566,8 @@ def plan_between(
 ) -> dict[str, Any]:
     """What a rebalance from version ``a`` (its placement and alive mask) to version ``b``
     (its placement and alive mask) moves, as :func:`expert_store.plan.plan_rebalance` and
-    :func:`~expert_store.plan.schedule_rounds` compute it on every live rank.
+    :func:`~expert_store.plan.schedule_rounds` compute it on every live rank (layer chunk by
+    layer chunk, :func:`~expert_store.plan.plan_chunks`).
 
     ``staging_bytes`` and ``round_bytes`` default to the values recorded in ``b`` (when it
     was made by a rebalance), else the store's defaults; rounds get the store's budget
@@ -586,21 +587,27 @@ def plan_between(
         round_bytes = recorded_round if isinstance(recorded_round, int) else DEFAULT_ROUND_BYTES
     if isinstance(round_bytes, bool) or not isinstance(round_bytes, int) or round_bytes <= 0:
         raise UsageError(f"--round-bytes must be a positive int, got {round_bytes!r}")
-    budget = round_budget(staging_bytes=staging_bytes, round_bytes=round_bytes, record_bytes=spec.record_bytes)
     for r in fresh:
         if not 0 <= r < mb.num_ranks or not bool(mb.alive[r]):
             raise UsageError(f"--fresh rank {r} is not a live rank of version {mb.version}")
     try:
-        plan = plan_rebalance(
-            ma.placement(),
-            mb.placement(),
-            expert_bytes=spec.nbytes,
-            old_alive=ma.alive,
-            alive=mb.alive,
-            fresh=fresh,
-            ranks_per_node=mb.ranks_per_node,
+        chunks = list(
+            plan_chunks(
+                ma.placement(),
+                mb.placement(),
+                expert_bytes=spec.nbytes,
+                record_bytes=spec.record_bytes,
+                staging_bytes=staging_bytes,
+                round_bytes=round_bytes,
+                old_alive=ma.alive,
+                alive=mb.alive,
+                fresh=fresh,
+                ranks_per_node=mb.ranks_per_node,
+            )
         )
-        rounds = schedule_rounds(plan, record_bytes=spec.record_bytes, budget_bytes=budget)
+        plan = merge_plans([c[0] for c in chunks])
+        rounds = [r for c in chunks for r in c[1]]
+        budget = round_budget(staging_bytes=chunks[0][2], round_bytes=round_bytes, record_bytes=spec.record_bytes)
     except StoreError as e:
         raise type(e)(f"plan {ma.version} -> {mb.version} under {log.root}: {e}") from None
     links: dict[tuple[int, int], int] = {}

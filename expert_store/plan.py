@@ -27,7 +27,7 @@ before every move reading its old content has been packed.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -44,6 +44,9 @@ __all__ = [
     "RankAccount",
     "RebalancePlan",
     "Round",
+    "layer_chunks",
+    "merge_plans",
+    "plan_chunks",
     "plan_rebalance",
     "round_budget",
     "schedule_rounds",
@@ -155,6 +158,8 @@ def plan_rebalance(
     alive: Sequence[bool] | torch.Tensor | None = None,
     fresh: Iterable[int] = (),
     ranks_per_node: int | None = None,
+    layers: Sequence[int] | None = None,
+    load: list[int] | None = None,
 ) -> RebalancePlan:
     """Compute the rebalance plan from ``old`` to ``new``.
 
@@ -165,6 +170,9 @@ def plan_rebalance(
         alive: bool [R]: ranks taking part now (dead ranks are never sources or destinations).
         fresh: live ranks whose memory is empty (restarted); destinations only.
         ranks_per_node: when set, a holder on the destination's node is preferred.
+        layers: plan only these layers (default all), in this order.
+        load: int [R], bytes each rank already sends (updated in place): planning layers in
+            pieces with one ``load`` gives the same moves as planning them at once.
     """
     if (old.num_layers, old.num_experts, old.num_ranks, old.slots_per_rank) != (
         new.num_layers,
@@ -202,11 +210,13 @@ def plan_rebalance(
     post: list[PostCopy] = []
     accounts = {r: RankAccount() for r in range(R) if alive_t[r]}
     changed: set[tuple[int, int, int]] = set()
-    sent_bytes = [0] * R  # load already given to each holder, for spreading
+    sent_bytes = [0] * R if load is None else load  # load already given to each holder, for spreading
+    if len(sent_bytes) != R:
+        raise PlacementError(f"load must have one entry per rank ({R}), got {len(sent_bytes)}")
     node_of = (lambda r: r // ranks_per_node) if ranks_per_node else (lambda r: 0)
     live_ranks = [r for r in range(R) if alive_t[r]]
 
-    for layer in range(L):
+    for layer in range(L) if layers is None else layers:
         o = old_np[layer].reshape(R, S)
         n = new_np[layer].reshape(R, S)
         # Plain Python lists: element access on numpy arrays costs ~10x a list's in these loops.
@@ -279,6 +289,94 @@ def plan_rebalance(
         accounts=accounts,
         changed=changed,
     )
+
+
+def merge_plans(plans: Sequence[RebalancePlan]) -> RebalancePlan:
+    """One plan from plans of disjoint layers (see :func:`plan_chunks`)."""
+    first = plans[0]
+    accounts: dict[int, RankAccount] = {r: RankAccount() for r in first.accounts}
+    for p in plans:
+        for r, a in p.accounts.items():
+            m = accounts[r]
+            m.bytes_p2p += a.bytes_p2p
+            m.bytes_local += a.bytes_local
+            m.bytes_disk += a.bytes_disk
+            for layer, experts in a.missing.items():
+                m.missing[layer] = experts
+    return RebalancePlan(
+        num_ranks=first.num_ranks,
+        slots_per_rank=first.slots_per_rank,
+        alive=first.alive,
+        holders_valid=first.holders_valid,
+        moves=[m for p in plans for m in p.moves],
+        disk_reads=[d for p in plans for d in p.disk_reads],
+        post_copies=[c for p in plans for c in p.post_copies],
+        accounts=accounts,
+        changed=set().union(*(p.changed for p in plans)),
+    )
+
+
+# Planning a large rebalance costs ~1-2 ms per layer on the CPU, as much as moving the
+# bytes. Layers are planned in chunks so that chunk k+1 is planned while chunk k's rounds
+# run on the GPU: 1 layer first (the GPU starts early), then twice as many each time, up to
+# CHUNK_MAX_LAYERS. Small rebalances (fewer than CHUNK_MIN_SLOTS changed slots) are one chunk:
+# each chunk ends with a partly filled round.
+CHUNK_MAX_LAYERS = 8
+CHUNK_MIN_SLOTS = 4096
+
+
+def layer_chunks(old: Placement, new: Placement) -> list[range]:
+    """The layer ranges :func:`plan_chunks` plans one at a time."""
+    L = new.num_layers
+    if L == 1 or int((old.phy2log != new.phy2log).sum()) < CHUNK_MIN_SLOTS:
+        return [range(L)]
+    chunks, start, size = [], 0, 1
+    while start < L:
+        chunks.append(range(start, min(L, start + size)))
+        start += size
+        size = min(2 * size, CHUNK_MAX_LAYERS)
+    return chunks
+
+
+def plan_chunks(
+    old: Placement,
+    new: Placement,
+    *,
+    expert_bytes: int,
+    record_bytes: int,
+    staging_bytes: int,
+    round_bytes: int,
+    old_alive: Sequence[bool] | torch.Tensor | None = None,
+    alive: Sequence[bool] | torch.Tensor | None = None,
+    fresh: Iterable[int] = (),
+    ranks_per_node: int | None = None,
+) -> Iterator[tuple[RebalancePlan, list[Round], int]]:
+    """(plan, rounds, staging bytes for those rounds) per chunk of layers, computed lazily.
+
+    One chunk: the whole staging. Several (only when half the staging holds four records):
+    each chunk's rounds get half of it, since the next chunk is packed while the last rounds
+    of the previous one are still in flight.
+    Identical on every rank; merged, the plans equal :func:`plan_rebalance` of all layers."""
+    chunks = layer_chunks(old, new)
+    if staging_bytes // 2 < 4 * record_bytes:  # half the staging must still double-buffer 2-record rounds
+        chunks = [range(new.num_layers)]
+    staging = staging_bytes if len(chunks) == 1 else staging_bytes // 2
+    budget = round_budget(staging_bytes=staging, round_bytes=round_bytes, record_bytes=record_bytes)
+    load = [0] * new.num_ranks
+    fresh = tuple(fresh)
+    for layers in chunks:
+        plan = plan_rebalance(
+            old,
+            new,
+            expert_bytes=expert_bytes,
+            old_alive=old_alive,
+            alive=alive,
+            fresh=fresh,
+            ranks_per_node=ranks_per_node,
+            layers=layers,
+            load=load,
+        )
+        yield plan, schedule_rounds(plan, record_bytes=record_bytes, budget_bytes=budget), staging
 
 
 def round_budget(*, staging_bytes: int, round_bytes: int, record_bytes: int) -> int:

@@ -37,11 +37,11 @@ from expert_store.kernels import pack_records, resident_checksums, unpack_record
 from .checkpoint import Checkpoint
 from .comm import DEFAULT_TIMEOUT_S, Comm
 from .errors import AgreementError, IntegrityError, ManifestError, PlacementError, StoreError
-from .execute import BackgroundCall, ExecutionStats, RoundRunner, copy_slots, run_disk_reads, run_post_copies
+from .execute import BackgroundCall, ChunkedRun, ExecutionStats, copy_slots, run_disk_reads, run_post_copies
 from .layout import ResidentSlabs, SlabLayout
 from .manifest import Manifest, ManifestLog, PreparedManifest, decode_manifest
 from .placement import Placement
-from .plan import plan_rebalance, round_budget, schedule_rounds
+from .plan import RebalancePlan, plan_chunks
 from .spec import ExpertSpec
 
 __all__ = ["DEFAULT_ROUND_BYTES", "DEFAULT_STAGING_BYTES", "ExpertStore", "RebalanceReport"]
@@ -488,7 +488,7 @@ class ExpertStore:
         # it is dropped if they turn out to differ, or recomputed if this rank's state is replaced).
         # Round 0 is packed into staging too (no slot written, nothing sent), so the GPU starts
         # working while the messages travel.
-        plan_or_error: tuple | StoreError | None = None
+        plan_or_error: ChunkedRun | StoreError | None = None
         if problem is None:
             t1 = time.perf_counter()
             plan_or_error = self._plan_and_prepack(new_placement, alive_t, fresh_t, staging_bytes, round_bytes)
@@ -528,8 +528,7 @@ class ExpertStore:
         if isinstance(plan_or_error, StoreError):
             raise plan_or_error  # deterministic: every live rank raises the same, before anything moves
         created = int(table[0, 10]) / 1e9  # the leader's clock: every rank commits identical bytes
-        plan, rounds, runner = plan_or_error
-        acct = plan.accounts[self.rank]
+        execution = plan_or_error
         stats = ExecutionStats()
         new_version = self._version + 1
         prepared: list[PreparedManifest] = []
@@ -539,6 +538,7 @@ class ExpertStore:
             """The new manifest is fully known: write and fsync it while the last round is in flight.
 
             A failure here is shared through the completion messages, so no rank commits."""
+            plan = execution.plan
             totals = {
                 key: sum(getattr(a, key) for a in plan.accounts.values())
                 for key in ("bytes_p2p", "bytes_local", "bytes_disk")
@@ -555,7 +555,7 @@ class ExpertStore:
                     "moves": len(plan.moves),
                     "disk_reads": len(plan.disk_reads),
                     "post_copies": len(plan.post_copies),
-                    "rounds": len(rounds),
+                    "rounds": execution.rounds,
                     "staging_bytes": staging_bytes,
                     "round_bytes": round_bytes,
                     "live_ranks": len(live),
@@ -568,17 +568,24 @@ class ExpertStore:
                 prepare_error.append(str(e))
 
         # -- execute: from here on, bytes move
-        my_disk = [d for d in plan.disk_reads if d.rank == self.rank]
-        my_post = [c for c in plan.post_copies if c.rank == self.rank]
-        read_first = {(m.layer, m.src_slot) for m in plan.moves if m.src_rank == self.rank}
-        early = [d for d in my_disk if (d.layer, d.slot) not in read_first]
-        late = [d for d in my_disk if (d.layer, d.slot) in read_first]
-        disk_budget = staging_bytes // 4
+        disk = dict(slabs=self.slabs, checkpoint=self.checkpoint, staging_bytes=staging_bytes // 4)
+        reader: BackgroundCall | None = None
+        late: list = []
+
+        def start_disk_reads(plan: RebalancePlan) -> None:
+            """Checkpoint reads of a chunk into slots no move reads start at once, one chunk after
+            the other in a background thread; the others wait for the rounds (they free the slot)."""
+            nonlocal reader
+            my_disk = [d for d in plan.disk_reads if d.rank == self.rank]
+            read_first = {(m.layer, m.src_slot) for m in plan.moves if m.src_rank == self.rank}
+            early = [d for d in my_disk if (d.layer, d.slot) not in read_first]
+            late.extend(d for d in my_disk if (d.layer, d.slot) in read_first)
+            if early:
+                reader = BackgroundCall(_read_after, reader, early, name="expert-store-disk", **disk)
+
         try:
             t0 = time.perf_counter()
-            disk = dict(slabs=self.slabs, checkpoint=self.checkpoint, staging_bytes=disk_budget)
-            reader = BackgroundCall(run_disk_reads, early, name="expert-store-disk", **disk) if early else None
-            runner.run(stats, while_in_flight=write_manifest)
+            plan = execution.run(stats, on_plan=start_disk_reads, while_in_flight=write_manifest)
             phases["exchange"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             if reader is not None:
@@ -586,6 +593,7 @@ class ExpertStore:
             run_disk_reads(late, **disk)  # slots whose old content the moves needed: only now free
             phases["disk_wait"] = time.perf_counter() - t0
             t0 = time.perf_counter()
+            my_post = [c for c in plan.post_copies if c.rank == self.rank]
             used = run_post_copies(my_post, slabs=self.slabs, budget=staging_bytes // 2)
             stats.staging_peak = max(stats.staging_peak, used)
             if self.device.type == "cuda":
@@ -593,8 +601,11 @@ class ExpertStore:
             phases["local_copy"] = time.perf_counter() - t0
         except BaseException as e:
             self._broken = f"rebalance to version {self._version + 1} failed while moving bytes: {e}"
+            if reader is not None:
+                reader.wait()  # no thread writes slots once the call has returned
             _discard(prepared)
             raise
+        acct = plan.accounts[self.rank]
         # -- bytes are in place on this rank; adopt the new placement, then check
         self._placement = new_placement
         self._empty = False
@@ -698,32 +709,28 @@ class ExpertStore:
         return alive_t, fresh_t, staging_bytes, round_bytes
 
     def _plan_and_prepack(self, new_placement: Placement, alive_t, fresh_t, staging_bytes: int, round_bytes: int):
-        """(plan, rounds, runner) with round 0 packed into staging, or the planner's StoreError.
+        """A ChunkedRun with its first chunk planned and round 0 packed into staging, or the
+        planner's StoreError.
 
         The error is returned, not raised: it is deterministic (every rank with the same
-        inputs gets it), so it is raised once the ranks have agreed on those inputs."""
-        try:
-            plan, rounds = self._plan(new_placement, alive_t, fresh_t, staging_bytes, round_bytes)
-        except StoreError as e:
-            return e
-        runner = RoundRunner(rounds, rank=self.rank, slabs=self.slabs, comm=self.comm, staging_bytes=staging_bytes)
-        runner.prepack()
-        return plan, rounds, runner
-
-    def _plan(self, new_placement: Placement, alive_t, fresh_t, staging_bytes: int, round_bytes: int):
-        """(plan, rounds): identical on every live rank that has the same inputs."""
-        plan = plan_rebalance(
+        inputs gets it), so it is raised once the ranks have agreed on those inputs. Plans are
+        identical on every live rank that has the same inputs."""
+        chunks = plan_chunks(
             self._placement,
             new_placement,
             expert_bytes=self.spec.nbytes,
+            record_bytes=self.spec.record_bytes,
+            staging_bytes=staging_bytes,
+            round_bytes=round_bytes,
             old_alive=self._alive,
             alive=alive_t,
             fresh=fresh_t,
             ranks_per_node=self.ranks_per_node,
         )
-        rb = self.spec.record_bytes
-        budget = round_budget(staging_bytes=staging_bytes, round_bytes=round_bytes, record_bytes=rb)
-        return plan, schedule_rounds(plan, record_bytes=rb, budget_bytes=budget)
+        try:
+            return ChunkedRun(chunks, rank=self.rank, slabs=self.slabs, comm=self.comm)
+        except StoreError as e:
+            return e
 
     def _sync_fresh(self, ref: int, behind: list[int]) -> None:
         """Fresh ranks whose manifest is older than the live ranks' (a rejoining rank with its own
@@ -815,6 +822,12 @@ def _discard(prepared: list[PreparedManifest]) -> None:
     """Remove the temporary file of a prepared manifest that will not be published."""
     for p in prepared:
         p.discard()
+
+
+def _read_after(previous: BackgroundCall | None, reads, **disk) -> int:
+    """Checkpoint reads after those of ``previous`` (one reader at a time); returns bytes read."""
+    done = previous.result() if previous is not None else 0
+    return done + run_disk_reads(reads, **disk)
 
 
 def _warm_kernels(slabs: ResidentSlabs) -> None:

@@ -153,6 +153,37 @@ def test_rotation_across_ranks_is_parked():
     _simulate(old, new, plan, rounds, old_alive=[True] * R, alive=[True] * R, cap=2)
 
 
+def test_chunks_merge_to_the_whole_plan(monkeypatch):
+    """Planned layer chunk by layer chunk (as large rebalances are), the merged plan has exactly
+    the moves, reads, copies and accounting of the whole plan, and each chunk's rounds are in
+    place safe within the per-chunk budget (half the staging)."""
+    from expert_store import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "CHUNK_MIN_SLOTS", 0)
+    gen = torch.Generator().manual_seed(77)
+    R, S, E, L = 4, 5, 12, 9
+    old = random_placement(gen, L=L, E=E, R=R, S=S)
+    new = random_placement(gen, L=L, E=E, R=R, S=S)
+    alive, fresh = [True, True, True, True], (2,)
+    whole = plan_rebalance(old, new, expert_bytes=7, alive=alive, fresh=fresh, ranks_per_node=2)
+    chunks = list(
+        plan_module.plan_chunks(
+            old, new, expert_bytes=7, record_bytes=RB, staging_bytes=12 * RB, round_bytes=1 << 30,
+            alive=alive, fresh=fresh, ranks_per_node=2,
+        )
+    )  # fmt: skip
+    assert [len(c) for c in plan_module.layer_chunks(old, new)] == [1, 2, 4, 2]
+    merged = plan_module.merge_plans([c[0] for c in chunks])
+    assert merged.moves == whole.moves and merged.disk_reads == whole.disk_reads
+    assert merged.post_copies == whole.post_copies and merged.changed == whole.changed
+    assert merged.accounts == whole.accounts
+    for plan, rounds, staging in chunks:
+        assert staging == 6 * RB
+        assert sum(len(x.moves) for x in rounds) == len(plan.moves)
+    rounds = [r for c in chunks for r in c[1]]
+    _simulate(old, new, merged, rounds, old_alive=[True] * R, alive=alive, cap=3)
+
+
 def test_permutation_cycle_larger_than_budget_is_parked():
     """A rank that rotates all its slots (one long cycle) with room for 2 records per round still
     completes: one slot is parked, the rest follow as a chain."""

@@ -52,15 +52,21 @@ def _wait_version(root, version, deadline_s=60.0):
         time.sleep(0.05)
 
 
-def scenario(rank, world, info, root_base, shared_root, elastic, rpn, seed, device="cpu"):
+def scenario(rank, world, info, root_base, shared_root, elastic, rpn, seed, device="cpu", chunked=False):
     """create -> random rebalance -> (rank R-1 dies; survivors rebalance) -> (it joins fresh) ->
-    disagreement -> unservable placement -> reopen."""
+    disagreement -> unservable placement -> reopen. ``chunked``: plan and run one layer at a
+    time, as a large rebalance does (these placements are otherwise too small for it)."""
+    if chunked:
+        import expert_store.plan as plan_module
+
+        plan_module.CHUNK_MIN_SLOTS, plan_module.CHUNK_MAX_LAYERS = 0, 1
     root = root_base if shared_root else root_base / f"rank{rank}"
     L, E = info.num_layers, info.num_experts
     S = {2: 8, 3: 4, 4: 3}[world]
     R = world
     gen = torch.Generator().manual_seed(seed)
-    staging = 6 * info.spec.record_bytes  # forces several rounds (and parks for cycles)
+    # forces several rounds (and parks for cycles); chunks need 4 records in half the staging
+    staging = (8 if chunked else 6) * info.spec.record_bytes
     if device == "cuda":
         device = f"cuda:{rank}"
     elif device == "cuda-shared":  # several ranks on one GPU, gloo bouncing slabs through the host
@@ -146,20 +152,23 @@ def qwen_ckpt(tmp_path_factory):
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize(
-    "world,shared_root,elastic,rpn,kind",
+    "world,shared_root,elastic,rpn,kind,chunked",
     [
-        (2, True, True, None, "qwen"),
-        (3, False, True, None, "ds"),
-        (4, True, True, 2, "ds"),
+        (2, True, True, None, "qwen", False),
+        (3, False, True, None, "ds", False),
+        (4, True, True, 2, "ds", False),
+        (3, True, True, None, "qwen", True),
     ],
-    ids=["2ranks-qwen-elastic", "3ranks-ds-elastic-own-roots", "4ranks-ds-elastic-2pernode"],
+    ids=["2ranks-qwen-elastic", "3ranks-ds-elastic-own-roots", "4ranks-ds-elastic-2pernode", "3ranks-qwen-chunked"],
 )
-def test_elastic_rebalance_gloo(tmp_path, ds_ckpt, qwen_ckpt, world, shared_root, elastic, rpn, kind):
+def test_elastic_rebalance_gloo(tmp_path, ds_ckpt, qwen_ckpt, world, shared_root, elastic, rpn, kind, chunked):
     """Live slots stay bit-exact and accounting exact through rebalances with a dead rank and a
     fresh rejoin; disagreeing ranks and unservable placements are refused on every rank with
     nothing moved; a reopened store sees the committed version."""
     info = ds_ckpt if kind == "ds" else qwen_ckpt
-    logs = run_ranks(scenario, world, info, tmp_path / "store", shared_root, elastic, rpn, 1234, timeout_s=200)
+    logs = run_ranks(
+        scenario, world, info, tmp_path / "store", shared_root, elastic, rpn, 1234, "cpu", chunked, timeout_s=200
+    )
     # p2p bytes received somewhere must come from somewhere: at least one rank moved data by p2p
     assert any(entry[1] > 0 for log in logs for entry in log)
 
@@ -169,6 +178,9 @@ def test_elastic_rebalance_gloo(tmp_path, ds_ckpt, qwen_ckpt, world, shared_root
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_elastic_rebalance_gloo_on_one_gpu(tmp_path, ds_ckpt):
     """The same scenario with 3 ranks whose slabs live on one GPU (Triton kernels on CUDA,
-    gloo bouncing slabs through the host): the GPU path of pack/unpack/verify under rebalance."""
-    logs = run_ranks(scenario, 3, ds_ckpt, tmp_path / "store", True, True, None, 4321, "cuda-shared", timeout_s=280)
+    gloo bouncing slabs through the host): the GPU path of pack/unpack/verify under rebalance,
+    planned and run layer by layer (the chunk pipeline's CUDA events)."""
+    logs = run_ranks(
+        scenario, 3, ds_ckpt, tmp_path / "store", True, True, None, 4321, "cuda-shared", True, timeout_s=280
+    )
     assert any(entry[1] > 0 for log in logs for entry in log)
