@@ -316,13 +316,14 @@ def merge_plans(plans: Sequence[RebalancePlan]) -> RebalancePlan:
     )
 
 
-# Planning a large rebalance costs ~1-2 ms per layer on the CPU, as much as moving the
-# bytes. Layers are planned in chunks so that chunk k+1 is planned while chunk k's rounds
-# run on the GPU: 1 layer first (the GPU starts early), then twice as many each time, up to
-# CHUNK_MAX_LAYERS. Small rebalances (fewer than CHUNK_MIN_SLOTS changed slots) are one chunk:
-# each chunk ends with a partly filled round.
+# Planning costs ~5 us per changed slot on the CPU (1-2 ms per layer of a large model), as
+# much as moving the bytes. Layers are planned in chunks so that chunk k+1 is planned while
+# chunk k's rounds run on the GPU: 1 layer first (the GPU starts early), then twice as many
+# each time, up to CHUNK_MAX_LAYERS. Below CHUNK_MIN_SLOTS changed slots (~5 ms of planning)
+# a rebalance is one chunk: each chunk costs a partly filled last round and a pipeline
+# restart (a few hundred us).
 CHUNK_MAX_LAYERS = 8
-CHUNK_MIN_SLOTS = 4096
+CHUNK_MIN_SLOTS = 1024
 
 
 def layer_chunks(old: Placement, new: Placement) -> list[range]:
