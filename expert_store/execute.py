@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from expert_store.kernels import pack_records, unpack_records
+from expert_store.kernels import PreparedCopies, pack_records, unpack_records
 
 from .checkpoint import Checkpoint
 from .comm import Comm
@@ -189,23 +189,38 @@ class RoundRunner:
         except RuntimeError as e:
             raise StoreError(f"rank {rank}: cannot allocate {nbuf} x {cap} bytes of staging on {dev}: {e}") from None
         self.staging_peak = nbuf * cap + self.n_parks * rb
+        # Every round's index rows, validated and on the device in one copy: a round's
+        # launches then cost no host work but the launch itself.
+        entries: list[tuple] = []
+        self.launches: list[tuple[int, int, int, tuple[list[int], list[int]]]] = []
+
+        def add(entry) -> int:
+            if not entry[1]:
+                return -1
+            entries.append(entry)
+            return len(entries) - 1
+
+        for io in self.ios:
+            layers, slots, pos, park_ids, park_pos = io.pack_lists()
+            parks = ("pack", [p.layer for p in io.parks], [p.slot for p in io.parks], [p.park for p in io.parks])
+            self.launches.append(
+                (
+                    add(parks),
+                    add(("pack", layers, slots, pos)),
+                    add(("unpack", *io.unpack_lists())),
+                    (park_ids, park_pos),
+                )
+            )
+        self.copies = PreparedCopies(slabs.storage, slabs.layout, entries)
 
     def _pack(self, k: int) -> None:
         io, rb = self.ios[k], self.rb
-        storage, layout = self.slabs.storage, self.slabs.layout
         buf = self.bufs[k % len(self.bufs)]
-        if io.parks:
-            pack_records(
-                storage,
-                layout,
-                [p.layer for p in io.parks],
-                [p.slot for p in io.parks],
-                out=self.park_buf,
-                records=[p.park for p in io.parks],
-            )
-        layers, slots, pos, park_ids, park_pos = io.pack_lists()
-        if layers:
-            pack_records(storage, layout, layers, slots, out=buf, records=pos)
+        parks, pack, _, (park_ids, park_pos) = self.launches[k]
+        if parks >= 0:
+            self.copies.launch(parks, self.park_buf)
+        if pack >= 0:
+            self.copies.launch(pack, buf)
         if park_ids:
             rows = buf[: io.n_pack * rb].view(io.n_pack, rb)
             rows[torch.tensor(park_pos)] = self.park_buf.view(self.n_parks, rb)[torch.tensor(park_ids)]
@@ -226,11 +241,9 @@ class RoundRunner:
         return self.comm.start_exchange(sends, recvs)
 
     def _unpack(self, k: int) -> None:
-        layers, slots, recs = self.ios[k].unpack_lists()
-        if layers:
-            unpack_records(
-                self.bufs[k % len(self.bufs)], self.slabs.storage, self.slabs.layout, layers, slots, records=recs
-            )
+        unpack = self.launches[k][2]
+        if unpack >= 0:
+            self.copies.launch(unpack, self.bufs[k % len(self.bufs)])
         self.events.mark("unpack", k)
 
     def prepack(self) -> None:

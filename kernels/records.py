@@ -118,6 +118,7 @@ __all__ = [
     "DEFAULT_CONFIG",
     "Indices",
     "KernelConfig",
+    "PreparedCopies",
     "chunks_per_expert",
     "pack_records",
     "resident_checksums",
@@ -649,10 +650,6 @@ def _launch(kernel, plan: _Plan, rows: array, n: int, a: torch.Tensor, b: torch.
 
 def _launch_cuda(kernel, plan: _Plan, rows: array, n: int, a: torch.Tensor, b: torch.Tensor, *, b_words: bool) -> None:
     """:func:`_launch` on a CUDA device: rows staged through the device's ring, cached compiled kernel."""
-    grid = n * plan.chunks
-    a_ptr, b_ptr = a.data_ptr(), b.data_ptr()
-    aligned = (a_ptr | b_ptr) % 16 == 0
-    args = plan.args[aligned]
     device = a.device
     with _device_guard(device):
         raw = _raw_stream(device.index)
@@ -661,26 +658,35 @@ def _launch_cuda(kernel, plan: _Plan, rows: array, n: int, a: torch.Tensor, b: t
             off = ring.stage(rows, raw)
             if off is None:  # more rows than a ring segment holds: torch's pinned allocator guards the copy
                 idx = torch.frombuffer(rows, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
-                idx_ptr = idx.data_ptr()
+                _run_cuda(kernel, plan, raw, idx.data_ptr(), lambda: idx, n, a, b, b_words=b_words)
             else:
-                idx = None
-                idx_ptr = ring.dev_ptr + off
-            key = (id(kernel), aligned)
-            direct = _DIRECT_LAUNCH and not _launch_hooks_set()
-            entry = plan.compiled.get(key) if direct else None
-            if entry is not None and entry[0] is kernel:
-                compiled = entry[1]
-                compiled.run(
-                    grid, 1, 1, raw, compiled.function, compiled.packed_metadata, None, None, None,
-                    a_ptr, b_ptr, idx_ptr, plan.table_ptr, *args,
-                )  # fmt: skip
-                return
-            if idx is None:
-                idx = ring.dev[off : off + len(rows) * 8].view(torch.int64)
-            b_arg = _words(b, plan) if b_words else b
-            compiled = kernel[(grid,)](_words(a, plan), b_arg, idx, plan.table, *args, num_warps=plan.num_warps)
-            if direct and _is_compiled_kernel(compiled):
-                plan.compiled[key] = (kernel, compiled)  # the kernel held: its id is not reused
+                view = lambda: ring.dev[off : off + len(rows) * 8].view(torch.int64)
+                _run_cuda(kernel, plan, raw, ring.dev_ptr + off, view, n, a, b, b_words=b_words)
+
+
+def _run_cuda(
+    kernel, plan: _Plan, raw: int, idx_ptr: int, idx_view, n: int, a: torch.Tensor, b: torch.Tensor, *, b_words: bool
+) -> None:
+    """Launch ``kernel`` on stream ``raw`` with index rows already on the device at ``idx_ptr``
+    (``idx_view()``: the same rows as an int64 tensor, for Triton's normal launch path)."""
+    grid = n * plan.chunks
+    a_ptr, b_ptr = a.data_ptr(), b.data_ptr()
+    aligned = (a_ptr | b_ptr) % 16 == 0
+    args = plan.args[aligned]
+    key = (id(kernel), aligned)
+    direct = _DIRECT_LAUNCH and not _launch_hooks_set()
+    entry = plan.compiled.get(key) if direct else None
+    if entry is not None and entry[0] is kernel:
+        compiled = entry[1]
+        compiled.run(
+            grid, 1, 1, raw, compiled.function, compiled.packed_metadata, None, None, None,
+            a_ptr, b_ptr, idx_ptr, plan.table_ptr, *args,
+        )  # fmt: skip
+        return
+    b_arg = _words(b, plan) if b_words else b
+    compiled = kernel[(grid,)](_words(a, plan), b_arg, idx_view(), plan.table, *args, num_warps=plan.num_warps)
+    if direct and _is_compiled_kernel(compiled):
+        plan.compiled[key] = (kernel, compiled)  # the kernel held: its id is not reused
 
 
 def _backend(device: torch.device, what: str) -> str:
@@ -801,6 +807,20 @@ def _check_distinct(keys: list[int], describe, what: str, why: str) -> None:
         first[k] = i
 
 
+def _check_records_distinct(recs: list[int], what: str) -> None:
+    _check_distinct(recs, lambda i: f"record {recs[i]}", what, "each record may be written once per call")
+
+
+def _check_targets_distinct(layers: list[int], slots: list[int], layout: SlabLayout, what: str) -> None:
+    s_count = layout.slots
+    _check_distinct(
+        [la * s_count + s for la, s in zip(layers, slots)],
+        lambda i: f"(layer {layers[i]}, slot {slots[i]})",
+        what,
+        "each destination slot may be written once per call",
+    )
+
+
 class _Items(NamedTuple):
     layers: list[int]
     slots: list[int]
@@ -906,8 +926,7 @@ def pack_records(
         used = n
     else:
         used = max(items.records) + 1 if n else 0
-        recs = items.records
-        _check_distinct(recs, lambda i: f"record {recs[i]}", what, "each record may be written once per call")
+        _check_records_distinct(items.records, what)
     need = used * spec.record_bytes
     if out is None:
         out = torch.empty(need, dtype=torch.uint8, device=storage.device)
@@ -982,13 +1001,7 @@ def unpack_records(
         capacity = f"the slab's record capacity ({slab.numel()} bytes // record_bytes={spec.record_bytes})"
         _check_range("records", items.records, cap, capacity, what)
     lay, slo = items.layers, items.slots
-    s_count = layout.slots
-    _check_distinct(
-        [la * s_count + s for la, s in zip(lay, slo)],
-        lambda i: f"(layer {lay[i]}, slot {slo[i]})",
-        what,
-        "each destination slot may be written once per call",
-    )
+    _check_targets_distinct(lay, slo, layout, what)
     if not n:
         return
     rows = _rows(lay, slo, items.records)
@@ -998,6 +1011,97 @@ def unpack_records(
     else:
         plan = _plan("copy", layout, config, storage.device)
         _launch(_unpack_records_kernel, plan, rows, n, slab, storage, b_words=True)
+
+
+class PreparedCopies:
+    """Many pack / unpack launches over one storage, validated and staged at once.
+
+    Each entry is checked as :func:`pack_records` / :func:`unpack_records` check their
+    arguments, and the index rows of all entries go to the device in one copy; launching
+    entry i then costs only the kernel launch (no per-call validation or staging). A
+    rebalance prepares its rounds this way while the ranks' agreement is in flight.
+
+    Args:
+        storage: uint8 [L * layout.layer_bytes], one rank's resident slabs.
+        layout: the SlabLayout of ``storage``.
+        entries: per launch, ``(direction, layers, slots, records)``: "pack" gathers the
+            (layer, slot) items into the given records of a buffer (records distinct), "unpack"
+            scatters records of a buffer into the items ((layer, slot) distinct). Indices
+            as lists / tuples / ranges of ints or int64 CPU tensors.
+        config: kernel work decomposition (default DEFAULT_CONFIG).
+
+    Raises:
+        StoreError: as the launchers do, naming the entry; nothing is launched then.
+    """
+
+    def __init__(
+        self,
+        storage: torch.Tensor,
+        layout: SlabLayout,
+        entries: Sequence[tuple[str, Indices, Indices, Indices]],
+        *,
+        config: KernelConfig | None = None,
+    ) -> None:
+        what = "PreparedCopies"
+        self.layout = _check_layout(layout, what)
+        self.storage = _check_storage(storage, layout, what)
+        self.backend = _backend(storage.device, what)
+        self.plan = _plan("copy", layout, config or DEFAULT_CONFIG, storage.device)
+        rows = array("q")
+        self._entries: list[tuple[bool, int, int, int]] = []  # (pack, first row, n, records needed)
+        for i, (direction, layers, slots, records) in enumerate(entries):
+            where = f"{what} entry {i}"
+            if direction not in ("pack", "unpack"):
+                raise StoreError(f"{where}: direction must be 'pack' or 'unpack', got {direction!r}")
+            items = _prepare_items(storage, layout, layers, slots, records, where)
+            n = len(items.layers)
+            recs = items.records if items.records is not None else list(range(n))
+            if direction == "pack":
+                _check_records_distinct(recs, where)
+            else:
+                _check_targets_distinct(items.layers, items.slots, layout, where)
+            self._entries.append((direction == "pack", len(rows) // 3, n, max(recs) + 1 if n else 0))
+            rows.extend(_rows(items.layers, items.slots, recs))
+        self._rows = rows
+        self._dev_rows: torch.Tensor | None = None
+        if self.backend == "triton" and storage.device.type == "cuda" and len(rows):
+            self._host_rows = torch.frombuffer(rows, dtype=torch.int64).pin_memory()  # held until we are dropped
+            self._dev_rows = self._host_rows.to(storage.device, non_blocking=True)  # queued before every launch
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def launch(self, i: int, buffer: torch.Tensor) -> None:
+        """Run entry i with ``buffer`` (uint8, storage's device) as the records' slab."""
+        pack, first, n, need = self._entries[i]
+        what = f"PreparedCopies entry {i}"
+        buffer = _check_byte_tensor("buffer", buffer, what)
+        _check_same_device("buffer", buffer, self.storage.device, what)
+        rb = self.layout.spec.record_bytes
+        if buffer.numel() < need * rb:
+            raise StoreError(f"{what}: buffer must hold {need} records ({need * rb} bytes), got {buffer.numel()}")
+        _check_word_alignment("buffer", buffer, self.layout.spec.word_bytes, what)
+        if not n:
+            return
+        a, b = (self.storage, buffer) if pack else (buffer, self.storage)
+        kernel = _pack_records_kernel if pack else _unpack_records_kernel
+        if self._dev_rows is not None:
+            device = self.storage.device
+            with _device_guard(device):
+                idx = self._dev_rows[3 * first : 3 * (first + n)]
+                _run_cuda(
+                    kernel, self.plan, _raw_stream(device.index), idx.data_ptr(), lambda: idx, n, a, b, b_words=True
+                )
+            return
+        rows = self._rows[3 * first : 3 * (first + n)]
+        if self.backend == "torch":
+            idx = _rows_tensor(rows, n)
+            if pack:
+                _ref.pack_records_reference(self.storage, self.layout, idx[:, 0], idx[:, 1], buffer, idx[:, 2])
+            else:
+                _ref.unpack_records_reference(buffer, self.storage, self.layout, idx[:, 0], idx[:, 1], idx[:, 2])
+        else:
+            _launch(kernel, self.plan, rows, n, a, b, b_words=True)
 
 
 def resident_checksums(

@@ -1078,3 +1078,85 @@ def test_gpu_more_items_than_a_ring_segment():
     want = torch.empty_like(slab)
     ref.pack_records_reference(storage, layout, idx([0] * n, "cuda"), idx(perm, "cuda"), want)
     assert torch.equal(slab, want)
+
+
+# ----------------------------------------------------------------------------
+# prepared launches (a rebalance's rounds)
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("make_spec", [spec_all_dtypes, spec_odd_w2], ids=["all-dtypes", "odd-w2"])
+def test_prepared_copies_equal_the_launchers(make_spec, device):
+    """PreparedCopies launches move exactly the bytes pack_records / unpack_records move for the
+    same indices, entry by entry, in any order of launches; destinations are poisoned."""
+    from expert_store.kernels import PreparedCopies
+
+    layout = SlabLayout.build(make_spec(), num_layers=3, slots=4)
+    rb = layout.spec.record_bytes
+    l1, s1 = random_items(layout, 5, seed=11)
+    l2, s2 = random_items(layout, 4, seed=12)
+    entries = [
+        ("pack", l1, s1, [4, 0, 3, 1, 2]),
+        ("unpack", l2, s2, [1, 1, 0, 2]),  # a record duplicated into two slots
+        ("pack", l2, s2, None),
+        ("unpack", [], [], []),
+    ]
+    for poison in POISONS:
+        storage = fill_storage(layout, device)
+        want = storage.clone()
+        prepared = PreparedCopies(storage, layout, entries)
+        assert len(prepared) == 4
+        got_pack = torch.full((6 * rb,), poison, dtype=torch.uint8, device=device)
+        exp_pack = got_pack.clone()
+        pack_records(want, layout, l1, s1, out=exp_pack, records=[4, 0, 3, 1, 2])
+        prepared.launch(0, got_pack)
+        assert torch.equal(got_pack, exp_pack)
+        slab = make_slab(layout, 3, device, salt=5)
+        unpack_records(slab, want, layout, l2, s2, records=[1, 1, 0, 2])
+        prepared.launch(1, slab)
+        prepared.launch(3, slab)  # nothing to do
+        assert torch.equal(storage, want)
+        got2 = torch.full((4 * rb,), poison, dtype=torch.uint8, device=device)
+        exp2 = got2.clone()
+        pack_records(want, layout, l2, s2, out=exp2)
+        prepared.launch(2, got2)
+        assert torch.equal(got2, exp2)
+
+
+BAD_PREPARED = [
+    ("direction", [("copy", [0], [0], None)], "entry 0: direction must be 'pack' or 'unpack'"),
+    (
+        "slot-range",
+        [("pack", [0], [0], None), ("unpack", [0, 1], [0, 3], None)],
+        "entry 1: slots[1] = 3 is out of range",
+    ),
+    ("pack-records-repeat", [("pack", [0, 1], [0, 1], [2, 2])], "each record may be written once"),
+    ("unpack-targets-repeat", [("unpack", [1, 1], [2, 2], [0, 1])], "(layer 1, slot 2)"),
+    ("record-negative", [("unpack", [0], [0], [-1])], "records[0] = -1 is negative"),
+]
+
+
+@pytest.mark.parametrize("case, entries, message", BAD_PREPARED, ids=[c[0] for c in BAD_PREPARED])
+def test_prepared_copies_reject_bad_entries(case, entries, message):
+    """A bad entry raises StoreError naming the entry and the index at fault, before any launch."""
+    from expert_store.kernels import PreparedCopies
+
+    layout, storage = _setup()
+    before = storage.clone()
+    with pytest.raises(StoreError, match=re.escape(message)):
+        PreparedCopies(storage, layout, entries)
+    assert torch.equal(storage, before)
+
+
+def test_prepared_copies_check_the_buffer_at_launch():
+    """A buffer too small for an entry's records, or of the wrong dtype, is refused and nothing is written."""
+    from expert_store.kernels import PreparedCopies
+
+    layout, storage = _setup()
+    rb = layout.spec.record_bytes
+    prepared = PreparedCopies(storage, layout, [("unpack", [0, 1], [0, 2], [0, 3])])
+    before = storage.clone()
+    with pytest.raises(StoreError, match=re.escape("entry 0: buffer must hold 4 records")):
+        prepared.launch(0, torch.zeros(3 * rb, dtype=torch.uint8))
+    with pytest.raises(StoreError, match=re.escape("buffer must be torch.uint8")):
+        prepared.launch(0, torch.zeros(4 * rb, dtype=torch.int16))
+    assert torch.equal(storage, before)
