@@ -587,6 +587,7 @@ class ExpertStore:
             t0 = time.perf_counter()
             plan = execution.run(stats, on_plan=start_disk_reads, while_in_flight=write_manifest)
             phases["exchange"] = time.perf_counter() - t0
+            phases.update(stats.seconds)  # host_pack / host_wait / host_unpack: host time inside the exchange
             t0 = time.perf_counter()
             if reader is not None:
                 reader.result()

@@ -1087,11 +1087,13 @@ class PreparedCopies:
         kernel = _pack_records_kernel if pack else _unpack_records_kernel
         if self._dev_rows is not None:
             device = self.storage.device
+            rows_ptr = self._dev_rows.data_ptr() + 24 * first  # int64 [n, 3] rows of this entry
+
+            def view() -> torch.Tensor:  # only for Triton's normal launch path (first launch, profilers)
+                return self._dev_rows[3 * first : 3 * (first + n)]
+
             with _device_guard(device):
-                idx = self._dev_rows[3 * first : 3 * (first + n)]
-                _run_cuda(
-                    kernel, self.plan, _raw_stream(device.index), idx.data_ptr(), lambda: idx, n, a, b, b_words=True
-                )
+                _run_cuda(kernel, self.plan, _raw_stream(device.index), rows_ptr, view, n, a, b, b_words=True)
             return
         rows = self._rows[3 * first : 3 * (first + n)]
         if self.backend == "torch":
