@@ -222,8 +222,12 @@ class RoundRunner:
         if pack >= 0:
             self.copies.launch(pack, buf)
         if park_ids:
+            # Records read from park records: one device copy each (an index tensor built on the
+            # host would be a synchronous host-to-device copy, stalling the pipeline every round).
             rows = buf[: io.n_pack * rb].view(io.n_pack, rb)
-            rows[torch.tensor(park_pos)] = self.park_buf.view(self.n_parks, rb)[torch.tensor(park_ids)]
+            parked = self.park_buf.view(self.n_parks, rb)
+            for pid, pos in zip(park_ids, park_pos):
+                rows[pos].copy_(parked[pid])
         self.events.mark("pack", k)
         self.packed = k + 1
 
