@@ -10,7 +10,7 @@ this rank's view of round k:
 Pipeline (one packing launch and one unpacking launch per round)::
 
     pack(0)                      # RoundRunner.prepack, while the agreement is in flight
-    issue(0)                     # RoundRunner.run, once the ranks agree
+    issue(0)                     # RoundRunner.queue, once the ranks agree
     for k: pack(k+1); finish(k); issue(k+1); unpack(k)
     while_in_flight()            # host work (the manifest write) under the last transfers
     wait for the device
@@ -156,7 +156,7 @@ class RoundRunner:
 
     :meth:`prepack` allocates the staging and queues the packing of round 0. It writes
     staging only (no slot, no message), so the store calls it while the agreement is
-    still in flight and drops the runner if the ranks disagree. :meth:`run` does the rest.
+    still in flight and drops the runner if the ranks disagree. :meth:`queue` does the rest.
     """
 
     def __init__(
@@ -256,17 +256,11 @@ class RoundRunner:
             self.events.start()
             self._pack(0)
 
-    def run(
-        self, stats: ExecutionStats, *, while_in_flight: Callable[[], None] | None = None, wait: bool = True
-    ) -> None:
-        """Run every round; ``while_in_flight()`` is called once the last round is queued,
-        before waiting for the device (host work that overlaps the transfers). With
-        ``wait=False`` the rounds are only queued (on NCCL; gloo rounds block anyway)."""
-        stats.rounds += len(self.ios)
+    def queue(self, stats: ExecutionStats) -> None:
+        """Queue every round. On NCCL nothing here waits for the device (the caller does);
+        gloo rounds complete one by one."""
         stats.staging_peak = max(stats.staging_peak, self.staging_peak)
         if not self.ios:
-            if while_in_flight is not None:
-                while_in_flight()
             return
         n, nbuf = len(self.ios), len(self.bufs)
         t_pack = t_wait = t_unpack = 0.0
@@ -303,12 +297,7 @@ class RoundRunner:
                 t_pack += t1 - t0
                 t_wait += t2 - t1
                 t_unpack += time.perf_counter() - t2
-        if while_in_flight is not None:
-            while_in_flight()
         self.events.base += n
-        if wait:
-            self.comm.sync_device(self.slabs.device, what="rebalance rounds")
-            stats.timeline = self.events.result()
         for key, t in (("host_pack", t_pack), ("host_wait", t_wait), ("host_unpack", t_unpack)):
             stats.seconds[key] = stats.seconds.get(key, 0.0) + t
 
@@ -362,7 +351,7 @@ class ChunkedRun:
         runner, done_before = self._runner, None
         on_plan(self.plans[0])
         while runner is not None:
-            runner.run(stats, wait=False)
+            runner.queue(stats)
             done = None
             if cuda:
                 done = torch.cuda.Event()
