@@ -453,6 +453,11 @@ class ExpertStore:
         each round moves at most ``min(round_bytes, staging_bytes // 2)`` bytes of
         records per rank (default :data:`DEFAULT_ROUND_BYTES`)."""
         t_start = time.perf_counter()
+        # Work the caller queued before this call (on its current stream) comes first: rounds and
+        # late reads go on that stream; early checkpoint reads, from a thread, wait for this event.
+        entry = torch.cuda.Event() if self.device.type == "cuda" else None
+        if entry is not None:
+            entry.record()
         phases: dict[str, float] = {}
         R = self.world_size
         # -- local validation; errors are shared through the agreement so all ranks fail together
@@ -581,7 +586,7 @@ class ExpertStore:
             early = [d for d in my_disk if (d.layer, d.slot) not in read_first]
             late.extend(d for d in my_disk if (d.layer, d.slot) in read_first)
             if early:
-                reader = BackgroundCall(_read_after, reader, early, name="expert-store-disk", **disk)
+                reader = BackgroundCall(_read_after, reader, early, entry, name="expert-store-disk", **disk)
 
         try:
             t0 = time.perf_counter()
@@ -825,10 +830,19 @@ def _discard(prepared: list[PreparedManifest]) -> None:
         p.discard()
 
 
-def _read_after(previous: BackgroundCall | None, reads, **disk) -> int:
-    """Checkpoint reads after those of ``previous`` (one reader at a time); returns bytes read."""
+def _read_after(previous: BackgroundCall | None, reads, entry: torch.cuda.Event | None, **disk) -> int:
+    """Checkpoint reads after those of ``previous`` (one reader at a time) and, on the GPU, after
+    the caller's work queued before the rebalance (``entry``); returns bytes read.
+
+    This runs in its own thread, whose current stream is not the caller's: without the event,
+    a read could land in a slot before a kernel the caller queued earlier has used it."""
     done = previous.result() if previous is not None else 0
-    return done + run_disk_reads(reads, **disk)
+    if entry is None:
+        return done + run_disk_reads(reads, **disk)
+    stream = torch.cuda.Stream(disk["slabs"].device)
+    stream.wait_event(entry)
+    with torch.cuda.stream(stream):
+        return done + run_disk_reads(reads, **disk)
 
 
 def _warm_kernels(slabs: ResidentSlabs) -> None:

@@ -184,3 +184,38 @@ def test_elastic_rebalance_gloo_on_one_gpu(tmp_path, ds_ckpt):
         scenario, 3, ds_ckpt, tmp_path / "store", True, True, None, 4321, "cuda-shared", True, timeout_s=280
     )
     assert any(entry[1] > 0 for log in logs for entry in log)
+
+
+def reads_after_callers_work(rank, world, info, root):
+    """Rank 1 is lost; rank 0 reads rank 1's unique expert from the checkpoint into a slot
+    nobody reads (a background read). The caller queued work on its own (non-default) stream
+    before the call: a long kernel, then a write into that very slot. The read must land after
+    it, so the slot ends with the checkpoint bytes, not the caller's poison."""
+    L = info.num_layers
+    p0 = es.Placement(torch.tensor([[0, 1, 2, 2, 3, 3, 0, 1]] * L), num_ranks=2, num_experts=4)
+    p1 = es.Placement(torch.tensor([[0, 1, 2, 3, 3, 3, 0, 1]] * L), num_ranks=2, num_experts=4)
+    store = es.ExpertStore.create(
+        root, spec=info.spec, placement=p0, checkpoint=info.checkpoint(), rank=rank, world_size=world,
+        device="cuda:0", timeout_s=COMM_TIMEOUT_S,
+    )  # fmt: skip
+    if rank == 1:
+        return "lost"
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time ahead of the write below
+        for name in info.spec.names:
+            for layer in range(L):
+                store.weights(name, layer)[3].view(torch.uint8).fill_(0xA5)
+        report = store.rebalance(p1, alive=[True, False])
+    torch.cuda.synchronize()
+    assert report.missing == {layer: [3] for layer in range(L)}
+    assert_slots_exact(store, info, what="after reads behind the caller's work")
+    return "ok"
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(200)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_checkpoint_reads_wait_for_the_callers_stream(tmp_path, qwen_ckpt):
+    """Checkpoint reads done in a background thread are ordered after the caller's earlier work."""
+    assert run_ranks(reads_after_callers_work, 2, qwen_ckpt, tmp_path / "store", timeout_s=180) == ["ok", "lost"]
