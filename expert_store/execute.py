@@ -168,7 +168,10 @@ class RoundRunner:
         comm: Comm,
         staging_bytes: int,
         timeline: _Timeline | None = None,
+        arena: torch.Tensor | None = None,
     ) -> None:
+        """``arena``: uint8 [>= staging_bytes] of reserved device memory to carve the buffers
+        from (nothing is allocated then); None: allocate them."""
         self.rank, self.slabs, self.comm = rank, slabs, comm
         self.rb = slabs.spec.record_bytes
         self.ios = [io for io in (_RoundIO(rank, r) for r in rounds) if not io.empty]
@@ -183,12 +186,18 @@ class RoundRunner:
         # Two buffers let round k+1 be packed while round k is in flight; the schedule
         # keeps cap and the parks each within staging_bytes / 2, so one buffer always fits.
         nbuf = 2 if len(self.ios) > 1 and 2 * cap + self.n_parks * rb <= staging_bytes else 1
-        try:
-            self.bufs = [torch.empty(cap, dtype=torch.uint8, device=dev) for _ in range(nbuf)]
-            self.park_buf = torch.empty(self.n_parks * rb, dtype=torch.uint8, device=dev)
-        except RuntimeError as e:
-            raise StoreError(f"rank {rank}: cannot allocate {nbuf} x {cap} bytes of staging on {dev}: {e}") from None
         self.staging_peak = nbuf * cap + self.n_parks * rb
+        if arena is not None and arena.numel() >= self.staging_peak:
+            self.bufs = [arena[i * cap : (i + 1) * cap] for i in range(nbuf)]  # record multiples: aligned
+            self.park_buf = arena[nbuf * cap : self.staging_peak]
+        else:
+            try:
+                self.bufs = [torch.empty(cap, dtype=torch.uint8, device=dev) for _ in range(nbuf)]
+                self.park_buf = torch.empty(self.n_parks * rb, dtype=torch.uint8, device=dev)
+            except RuntimeError as e:
+                raise StoreError(
+                    f"rank {rank}: cannot allocate {nbuf} x {cap} bytes of staging on {dev}: {e}"
+                ) from None
         # Every round's index rows, validated and on the device in one copy: a round's
         # launches then cost no host work but the launch itself.
         entries: list[tuple] = []
@@ -311,8 +320,19 @@ class ChunkedRun:
     share :func:`plan_chunks` gives it, and chunk k+1's runner is allocated only once the
     GPU has finished chunk k-1, so at most two runners hold staging at a time."""
 
-    def __init__(self, chunks: Iterator[tuple[RebalancePlan, list[Round], int]], *, rank: int, slabs, comm) -> None:
+    def __init__(
+        self,
+        chunks: Iterator[tuple[RebalancePlan, list[Round], int]],
+        *,
+        rank: int,
+        slabs,
+        comm,
+        arena: torch.Tensor | None = None,
+    ) -> None:
+        """``arena``: reserved staging (uint8, at least the rebalance's staging_bytes) that the
+        chunks' runners carve their buffers from, alternating halves when there are chunks."""
         self.rank, self.slabs, self.comm = rank, slabs, comm
+        self.arena = arena
         self._chunks = chunks
         self.timeline = _Timeline(slabs.device)
         self.plans: list[RebalancePlan] = []
@@ -332,8 +352,18 @@ class ChunkedRun:
 
     def _runner_for(self, planned: tuple[list[Round], int]) -> RoundRunner:
         rounds, staging = planned
+        arena = None
+        if self.arena is not None:  # chunk k uses half k % 2 (the other half may still be in flight)
+            half = (len(self.plans) - 1) % 2
+            arena = self.arena[half * staging : (half + 1) * staging]
         runner = RoundRunner(
-            rounds, rank=self.rank, slabs=self.slabs, comm=self.comm, staging_bytes=staging, timeline=self.timeline
+            rounds,
+            rank=self.rank,
+            slabs=self.slabs,
+            comm=self.comm,
+            staging_bytes=staging,
+            timeline=self.timeline,
+            arena=arena,
         )
         runner.prepack()
         return runner
@@ -424,9 +454,16 @@ class BackgroundCall:
 
 
 def copy_slots(
-    slabs: ResidentSlabs, layers: Sequence[int], src_slots: Sequence[int], dst_slots: Sequence[int], *, budget: int
+    slabs: ResidentSlabs,
+    layers: Sequence[int],
+    src_slots: Sequence[int],
+    dst_slots: Sequence[int],
+    *,
+    budget: int,
+    scratch: torch.Tensor | None = None,
 ) -> int:
-    """Copy experts slot to slot within this rank through a staging slab of at most ``budget`` bytes.
+    """Copy experts slot to slot within this rank through a staging slab of at most ``budget`` bytes
+    (carved from ``scratch`` when it is large enough).
 
     Sources must not be destinations of the same call. Returns the staging bytes used."""
     n = len(layers)
@@ -434,8 +471,11 @@ def copy_slots(
         return 0
     rb = slabs.spec.record_bytes
     per = max(1, budget // rb)
-    dev = slabs.device
-    buf = torch.empty(min(per, n) * rb, dtype=torch.uint8, device=dev)
+    size = min(per, n) * rb
+    if scratch is not None and scratch.numel() >= size:
+        buf = scratch[:size]
+    else:
+        buf = torch.empty(size, dtype=torch.uint8, device=slabs.device)
     for a in range(0, n, per):
         b = min(n, a + per)
         lt = layers[a:b]
@@ -444,11 +484,14 @@ def copy_slots(
     return buf.numel()
 
 
-def run_post_copies(copies: Sequence[PostCopy], *, slabs: ResidentSlabs, budget: int) -> int:
+def run_post_copies(
+    copies: Sequence[PostCopy], *, slabs: ResidentSlabs, budget: int, scratch: torch.Tensor | None = None
+) -> int:
     return copy_slots(
         slabs,
         [c.layer for c in copies],
         [c.src_slot for c in copies],
         [c.dst_slot for c in copies],
         budget=budget,
+        scratch=scratch,
     )

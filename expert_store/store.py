@@ -146,6 +146,7 @@ class ExpertStore:
         self._broken: str | None = None  # set when bytes may not match the version
         # Retention: after each rebalance commit keep only this many newest versions (None: all).
         self.keep_versions: int | None = None
+        self._staging: torch.Tensor | None = None  # reserve_staging()
         return self
 
     @classmethod
@@ -399,6 +400,39 @@ class ExpertStore:
         if self._broken is not None:
             raise StoreError(f"rank {self.rank}: store is unusable ({self._broken}); reopen it with ExpertStore.open")
 
+    def reserve_staging(self, nbytes: int | None = None) -> int:
+        """Allocate the rebalance staging now and keep it (default :data:`DEFAULT_STAGING_BYTES`).
+
+        Rebalances with ``staging_bytes <= nbytes`` then take their buffers from it and allocate
+        no device memory; larger ones allocate as usual. Call it before the engine sizes its
+        KV cache, so the memory is accounted for. Returns the bytes reserved.
+
+        Raises:
+            StoreError: naming the rank and device, if the memory cannot be allocated.
+        """
+        nbytes = DEFAULT_STAGING_BYTES if nbytes is None else nbytes
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
+            raise StoreError(f"rank {self.rank}: reserve_staging needs a positive int of bytes, got {nbytes!r}")
+        self._staging = None  # the old reservation goes first
+        try:
+            self._staging = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        except RuntimeError as e:
+            raise StoreError(
+                f"rank {self.rank}: cannot reserve {nbytes} bytes of staging on {self.device}: {e}"
+            ) from None
+        return nbytes
+
+    @property
+    def staging_reserved(self) -> int:
+        """Bytes of staging held by :meth:`reserve_staging` (0: none)."""
+        return 0 if self._staging is None else self._staging.numel()
+
+    def _arena(self, staging_bytes: int) -> torch.Tensor | None:
+        """The reserved staging for a rebalance with this budget, or None to allocate."""
+        if self._staging is None or self._staging.numel() < staging_bytes:
+            return None
+        return self._staging[:staging_bytes]
+
     def verify(self, *, slots: Iterable[tuple[int, int]] | None = None) -> int:
         """Recompute slot checksums (Triton kernel) and compare them with the manifest.
 
@@ -600,7 +634,9 @@ class ExpertStore:
             phases["disk_wait"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             my_post = [c for c in plan.post_copies if c.rank == self.rank]
-            used = run_post_copies(my_post, slabs=self.slabs, budget=staging_bytes // 2)
+            used = run_post_copies(
+                my_post, slabs=self.slabs, budget=staging_bytes // 2, scratch=self._arena(staging_bytes)
+            )
             stats.staging_peak = max(stats.staging_peak, used)
             if self.device.type == "cuda":
                 self.comm.sync_device(self.device, what="post copies")
@@ -734,7 +770,9 @@ class ExpertStore:
             ranks_per_node=self.ranks_per_node,
         )
         try:
-            return ChunkedRun(chunks, rank=self.rank, slabs=self.slabs, comm=self.comm)
+            return ChunkedRun(
+                chunks, rank=self.rank, slabs=self.slabs, comm=self.comm, arena=self._arena(staging_bytes)
+            )
         except StoreError as e:
             return e
 

@@ -190,3 +190,44 @@ def test_chunked_rebalance_stays_within_staging(tmp_path, ds, device, monkeypatc
         planned = plan_between(tmp_path / "store", step + 1, step + 2)
         assert planned["totals"]["rounds"] == rep.rounds and planned["recorded"]["matches"] is True
         old = new
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "chunked"])
+def test_reserved_staging_is_used_instead_of_allocating(tmp_path, ds, device, chunked, monkeypatch):
+    """After reserve_staging, rebalances within the reservation allocate no staging (their buffers
+    are carved from it, alternating halves between chunks) and stay bit-exact; a larger
+    staging_bytes allocates as before."""
+    from expert_store import plan as plan_module
+
+    if chunked:
+        monkeypatch.setattr(plan_module, "CHUNK_MIN_SLOTS", 0)
+        monkeypatch.setattr(plan_module, "CHUNK_MAX_LAYERS", 1)
+    rb = ds.spec.record_bytes
+    staging = 8 * rb
+    gen = torch.Generator().manual_seed(21)
+    old = random_placement(gen, L=2, E=8, R=1, S=11)
+    store = _create(tmp_path, ds, old, device=device)
+    assert store.staging_reserved == 0 and store.reserve_staging(staging) == staging == store.staging_reserved
+    real_empty = torch.empty
+    big = []
+
+    def counting_empty(*size, **kw):
+        t = real_empty(*size, **kw)
+        if t.dtype == torch.uint8 and t.numel() >= rb:
+            big.append(t.numel())
+        return t
+
+    monkeypatch.setattr(torch, "empty", counting_empty)
+    for step, budget in enumerate((staging, staging, 2 * staging)):
+        big.clear()
+        new = random_placement(gen, L=2, E=8, R=1, S=11)
+        rep = store.rebalance(new, staging_bytes=budget)
+        assert rep.bytes_local > 0 and 0 < rep.staging_peak <= budget
+        if budget <= staging:
+            assert big == [], f"step {step}: staging allocated despite the reservation: {big}"
+        else:
+            assert big, "a budget above the reservation allocates its own staging"
+        assert_slots_exact(store, ds, what=f"reserved staging, step {step}")
+    with pytest.raises(es.StoreError, match="positive int"):
+        store.reserve_staging(0)
