@@ -58,6 +58,7 @@ from expert_store import presets
 from expert_store.kernels import (
     DEFAULT_CONFIG,
     KernelConfig,
+    PreparedCopies,
     chunks_per_expert,
     pack_records,
     resident_checksums,
@@ -331,6 +332,13 @@ def print_breakdown(case: Case, copy: Measure) -> None:
         rows.append(("pack_records, index copy on the launching stream", host_microseconds(pack)))
     with _Flag("_launch", lambda *a, **k: None):
         rows.append(("pack_records, launch stubbed (validation, rows only)", host_microseconds(pack)))
+    prepared = PreparedCopies(case.storage, case.layout, [("pack", la, sl, None) for la, sl in case.items])
+    rows.append(
+        (
+            "PreparedCopies.launch (rows validated and staged once)",
+            host_microseconds([lambda r=r: prepared.launch(r, case.slabs[r]) for r in range(ROTATE)]),
+        )
+    )
     rows.append(("unpack_records, lists", host_microseconds(case.unpack_fns(DEFAULT_CONFIG))))
     sums = [lambda r=r: resident_checksums(case.storage, case.layout, *case.items[r]) for r in range(ROTATE)]
     rows.append(("resident_checksums, lists", host_microseconds(sums)))
