@@ -315,10 +315,12 @@ class ChunkedRun:
     """Plan layer chunks one at a time and run each chunk's rounds, planning chunk k+1 while
     chunk k's rounds are on the GPU (see :func:`~expert_store.plan.plan_chunks`).
 
-    Constructing it plans chunk 0 and queues its first packing (staging only), so the store
-    builds it while the agreement is in flight. Staging: a chunk's runner gets the staging
-    share :func:`plan_chunks` gives it, and chunk k+1's runner is allocated only once the
-    GPU has finished chunk k-1, so at most two runners hold staging at a time."""
+    Constructing it plans chunk 0 and takes every byte of device memory the rounds will
+    need (so a rank that cannot get it says so before anything moves); :meth:`prepack`
+    then queues the first packing (staging only), while the agreement is in flight.
+    Staging: a chunk's runner gets the staging share :func:`plan_chunks` gives it, and
+    chunk k+1's runner starts only once the GPU has finished chunk k-1, so at most two
+    runners hold staging at a time (the two halves of one arena)."""
 
     def __init__(
         self,
@@ -327,10 +329,12 @@ class ChunkedRun:
         rank: int,
         slabs,
         comm,
+        staging_bytes: int,
         arena: torch.Tensor | None = None,
     ) -> None:
-        """``arena``: reserved staging (uint8, at least the rebalance's staging_bytes) that the
-        chunks' runners carve their buffers from, alternating halves when there are chunks."""
+        """``arena``: reserved staging (uint8, at least ``staging_bytes``) that the runners
+        carve their buffers from; None: one runner allocates its own, chunks share an arena
+        allocated here."""
         self.rank, self.slabs, self.comm = rank, slabs, comm
         self.arena = arena
         self._chunks = chunks
@@ -339,7 +343,19 @@ class ChunkedRun:
         self.rounds = 0
         self.plan: RebalancePlan | None = None  # all chunks merged, once every chunk is planned
         nxt = self._plan_next()
-        self._runner = self._runner_for(nxt) if nxt is not None else None
+        if nxt is not None and nxt[1] < staging_bytes and self.arena is None:  # chunks: both halves now
+            try:
+                self.arena = torch.empty(2 * nxt[1], dtype=torch.uint8, device=slabs.device)
+            except RuntimeError as e:
+                raise StoreError(
+                    f"rank {rank}: cannot allocate {2 * nxt[1]} bytes of staging on {slabs.device}: {e}"
+                ) from None
+        self._runner = self._runner_for(nxt, prepack=False) if nxt is not None else None
+
+    def prepack(self) -> None:
+        """Queue the packing of chunk 0's round 0 (staging only: safe before the ranks agree)."""
+        if self._runner is not None:
+            self._runner.prepack()
 
     def _plan_next(self) -> tuple[list[Round], int] | None:
         try:
@@ -350,7 +366,7 @@ class ChunkedRun:
         self.rounds += len(rounds)
         return rounds, staging
 
-    def _runner_for(self, planned: tuple[list[Round], int]) -> RoundRunner:
+    def _runner_for(self, planned: tuple[list[Round], int], *, prepack: bool = True) -> RoundRunner:
         rounds, staging = planned
         arena = None
         if self.arena is not None:  # chunk k uses half k % 2 (the other half may still be in flight)
@@ -365,7 +381,8 @@ class ChunkedRun:
             timeline=self.timeline,
             arena=arena,
         )
-        runner.prepack()
+        if prepack:
+            runner.prepack()
         return runner
 
     def run(
@@ -379,6 +396,7 @@ class ChunkedRun:
         ``while_in_flight()`` once the last round is queued. Returns the merged plan."""
         cuda = self.slabs.device.type == "cuda"
         runner, done_before = self._runner, None
+        self.prepack()  # (done already when the store called it during the agreement)
         on_plan(self.plans[0])
         while runner is not None:
             runner.queue(stats)

@@ -507,6 +507,21 @@ class ExpertStore:
         live = [r for r in range(R) if alive_t[r]]
         if self.rank not in live:
             live = sorted([*live, self.rank])
+        # -- plan, and take the staging, before the agreement message goes out: a rank that cannot
+        #    (out of device memory, say) refuses, so every rank stops before anything moves. The plan
+        #    only depends on inputs being agreed; it is dropped if they differ, or recomputed if this
+        #    rank's state is replaced (a fresh rank whose root is behind).
+        plan_or_error: ChunkedRun | StoreError | None = None
+        if problem is None:
+            t1 = time.perf_counter()
+            plan_or_error = self._prepare_rounds(new_placement, alive_t, fresh_t, staging_bytes, round_bytes)
+            phases["plan"] = time.perf_counter() - t1
+        if problem is not None:
+            status = _REFUSED
+        elif isinstance(plan_or_error, StoreError) and self.rank not in fresh_t:
+            status = _NOT_PREPARED  # a fresh rank's plan may rest on a stale state: it says nothing yet
+        else:
+            status = 0
         # -- agreement: every live rank on the same (new placement, alive, fresh, staging, verify);
         #    every non-fresh live rank on the same current state (version, placement, alive mask)
         t0 = time.perf_counter()
@@ -519,26 +534,23 @@ class ExpertStore:
             struct.pack("<?", bool(verify)),
         )
         state = _digest_words(struct.pack("<q", self._version), self._placement.digest(), bytes(self._alive.tolist()))
-        row = torch.tensor(
-            [0 if problem is None else 1, *common, *state, self._version, time.time_ns()], dtype=torch.int64
-        )
+        row = torch.tensor([status, *common, *state, self._version, time.time_ns()], dtype=torch.int64)
         gather = self.comm.start_allgather_live(live, row, what="rebalance agreement")
-        # Plan while the agreement messages are in flight (the plan only depends on inputs being agreed;
-        # it is dropped if they turn out to differ, or recomputed if this rank's state is replaced).
-        # Round 0 is packed into staging too (no slot written, nothing sent), so the GPU starts
-        # working while the messages travel.
-        plan_or_error: ChunkedRun | StoreError | None = None
-        if problem is None:
-            t1 = time.perf_counter()
-            plan_or_error = self._plan_and_prepack(new_placement, alive_t, fresh_t, staging_bytes, round_bytes)
-            phases["plan"] = time.perf_counter() - t1
+        if isinstance(plan_or_error, ChunkedRun):
+            plan_or_error.prepack()  # round 0 into staging (no slot written, nothing sent) while messages travel
         table = gather.result()
-        phases["agree"] = time.perf_counter() - t0 - phases.get("plan", 0.0)
+        phases["agree"] = time.perf_counter() - t0
         if problem is not None:
             raise problem
-        refused = [live[i] for i in range(len(live)) if int(table[i, 0]) != 0]
+        if status == _NOT_PREPARED:
+            raise plan_or_error
+        refused = {live[i]: int(table[i, 0]) for i in range(len(live)) if int(table[i, 0]) != 0}
         if refused:
-            raise StoreError(f"rank {self.rank}: rebalance refused by ranks {refused} before anything moved")
+            why = {_REFUSED: "bad arguments", _NOT_PREPARED: "no plan or no staging memory for it"}
+            raise StoreError(
+                f"rank {self.rank}: rebalance refused before anything moved by "
+                + ", ".join(f"rank {r} ({why.get(c, f'status {c}')})" for r, c in sorted(refused.items()))
+            )
         differ = [live[i] for i in range(len(live)) if not torch.equal(table[i, 1:5], table[0, 1:5])]
         if differ:
             raise AgreementError(
@@ -562,7 +574,9 @@ class ExpertStore:
             self._sync_fresh(live[ref], behind)
             if self.rank in behind:  # the speculative plan used the stale state
                 t1 = time.perf_counter()
-                plan_or_error = self._plan_and_prepack(new_placement, alive_t, fresh_t, staging_bytes, round_bytes)
+                plan_or_error = self._prepare_rounds(new_placement, alive_t, fresh_t, staging_bytes, round_bytes)
+                if isinstance(plan_or_error, ChunkedRun):
+                    plan_or_error.prepack()
                 phases["plan"] = time.perf_counter() - t1
         if isinstance(plan_or_error, StoreError):
             raise plan_or_error  # deterministic: every live rank raises the same, before anything moves
@@ -750,13 +764,11 @@ class ExpertStore:
         new_placement.check_servable(torch.tensor(alive_t))
         return alive_t, fresh_t, staging_bytes, round_bytes
 
-    def _plan_and_prepack(self, new_placement: Placement, alive_t, fresh_t, staging_bytes: int, round_bytes: int):
-        """A ChunkedRun with its first chunk planned and round 0 packed into staging, or the
-        planner's StoreError.
+    def _prepare_rounds(self, new_placement: Placement, alive_t, fresh_t, staging_bytes: int, round_bytes: int):
+        """A ChunkedRun with its first chunk planned and its staging taken, or the StoreError
+        that stopped it (returned, not raised: the store shares it through the agreement).
 
-        The error is returned, not raised: it is deterministic (every rank with the same
-        inputs gets it), so it is raised once the ranks have agreed on those inputs. Plans are
-        identical on every live rank that has the same inputs."""
+        Plans are identical on every live rank that has the same inputs."""
         chunks = plan_chunks(
             self._placement,
             new_placement,
@@ -771,7 +783,12 @@ class ExpertStore:
         )
         try:
             return ChunkedRun(
-                chunks, rank=self.rank, slabs=self.slabs, comm=self.comm, arena=self._arena(staging_bytes)
+                chunks,
+                rank=self.rank,
+                slabs=self.slabs,
+                comm=self.comm,
+                staging_bytes=staging_bytes,
+                arena=self._arena(staging_bytes),
             )
         except StoreError as e:
             return e
@@ -858,6 +875,8 @@ class ExpertStore:
 
 
 _PRIVATE = object()
+_REFUSED = 1  # agreement status of a rank whose arguments were bad
+_NOT_PREPARED = 2  # agreement status of a rank that could not plan or take the staging
 _VERIFY_FAILED = 2  # completion status of a rank whose changed slots failed their checksums
 _MANIFEST_FAILED = 3  # completion status of a rank that could not write the new manifest
 

@@ -94,3 +94,35 @@ def manifest_write_fails(rank, world, info, root):
 def test_failed_manifest_write_commits_nothing(tmp_path, ckpt):
     """A rank that cannot write the new manifest stops the commit on every rank: version stays 1."""
     assert run_ranks(manifest_write_fails, 2, ckpt, tmp_path / "store", timeout_s=90) == ["ok", "ok"]
+
+
+def staging_out_of_memory(rank, world, info, root):
+    """Rank 1 cannot allocate its staging (device memory full, say). It finds out before the
+    agreement message goes out, so every rank raises at once, naming it, with nothing moved;
+    the store stays usable and the same rebalance succeeds once memory is back."""
+    store, target = _create(rank, world, info, root, timeout_s=30.0)
+    before = store.slabs.storage.clone()
+    real_empty = torch.empty
+    if rank == 1:
+
+        def no_memory(*size, **kw):
+            t = real_empty(*size, **kw)
+            if t.dtype == torch.uint8 and t.numel() >= info.spec.record_bytes:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+            return t
+
+        torch.empty = no_memory
+    expected = "cannot allocate" if rank == 1 else r"refused before anything moved by rank 1 \(no plan or no staging"
+    with pytest.raises(es.StoreError, match=expected):
+        store.rebalance(target)
+    torch.empty = real_empty
+    assert torch.equal(store.slabs.storage, before) and store.version == 1
+    store.rebalance(target)
+    assert store.version == 2
+    return "ok"
+
+
+@pytest.mark.timeout(120)
+def test_staging_out_of_memory_refuses_everywhere(tmp_path, ckpt):
+    """A rank without staging memory makes every rank refuse the rebalance before any byte moves."""
+    assert run_ranks(staging_out_of_memory, 2, ckpt, tmp_path / "store", timeout_s=90) == ["ok", "ok"]
