@@ -342,10 +342,12 @@ class ChunkedRun:
         self.plans: list[RebalancePlan] = []
         self.rounds = 0
         self.plan: RebalancePlan | None = None  # all chunks merged, once every chunk is planned
+        self.allocated = 0  # bytes of the arena allocated here (a reserved one costs nothing now)
         nxt = self._plan_next()
         if nxt is not None and nxt[1] < staging_bytes and self.arena is None:  # chunks: both halves now
             try:
                 self.arena = torch.empty(2 * nxt[1], dtype=torch.uint8, device=slabs.device)
+                self.allocated = self.arena.numel()
             except RuntimeError as e:
                 raise StoreError(
                     f"rank {rank}: cannot allocate {2 * nxt[1]} bytes of staging on {slabs.device}: {e}"
@@ -395,6 +397,7 @@ class ChunkedRun:
         """Run every chunk; ``on_plan(plan)`` is called for each chunk's plan before its rounds,
         ``while_in_flight()`` once the last round is queued. Returns the merged plan."""
         cuda = self.slabs.device.type == "cuda"
+        stats.staging_peak = max(stats.staging_peak, self.allocated)
         runner, done_before = self._runner, None
         self.prepack()  # (done already when the store called it during the agreement)
         on_plan(self.plans[0])
