@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Rebalance over NCCL between 2 GPUs against its ceilings, in one call on the 2-GPU machine.
 
-    python tools/bench_rebalance_gpu.py [--cases qwen,small,ds] [--out DIR]
+    python tools/bench_rebalance_gpu.py [--cases qwen,small,ds,qwen8] [--out DIR]
 
 For each case, a generated checkpoint, two ranks holding half the experts each,
 and a new placement that swaps the halves (so every expert moves one way or the
@@ -34,6 +34,8 @@ CASES = {
     "small": dict(style="qwen", H=128, I=128, E=1024),
     # DeepSeek-V3 fp8 experts with block scales (44 MB): 64 move each way
     "ds": dict(style="ds", H=7168, I=2048, E=128),
+    # 8 layers of the qwen case (4.8 GB each way, 1024 changed slots): planned in layer chunks
+    "qwen8": dict(style="qwen", H=2048, I=768, E=128, L=8),
 }
 
 
@@ -55,7 +57,9 @@ def main() -> None:
         c = CASES[case]
         t0 = time.perf_counter()
         if c["style"] == "qwen":
-            info = cf.write_qwen(base / case, H=c["H"], I=c["I"], num_layers=1, num_experts=c["E"], extras=False)
+            info = cf.write_qwen(
+                base / case, H=c["H"], I=c["I"], num_layers=c.get("L", 1), num_experts=c["E"], extras=False
+            )
         else:
             info = cf.write_deepseek(
                 base / case, H=c["H"], I=c["I"], num_layers=1, num_experts=c["E"], extras=False, num_shards=4

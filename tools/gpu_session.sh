@@ -14,7 +14,7 @@ for s in $steps; do
   case $s in
     tests|all) run gpu-tests python3 -m pytest -q -m "gpu or multigpu" -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;&
     kernels|all) run kernels python3 tools/bench_kernels_gpu.py 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 ;;&
-    rebalance|all) run rebalance python3 tools/bench_rebalance_gpu.py --cases qwen,small,ds --out "$OUT" 2>&1 | tee "$OUT/bench_rebalance.log" | grep -v "^\s*$" | tail -25 ;;&
+    rebalance|all) run rebalance python3 tools/bench_rebalance_gpu.py --cases qwen,small,ds,qwen8 --out "$OUT" 2>&1 | tee "$OUT/bench_rebalance.log" | grep -v "^\s*$" | tail -25 ;;&
     elastic|all) run elastic python3 tools/elastic_rebalance_gpus.py --out "$OUT" 2>&1 | tail -45 ;;&
     checkpoint|all) run checkpoint python3 tools/bench_checkpoint_gpu.py 2>&1 | tee "$OUT/bench_checkpoint.log" | tail -30 ;;
   esac
