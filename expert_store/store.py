@@ -485,7 +485,8 @@ class ExpertStore:
         live ranks whose memory is empty (joined). Staging memory on this rank
         never exceeds ``staging_bytes`` (default :data:`DEFAULT_STAGING_BYTES`);
         each round moves at most ``min(round_bytes, staging_bytes // 2)`` bytes of
-        records per rank (default :data:`DEFAULT_ROUND_BYTES`)."""
+        records per rank (default :data:`DEFAULT_ROUND_BYTES`), ``staging_bytes // 4``
+        when a large rebalance is planned in layer chunks (README, "Chunks")."""
         t_start = time.perf_counter()
         # Work the caller queued before this call (on its current stream) comes first: rounds and
         # late reads go on that stream; early checkpoint reads, from a thread, wait for this event.
