@@ -48,6 +48,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import triton
@@ -68,6 +69,9 @@ from expert_store.kernels import (
 from expert_store.kernels import reference as ref
 from expert_store.layout import SlabLayout
 from expert_store.spec import ExpertSpec, TensorSpec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "benchmarks"))
+from gpu_timing import window_seconds as _window_seconds
 
 MiB = 1 << 20
 DEVICE = "cuda"  # "cpu" only for --smoke (a check of this script's own code on a machine without a GPU)
@@ -191,36 +195,8 @@ def single_seconds(fn: Callable[[], None]) -> float:
 
 
 def window_seconds(fns: list[Callable[[], object]], *, spin_seconds: float | None) -> tuple[float, float]:
-    """Per-call GPU time of K back-to-back calls (rotating among fns) between two events, and host us per call.
-
-    Medians of REPS windows. spin_seconds: None starts each window on an idle GPU (what a caller sees);
-    otherwise a GPU spin that long is enqueued first, so that all K calls are enqueued before the
-    first one runs and the window measures the kernels alone.
-    """
-    for f in fns:  # warm: compile, fill the launch cache
-        f()
-    sync()
-    gpu, host = [], []
-    for _ in range(REPS):
-        if DEVICE == "cpu":
-            t0 = time.perf_counter()
-            for i in range(K):
-                fns[i % len(fns)]()
-            gpu.append((time.perf_counter() - t0) / K)
-            host.append(gpu[-1] * 1e6)
-            continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if spin_seconds is not None:
-            torch.cuda._sleep(int(spin_seconds * 2e9))  # clock64 cycles at ~2 GHz
-        start.record()
-        t0 = time.perf_counter()
-        for i in range(K):
-            fns[i % len(fns)]()
-        host.append((time.perf_counter() - t0) / K * 1e6)
-        end.record()
-        end.synchronize()
-        gpu.append(start.elapsed_time(end) / 1e3 / K)
-    return statistics.median(gpu), statistics.median(host)
+    """:func:`gpu_timing.window_seconds` with this script's K calls per window and REPS windows."""
+    return _window_seconds(fns, calls=K, windows=REPS, spin_seconds=spin_seconds)
 
 
 def host_microseconds(fns: list[Callable[[], object]], calls: int = 60) -> float | None:

@@ -24,8 +24,8 @@ versions; pytest-benchmark's own statistics time one call followed by
 
 from __future__ import annotations
 
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +34,9 @@ from expert_store import presets
 from expert_store.kernels import pack_records, resident_checksums, unpack_records
 from expert_store.layout import SlabLayout
 from expert_store.spec import ExpertSpec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_timing import window_seconds
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -89,21 +92,7 @@ def _median_seconds(fn) -> float:
 
 def _back_to_back(fns) -> tuple[float, float]:
     """(GPU seconds, host microseconds) per call of K calls rotating among fns between two events; medians."""
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    gpu, host = [], []
-    for _ in range(WINDOWS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        t0 = time.perf_counter()
-        for i in range(K):
-            fns[i % len(fns)]()
-        host.append((time.perf_counter() - t0) / K * 1e6)
-        end.record()
-        end.synchronize()
-        gpu.append(start.elapsed_time(end) / 1e3 / K)
-    return statistics.median(gpu), statistics.median(host)
+    return window_seconds(fns, calls=K, windows=WINDOWS)
 
 
 def _versions() -> dict[str, str]:
