@@ -9,9 +9,9 @@ with string keys, written in a fixed key order so that the same
 
     kind            "expert-store-manifest"
     format_version  1
-    version         int >= 1
-    parent          int | nil
-    created         float64 (unix seconds)
+    version         int in 1..2**63-1
+    parent          int in 1..version-1 | nil
+    created         float64 (unix seconds, years 1970..9999)
     reason          str
     spec            [{"name", "shape", "dtype"}, ...]       (ExpertSpec.to_list())
     num_layers, num_experts, num_ranks, slots_per_rank       int
@@ -20,7 +20,7 @@ with string keys, written in a fixed key order so that the same
     alive           array bool [R]
     checkpoint      {"layers": [int] | nil, "names": {str: str | [str]}, "path": str}
     checksums       array int64 [L, E]
-    stats           {str: int | float | str | bool}
+    stats           {str: int | finite float | str | bool}
     sha256          bin 32                                   (always the last entry)
 
 An *array* is ``{"dtype": "int64" | "bool", "shape": [...], "data": bin}``
@@ -59,6 +59,7 @@ import msgpack
 import numpy as np
 import torch
 
+from .checks import MAX_BYTES, check_int, is_int
 from .errors import ManifestError, PlacementError, SpecError
 from .placement import Placement
 from .spec import ExpertSpec
@@ -69,9 +70,11 @@ __all__ = [
     "Manifest",
     "ManifestLog",
     "PreparedManifest",
+    "check_keep_versions",
     "decode_manifest",
     "encode_manifest",
     "manifest_to_json",
+    "store_difference",
 ]
 
 FORMAT_VERSION = 1
@@ -111,8 +114,9 @@ _ARRAY_DTYPES: dict[str, tuple[torch.dtype, str]] = {
     "bool": (torch.bool, "u1"),
 }
 
-_FILE_RE = re.compile(r"^v(\d{8,})\.msgpack$")
-_TMP_RE = re.compile(r"^\.v\d{8,}\..*\.tmp$")
+# Committed versions and the temporaries of commits in flight (or interrupted).
+_FILE_RE = re.compile(r"^v(\d{8,})\.msgpack$", re.ASCII)
+_TMP_RE = re.compile(r"^\.v\d{8,}\..*\.tmp$", re.ASCII | re.DOTALL)
 
 
 @dataclass(frozen=True, eq=False)
@@ -183,9 +187,9 @@ class Manifest:
 
 # --------------------------------------------------------------------------- validation
 
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+_I64_MAX = 2**63 - 1
+# Unix seconds from 1970 to the end of year 9999: what gmtime and an ISO 8601 date can show.
+_CREATED_MAX = 253_402_300_800.0
 
 
 def _check(m: Manifest, where: str) -> None:
@@ -194,25 +198,26 @@ def _check(m: Manifest, where: str) -> None:
     def bad(msg: str) -> ManifestError:
         return ManifestError(f"{where}: {msg}")
 
-    if not _is_int(m.format_version) or m.format_version != FORMAT_VERSION:
+    def count(name: str, v: object, low: int = 1, high: int = _I64_MAX) -> int:
+        return check_int(v, name, low=low, high=high, where=where, error=ManifestError)
+
+    if not is_int(m.format_version) or m.format_version != FORMAT_VERSION:
         raise bad(f"format_version must be {FORMAT_VERSION}, got {m.format_version!r}")
-    if not _is_int(m.version) or m.version < 1:
-        raise bad(f"version must be an int >= 1, got {m.version!r}")
-    if m.parent is not None and (not _is_int(m.parent) or not 1 <= m.parent < m.version):
-        raise bad(f"parent must be None or an int in [1, version={m.version}), got {m.parent!r}")
-    if isinstance(m.created, bool) or not isinstance(m.created, (int, float)) or not math.isfinite(m.created):
-        raise bad(f"created must be a finite float (unix seconds), got {m.created!r}")
+    version = count("version", m.version)
+    if m.parent is not None and not (is_int(m.parent) and 1 <= m.parent < version):
+        raise bad(f"parent must be nil or an int in [1, version={version}), got {m.parent!r}")
+    c = m.created
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c < _CREATED_MAX:  # NaN fails too
+        raise bad(f"created must be unix seconds in [0, {_CREATED_MAX:.0f}) (years 1970..9999), got {c!r}")
     if not isinstance(m.reason, str):
         raise bad(f"reason must be a str, got {type(m.reason).__name__}")
     if not isinstance(m.spec, ExpertSpec):
         raise bad(f"spec must be an ExpertSpec, got {type(m.spec).__name__}")
-    for name in ("num_layers", "num_experts", "num_ranks", "slots_per_rank"):
-        v = getattr(m, name)
-        if not _is_int(v) or v < 1:
-            raise bad(f"{name} must be an int >= 1, got {v!r}")
-    if m.ranks_per_node is not None and (not _is_int(m.ranks_per_node) or m.ranks_per_node < 1):
-        raise bad(f"ranks_per_node must be None or an int >= 1, got {m.ranks_per_node!r}")
-    L, E, R, S = m.num_layers, m.num_experts, m.num_ranks, m.slots_per_rank
+    if m.spec.record_bytes > MAX_BYTES:
+        raise bad(f"spec: an expert record of {m.spec.record_bytes} bytes is beyond {MAX_BYTES}: {m.spec!r:.200}")
+    L, E, R, S = (count(n, getattr(m, n)) for n in ("num_layers", "num_experts", "num_ranks", "slots_per_rank"))
+    if m.ranks_per_node is not None:
+        count("ranks_per_node", m.ranks_per_node)
     for name, dtype, shape in (
         ("phy2log", torch.int64, (L, R * S)),
         ("alive", torch.bool, (R,)),
@@ -223,23 +228,25 @@ def _check(m: Manifest, where: str) -> None:
             raise bad(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype != dtype or tuple(t.shape) != shape:
             raise bad(f"{name} must be {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
+    if not bool(m.alive.any()):
+        raise bad("alive names no live rank (a manifest is written by a live rank)")
     try:
         m.placement()
     except PlacementError as e:
         raise bad(f"phy2log is not a valid placement: {e}") from None
-    _check_checkpoint(m.checkpoint, bad)
+    _check_checkpoint(m.checkpoint, L, bad)
     if not isinstance(m.stats, dict):
         raise bad(f"stats must be a dict, got {type(m.stats).__name__}")
     for k, v in m.stats.items():
         if not isinstance(k, str):
-            raise bad(f"stats keys must be str, got {k!r}")
-        if not isinstance(v, (int, float, str)):
-            raise bad(f"stats[{k!r}] must be an int, float or str, got {type(v).__name__}")
-        if _is_int(v) and not -(2**63) <= v < 2**64:
+            raise bad(f"stats keys must be str, got {k!r:.80}")
+        if is_int(v) and not -(2**63) <= v < 2**64:
             raise bad(f"stats[{k!r}] = {v} does not fit in 64 bits")
+        if not isinstance(v, (int, float, str)) or (isinstance(v, float) and not math.isfinite(v)):
+            raise bad(f"stats[{k!r}] must be an int, a finite float, a str or a bool, got {v!r:.80}")
 
 
-def _check_checkpoint(ck: Any, bad: Callable[[str], ManifestError]) -> None:
+def _check_checkpoint(ck: Any, num_layers: int, bad: Callable[[str], ManifestError]) -> None:
     if not isinstance(ck, dict):
         raise bad(f"checkpoint must be a dict, got {type(ck).__name__}")
     if set(ck) != {"path", "names", "layers"}:
@@ -251,13 +258,43 @@ def _check_checkpoint(ck: Any, bad: Callable[[str], ManifestError]) -> None:
         raise bad(f"checkpoint['names'] must be a dict, got {type(names).__name__}")
     for k, v in names.items():
         if not isinstance(k, str):
-            raise bad(f"checkpoint['names'] keys must be str, got {k!r}")
-        ok = isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(s, str) for s in v))
-        if not ok:
-            raise bad(f"checkpoint['names'][{k!r}] must be a str or a non-empty list of str, got {v!r}")
+            raise bad(f"checkpoint['names'] keys must be str, got {k!r:.80}")
+        if not (isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(s, str) for s in v))):
+            raise bad(f"checkpoint['names'][{k!r}] must be a str or a non-empty list of str, got {v!r:.80}")
     layers = ck["layers"]
-    if layers is not None and not (isinstance(layers, list) and all(_is_int(x) and x >= 0 for x in layers)):
-        raise bad(f"checkpoint['layers'] must be None or a list of ints >= 0, got {layers!r}")
+    if layers is not None and not (
+        isinstance(layers, list)
+        and len(layers) >= num_layers
+        and all(is_int(x) and 0 <= x <= _I64_MAX for x in layers)
+        and len(set(layers)) == len(layers)
+    ):
+        raise bad(
+            f"checkpoint['layers'] must be None or a list of distinct ints >= 0 mapping the {num_layers} "
+            f"store layers, got {layers!r:.80}"
+        )
+
+
+def store_difference(a: Manifest, b: Manifest) -> str | None:
+    """None when ``a`` and ``b`` are versions of one store (same spec, L, E, R, S, ranks_per_node and
+    checkpoint tensor names), else what differs, e.g. ``"num_experts 8 != 16"``. The placement, live
+    ranks, checksums and the checkpoint's path may change from version to version."""
+
+    def names(m: Manifest) -> dict:
+        return {k: [v] if isinstance(v, str) else list(v) for k, v in m.checkpoint["names"].items()}
+
+    for name in ("spec", "num_layers", "num_experts", "num_ranks", "slots_per_rank", "ranks_per_node"):
+        x, y = getattr(a, name), getattr(b, name)
+        if x != y:
+            return f"{name} {x!r} != {y!r}"
+    if names(a) != names(b):
+        return f"checkpoint names {names(a)} != {names(b)}"
+    return None
+
+
+def check_keep_versions(value: object, name: str = "keep_versions") -> int | None:
+    """How many manifest versions a store keeps: None (all of them) or an int >= 1 (bool, float,
+    0 and negatives refused with a :class:`StoreError` naming ``name``)."""
+    return None if value is None else check_int(value, name, low=1)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -275,25 +312,11 @@ def _sorted_map(d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: d[k] for k in sorted(d)}
 
 
-def _seal(payload: Mapping[str, Any]) -> bytes:
-    """msgpack ``payload`` (in its key order) and append the sha256 entry.
-
-    Private; the tests use it to build files that are well sealed but wrong.
-    """
-    packer = msgpack.Packer(use_bin_type=True, autoreset=True)
-    parts = [packer.pack_map_header(len(payload) + 1)]
-    for k, v in payload.items():
-        parts.append(packer.pack(k))
-        parts.append(packer.pack(v))
-    body = b"".join(parts)
-    return body + _SUM_PREFIX + hashlib.sha256(body).digest()
-
-
 def encode_manifest(m: Manifest) -> bytes:
     """The file bytes of ``m``; deterministic (same manifest, same bytes).
 
     Raises:
-        ManifestError: a field has the wrong type, shape or dtype.
+        ManifestError: a field has the wrong type, shape, dtype or range.
     """
     if not isinstance(m, Manifest):
         raise ManifestError(f"encode_manifest takes a Manifest, got {type(m).__name__}")
@@ -319,40 +342,28 @@ def encode_manifest(m: Manifest) -> bytes:
         "checksums": _array(m.checksums),
         "stats": _sorted_map(m.stats),
     }
+    packer = msgpack.Packer(use_bin_type=True, autoreset=True)
     try:
-        return _seal(payload)
+        body = packer.pack_map_header(len(payload) + 1) + b"".join(
+            packer.pack(k) + packer.pack(v) for k, v in payload.items()
+        )
     except (OverflowError, TypeError, ValueError) as e:
         raise ManifestError(f"{where}: cannot be encoded as msgpack: {e}") from None
+    return body + _SUM_PREFIX + hashlib.sha256(body).digest()
 
 
 # --------------------------------------------------------------------------- decoding
 
 
-def _field(d: dict, key: str, types: type | tuple[type, ...], source: str, *, nullable: bool = False) -> Any:
-    if key not in d:
-        raise ManifestError(f"{source}: field {key!r} is missing")
-    v = d[key]
-    if v is None and nullable:
-        return None
-    if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        ok = False
-    else:
-        ok = isinstance(v, types)
-    if not ok:
-        want = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
-        raise ManifestError(f"{source}: field {key!r} must be {want}{' or nil' if nullable else ''}, got {v!r:.80}")
-    return v
-
-
 def _decode_array(d: dict, key: str, source: str) -> torch.Tensor:
-    a = _field(d, key, dict, source)
-    if set(a) != {"dtype", "shape", "data"}:
-        raise ManifestError(f"{source}: array {key!r} must have keys dtype, shape, data; got {sorted(map(str, a))}")
+    a = d[key]
+    if not isinstance(a, dict) or set(a) != {"dtype", "shape", "data"}:
+        raise ManifestError(f"{source}: array {key!r} must be a map with keys dtype, shape, data; got {a!r:.80}")
     name, shape, data = a["dtype"], a["shape"], a["data"]
     if not isinstance(name, str) or name not in _ARRAY_DTYPES:
         raise ManifestError(f"{source}: array {key!r} has unknown dtype {name!r:.60}")
-    if not isinstance(shape, list) or not all(_is_int(x) and x >= 0 for x in shape):
-        raise ManifestError(f"{source}: array {key!r} has a malformed shape {shape!r}")
+    if not isinstance(shape, list) or not all(is_int(x) and 0 <= x <= _I64_MAX for x in shape):
+        raise ManifestError(f"{source}: array {key!r} has a malformed shape {shape!r:.80}")
     if not isinstance(data, bytes):
         raise ManifestError(f"{source}: array {key!r} data must be bin, got {type(data).__name__}")
     np_dtype = np.dtype(_ARRAY_DTYPES[name][1])
@@ -370,24 +381,33 @@ def _decode_array(d: dict, key: str, source: str) -> torch.Tensor:
     return torch.from_numpy(arr).reshape(shape)
 
 
+def _is_utf8(v: Any) -> bool:
+    """False where a str of ``v`` was not UTF-8 in the file (msgpack decodes those with surrogateescape)."""
+    if isinstance(v, str):
+        return v.isascii() or not any("\udc80" <= ch <= "\udcff" for ch in v)
+    if isinstance(v, dict):
+        return all(_is_utf8(k) and _is_utf8(x) for k, x in v.items())
+    return not isinstance(v, list) or all(map(_is_utf8, v))
+
+
 def decode_manifest(data: bytes, *, source: str = "<bytes>") -> Manifest:
-    """Parse and check manifest file bytes.
+    """Parse and check manifest file bytes: every field :func:`encode_manifest` would refuse is refused.
 
     Args:
         data: the file's bytes.
         source: what to call the bytes in error messages (the file's path).
 
     Raises:
-        ManifestError: naming ``source``, for any corruption (truncated, not
-            msgpack, wrong kind, checksum mismatch, missing or ill-typed field,
-            array length not matching dtype and shape) or a format_version newer
-            than :data:`FORMAT_VERSION`.
+        ManifestError: naming ``source`` and the field, for any corruption (truncated, not
+            msgpack, wrong kind, checksum mismatch, a str that is not UTF-8, a missing,
+            ill-typed or out-of-range field, array length not matching dtype and shape) or
+            a format_version newer than :data:`FORMAT_VERSION`.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ManifestError(f"{source}: manifest data must be bytes, got {type(data).__name__}")
     data = bytes(data)
     try:
-        d = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+        d = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, unicode_errors="surrogateescape")
     except Exception as e:  # msgpack raises many types (ValueError, FormatError, StackError, ...)
         raise ManifestError(
             f"{source}: not a readable manifest (truncated or not msgpack, {len(data)} bytes): {type(e).__name__}: {e}"
@@ -396,49 +416,53 @@ def decode_manifest(data: bytes, *, source: str = "<bytes>") -> Manifest:
         raise ManifestError(f"{source}: not a manifest (the file holds a msgpack {type(d).__name__}, not a map)")
     if d.get("kind") != MANIFEST_KIND:
         raise ManifestError(f"{source}: not an expert-store manifest (kind {d.get('kind')!r:.60})")
-    fv = _field(d, "format_version", int, source)
-    if fv > FORMAT_VERSION:
+    fv = d.get("format_version")
+    if is_int(fv) and fv > FORMAT_VERSION:
         raise ManifestError(
             f"{source}: format_version {fv} is newer than this expert-store reads ({FORMAT_VERSION}); "
             "upgrade expert-store to read it"
         )
-    if fv < 1:
-        raise ManifestError(f"{source}: invalid format_version {fv}")
-    body = data[:-_SUM_LEN]
     if (
         len(data) < _SUM_LEN
         or data[-_SUM_LEN:-32] != _SUM_PREFIX
         or d.get(_SUM_KEY) != data[-32:]
-        or hashlib.sha256(body).digest() != data[-32:]
+        or hashlib.sha256(data[:-_SUM_LEN]).digest() != data[-32:]
     ):
         raise ManifestError(f"{source}: checksum mismatch (the file is corrupt or was truncated)")
     extra = set(d) - set(_FIELDS) - {_SUM_KEY}
     if extra:
         raise ManifestError(f"{source}: unknown field(s) {sorted(extra)}")
-
+    for k in _FIELDS:
+        if k not in d:
+            raise ManifestError(f"{source}: field {k!r} is missing")
+        if not _is_utf8(d[k]):
+            raise ManifestError(f"{source}: field {k!r} holds a str that is not UTF-8")
+    spec = d["spec"]
+    if not isinstance(spec, list) or not all(
+        isinstance(t, dict) and set(t) == {"dtype", "name", "shape"} for t in spec
+    ):
+        raise ManifestError(f"{source}: field 'spec' must be a list of {{dtype, name, shape}} maps, got {spec!r:.80}")
     try:
-        spec = ExpertSpec.from_list(_field(d, "spec", list, source))
+        spec = ExpertSpec.from_list(spec)
     except SpecError as e:
         raise ManifestError(f"{source}: malformed spec: {e}") from None
-    created = _field(d, "created", (float, int), source)
-    ck = _field(d, "checkpoint", dict, source)
-    stats = _field(d, "stats", dict, source)
+    created = d["created"]
     m = Manifest(
-        version=_field(d, "version", int, source),
-        parent=_field(d, "parent", int, source, nullable=True),
-        created=float(created),
-        reason=_field(d, "reason", str, source),
+        version=d["version"],
+        parent=d["parent"],
+        created=float(created) if is_int(created) else created,
+        reason=d["reason"],
         spec=spec,
-        num_layers=_field(d, "num_layers", int, source),
-        num_experts=_field(d, "num_experts", int, source),
-        num_ranks=_field(d, "num_ranks", int, source),
-        slots_per_rank=_field(d, "slots_per_rank", int, source),
-        ranks_per_node=_field(d, "ranks_per_node", int, source, nullable=True),
+        num_layers=d["num_layers"],
+        num_experts=d["num_experts"],
+        num_ranks=d["num_ranks"],
+        slots_per_rank=d["slots_per_rank"],
+        ranks_per_node=d["ranks_per_node"],
         phy2log=_decode_array(d, "phy2log", source),
         alive=_decode_array(d, "alive", source),
-        checkpoint=ck,
+        checkpoint=d["checkpoint"],
         checksums=_decode_array(d, "checksums", source),
-        stats=stats,
+        stats=d["stats"],
         format_version=fv,
     )
     _check(m, source)
@@ -519,8 +543,7 @@ class ManifestLog:
 
     def path_of(self, version: int) -> Path:
         """Where ``version`` is (or would be) committed."""
-        if not _is_int(version) or version < 1:
-            raise ManifestError(f"{self.dir}: a manifest version is an int >= 1, got {version!r}")
+        version = check_int(version, "a manifest version", low=1, where=str(self.dir), error=ManifestError)
         return self.dir / f"v{version:08d}.msgpack"
 
     def versions(self) -> list[int]:
@@ -553,16 +576,53 @@ class ManifestLog:
             version = self.latest()
             if version is None:
                 raise ManifestError(f"{self.dir}: no committed manifest")
+        m = self._load(version)
+        if m is None:
+            raise ManifestError(f"{self.path_of(version)}: manifest version {version} is not committed")
+        return m
+
+    def _load(self, version: int) -> Manifest | None:
+        """Version ``version``, or None where its file does not exist."""
         path = self.path_of(version)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise ManifestError(f"{path}: manifest version {version} is not committed") from None
+            return None
         except OSError as e:
             raise ManifestError(f"{path}: cannot read: {e}") from None
         m = decode_manifest(data, source=str(path))
         if m.version != version:
             raise ManifestError(f"{path}: the file holds version {m.version}, not {version}")
+        return m
+
+    def read_current(self) -> Manifest:
+        """Read the latest version and check it against its parent: its version must be
+        ``parent + 1`` (a version without parent must be the oldest committed), and a parent
+        still on disk must describe the same store (:func:`store_difference`). A parent that is
+        gone (pruned, or never received by a rank that adopted a newer version) is fine.
+
+        Raises:
+            ManifestError: naming the latest file and its parent's (or the older version's).
+        """
+        m = self.read()
+        path = self.path_of(m.version)
+        if m.parent is None:
+            older = [v for v in self.versions() if v < m.version]
+            if older:
+                raise ManifestError(
+                    f"{path}: version {m.version} has no parent, but {self.path_of(older[-1])} precedes it"
+                )
+            return m
+        ppath = self.path_of(m.parent)
+        if m.version != m.parent + 1:
+            raise ManifestError(f"{path}: version {m.version} names parent {m.parent} ({ppath}), not {m.version - 1}")
+        try:
+            parent = self._load(m.parent)
+        except ManifestError as e:
+            raise ManifestError(f"{path}: its parent is unreadable: {e}") from None
+        why = None if parent is None else store_difference(parent, m)
+        if why is not None:
+            raise ManifestError(f"{path}: version {m.version} and its parent {ppath} describe different stores: {why}")
         return m
 
     def _same_as_committed(self, path: Path, data: bytes, version: int) -> bool:
@@ -675,14 +735,14 @@ class ManifestLog:
         return sorted(removed)
 
     def prune(self, *, keep: int) -> list[int]:
-        """Delete the oldest committed versions beyond the newest ``keep`` (>= 1).
+        """Delete the oldest committed versions beyond the newest ``keep`` (an int >= 1).
 
-        The latest version is never deleted. Also removes stale temporary files.
-        Returns the versions beyond ``keep`` that are now gone (including any a
-        rank sharing the root removed at the same time), ascending.
+        ``keep`` is checked before anything is removed (a :class:`StoreError` naming it). The
+        latest version is never deleted. Also removes stale temporary files. Returns the
+        versions beyond ``keep`` that are now gone (including any a rank sharing the root
+        removed at the same time), ascending.
         """
-        if not _is_int(keep) or keep < 1:
-            raise ManifestError(f"{self.dir}: prune keeps at least one version, got keep={keep!r}")
+        keep = check_int(keep, "keep", low=1, where=f"{self.dir}: prune")
         versions = self.versions()
         doomed = versions[:-keep] if len(versions) > keep else []
         for v in doomed:

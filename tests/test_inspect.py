@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 
 import ckpt_factory as cf
+import msgpack
 import pytest
 import torch
 from store_util import expected_accounting, random_placement
+from test_manifest import NON_UTF8, Raw, payload_of, seal
 
 import expert_store as es
 from expert_store.inspect import main
@@ -534,3 +536,236 @@ def test_tools_script_runs_from_the_checkout(built, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["version"] == 3
+
+
+# --------------------------------------------------------------------------- fuzz: never a traceback
+
+FUZZ_COMMANDS = [
+    ("summary",),
+    ("summary", "--version", "1"),
+    ("versions",),
+    ("show",),
+    ("show", "--layer", "1"),
+    ("diff", "1", "latest"),
+    ("plan", "1", "latest"),
+    ("verify",),
+    ("verify", "--checkpoint-bytes"),
+]
+
+
+def _fuzz_manifest(version: int, parent: int | None) -> es.Manifest:
+    """L=2, E=3, R=2, S=2: small enough to run every command hundreds of times."""
+    return es.Manifest(
+        version=version,
+        parent=parent,
+        created=1_767_225_600.5 + version,
+        reason="rebalance" if parent else "create",
+        spec=es.ExpertSpec([es.TensorSpec("w", (4, 8), torch.float32)]),
+        num_layers=2,
+        num_experts=3,
+        num_ranks=2,
+        slots_per_rank=2,
+        ranks_per_node=1,
+        phy2log=torch.tensor([[0, 1, 2, 0], [2, 1, 0, version % 3]], dtype=torch.int64),
+        alive=torch.tensor([True, True]),
+        checkpoint={"path": "/nonexistent/ckpt", "names": {"w": "l{layer}.e{expert}.w"}, "layers": None},
+        checksums=torch.arange(6, dtype=torch.int64).view(2, 3) * version,
+        stats={"bytes_p2p": 0, "bytes_local": 128, "bytes_disk": 0, "rounds": 1} if parent else {},
+    )
+
+
+def _set(path: tuple, value: object):
+    def mutate(d: dict) -> None:
+        for key in path[:-1]:
+            d = d[key]
+        d[path[-1]] = value
+
+    return mutate
+
+
+_NAN, _INF = float("nan"), float("inf")
+# (what to set in version 2's raw msgpack map, value); every entry is well sealed.
+FIELD_CASES = [
+    *[(("created",), v) for v in (1e300, -1e300, _NAN, _INF, -_INF, -1.0, 1e12, 2**63, "2026", None, True)],
+    *[(("version",), v) for v in (2**63, 2**64 - 1, -1, 0, 1, 3, -(2**63))],
+    *[(("parent",), v) for v in (2**64 - 1, -5, 0, 2, "1", 1.0)],
+    *[(("format_version",), v) for v in (0, -1, 2**64 - 1, 2)],
+    *[((k,), v) for k in ("num_layers", "num_experts", "num_ranks", "slots_per_rank") for v in (2**64 - 1, 0, -1)],
+    *[(("ranks_per_node",), v) for v in (2**64 - 1, 2**63 - 1, 0, 99, None)],
+    *[(("reason",), v) for v in (NON_UTF8, "two\nlines", "\x1b[31mred", "x" * 10_000)],
+    *[
+        (("stats",), v)
+        for v in (
+            {"bytes_p2p": 2**64 - 1, "bytes_local": -(2**63), "bytes_disk": 2**63, "rounds": 2**64 - 1},
+            {"bytes_p2p": "lots", "bytes_local": 1.5, "bytes_disk": True, "moves": "x", "rounds": -1.0},
+            {"bytes_p2p": 1e308, "seconds": _NAN},
+            {"seconds": _INF},
+            {"staging_bytes": -1},
+            {"staging_bytes": 0},
+            {"staging_bytes": 2**64 - 1},
+            {"staging_bytes": 2**62 + 1},
+            {"staging_bytes": "1G"},
+            {"round_bytes": 0},
+            {"round_bytes": 2**63},
+            {"round_bytes": 1.5},
+            {"fresh_ranks": "x", "moves": 10**18, "rounds": 0},
+            {"x": [1]},
+            {"x": {"a": 1}},
+            {"x": None},
+            {"x": b"raw"},
+            {"\n": "\n"},
+            [],
+            "stats",
+        )
+    ],
+    *[(("spec", 0, "dtype"), v) for v in ("float99", 7, None)],
+    *[(("spec", 0, "shape"), v) for v in ([2**40, 2**40], [2**62], [0], [-1], [], "4x8", [1.5])],
+    (("spec", 0, "name"), 7),
+    (("spec", 0, "extra"), 1),
+    (("spec",), []),
+    (("spec",), [{"name": "w", "shape": [4, 8], "dtype": "float32"}] * 2),
+    (("phy2log", "dtype"), "float32"),
+    (("phy2log", "shape"), [2, 5]),
+    (("phy2log", "shape"), [4, 2]),
+    (("phy2log", "data"), b""),
+    (("phy2log", "data"), (99).to_bytes(8, "little") * 8),
+    (("phy2log", "data"), (-1).to_bytes(8, "little", signed=True) * 8),
+    (("alive", "data"), b"\x00\x00"),
+    (("alive", "data"), b"\x02\x01"),
+    (("alive", "dtype"), "int64"),
+    (("checksums", "shape"), [3, 2]),
+    (("checkpoint", "path"), "/x\nnew line"),
+    (("checkpoint", "path"), 7),
+    (("checkpoint", "layers"), [2**63]),
+    (("checkpoint", "layers"), [2**64 - 1, 0]),
+    (("checkpoint", "layers"), [-1, 0]),
+    (("checkpoint", "layers"), [0]),
+    (("checkpoint", "layers"), [1, 1]),
+    (("checkpoint", "layers"), [5, 9]),
+    (("checkpoint", "names", "w"), []),
+    (("checkpoint", "names"), {"w": "a", "other": "b"}),
+    (("checkpoint", "names"), {}),
+    (
+        ("checkpoint",),
+        Raw(b"\x83" + b"".join(map(msgpack.packb, ["layers", None, "names", {"w": "x"}, "path"])) + NON_UTF8),
+    ),
+    (("kind",), "other"),
+    (("extra",), 1),
+]
+
+
+def _v2(d: Path) -> Path:
+    return d / "v00000002.msgpack"
+
+
+def _manifest_is_a_directory(d: Path) -> None:
+    _v2(d).unlink()
+    (_v2(d) / "inner").mkdir(parents=True)
+
+
+def _dangling_link(d: Path) -> None:
+    _v2(d).unlink()
+    _v2(d).symlink_to(d / "nowhere")
+
+
+def _link_loop(d: Path) -> None:
+    _v2(d).unlink()
+    _v2(d).symlink_to(_v2(d))
+
+
+def _version_beyond_int64_in_name(d: Path) -> None:
+    os.rename(_v2(d), d / f"v{2**64:08d}.msgpack")
+
+
+def _odd_names(d: Path) -> None:
+    for name in (b"\xff\xfe.msgpack", b".v00000003.\xff.tmp", b"v\nnew line.msgpack", b"\x1b[2J"):
+        os.close(os.open(os.path.join(os.fsencode(d), name), os.O_CREAT | os.O_WRONLY))
+
+
+def _manifests_is_a_file(d: Path) -> None:
+    shutil.rmtree(d)
+    d.write_bytes(b"not a directory")
+
+
+def _root_is_a_file(d: Path) -> None:
+    shutil.rmtree(d.parent)
+    d.parent.write_bytes(b"")
+
+
+FILE_CASES = [
+    _manifest_is_a_directory,
+    _dangling_link,
+    _link_loop,
+    _version_beyond_int64_in_name,
+    _odd_names,
+    _manifests_is_a_file,
+    _root_is_a_file,
+]
+
+
+def _fuzz_root(tmp_path: Path, mutate) -> tuple[Path, Path]:
+    """A root with a good version 1 and a version 2 changed by ``mutate`` (of its raw map, or of the files)."""
+    root = tmp_path / "root"
+    log = es.ManifestLog(root)
+    log.commit(_fuzz_manifest(1, None))
+    d = payload_of(_fuzz_manifest(2, 1))
+    if isinstance(mutate, tuple):
+        _set(*mutate)(d)
+    log.path_of(2).write_bytes(seal(d))
+    if callable(mutate):
+        mutate(log.dir)
+    return root, log.path_of(2)
+
+
+def _no_constants(name: str) -> None:
+    raise AssertionError(f"--json printed {name}, which is not JSON")
+
+
+def _run_every_command(capsys, root: Path, culprits: tuple[str, ...]) -> set[int]:
+    codes = set()
+    for cmd in FUZZ_COMMANDS:
+        for extra in ((), ("--json",)):
+            argv = [cmd[0], str(root), *cmd[1:], *extra]
+            rc = main(argv)  # an exception escaping main() fails the test with its traceback
+            out, err = capsys.readouterr()
+            assert rc in (0, 1) and "Traceback" not in err, (argv, rc, err)
+            if rc == 1:
+                lines = err.splitlines()
+                assert len(lines) == 1 and any(c in lines[0] for c in culprits), (argv, err)
+            else:
+                assert err == "", (argv, err)
+            if extra and out:
+                json.loads(out, parse_constant=_no_constants)
+            codes.add(rc)
+    return codes
+
+
+@pytest.mark.parametrize("case", FIELD_CASES, ids=lambda c: f"{'.'.join(map(str, c[0]))}={c[1]!r:.40}")
+def test_fuzz_sealed_fields_never_a_traceback(capsys, tmp_path, case):
+    """Every command, text and --json, on a root whose version 2 is well sealed but holds an odd value:
+    exit 0 or 1, never a traceback; on exit 1 one stderr line naming version 2's file; --json is JSON."""
+    root, v2 = _fuzz_root(tmp_path, case)
+    codes = _run_every_command(capsys, root, (str(v2),))
+    assert 1 in codes  # verify --checkpoint-bytes cannot open /nonexistent/ckpt
+
+
+@pytest.mark.parametrize("mutate", FILE_CASES, ids=lambda f: f.__name__.strip("_"))
+def test_fuzz_files_never_a_traceback(capsys, tmp_path, mutate):
+    """The same for odd files: a manifest that is a directory, a dangling or looping link, a version beyond
+    int64 in a file name, names that are not UTF-8 or hold a newline, manifests/ or the root a file."""
+    root, _ = _fuzz_root(tmp_path, mutate)
+    _run_every_command(capsys, root, (str(root),))
+
+
+def test_unlistable_directory_is_named(capsys, tmp_path, monkeypatch):
+    """A manifests/ directory that cannot be listed (permissions; simulated: the tests may run as root)."""
+    root, _ = _fuzz_root(tmp_path, (("reason",), "x"))
+    listdir = os.listdir
+
+    def refuse(path="."):
+        if Path(path) == root / "manifests":
+            raise PermissionError(13, "Permission denied", str(path))
+        return listdir(path)
+
+    monkeypatch.setattr(os, "listdir", refuse)
+    assert _run_every_command(capsys, root, (str(root / "manifests"),)) == {1}

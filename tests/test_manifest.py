@@ -6,13 +6,16 @@ Symbols: L layers, E logical experts, R ranks, S slots per rank, P = R * S.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import os
+import re
 import signal
 from pathlib import Path
 
 import msgpack
+import numpy as np
 import pytest
 import torch
 
@@ -22,7 +25,6 @@ from expert_store.manifest import (
     FORMAT_VERSION,
     Manifest,
     ManifestLog,
-    _seal,
     decode_manifest,
     encode_manifest,
     manifest_to_json,
@@ -32,7 +34,7 @@ from expert_store.spec import ExpertSpec, TensorSpec
 GOLDEN = Path(__file__).parent / "golden" / "manifest_v1.msgpack"
 
 
-def fp8_spec(H: int = 32, I: int = 16) -> ExpertSpec:  # noqa: E741 (DESIGN's symbols)
+def fp8_spec(H: int = 32, I: int = 16) -> ExpertSpec:  # noqa: E741 (H hidden size, I MoE intermediate size)
     """A DeepSeek-style fp8 expert with float32 block scales (one-element scales when H, I <= 128)."""
     return ExpertSpec(
         [
@@ -181,14 +183,14 @@ def test_file_is_plain_msgpack_with_raw_arrays():
         ({"alive": torch.ones(4, dtype=torch.int64)}, "alive must be torch.bool [4]"),
         ({"checksums": torch.zeros((3, 5), dtype=torch.int64)}, "checksums must be torch.int64 [3, 6]"),
         ({"phy2log": torch.zeros((3, 8), dtype=torch.int64)}, "not a valid placement: layer 0: logical expert 1"),
-        ({"parent": 1}, "parent must be None or an int in [1, version=1)"),
+        ({"parent": 1}, "parent must be nil or an int in [1, version=1)"),
         ({"format_version": 2}, "format_version must be 1"),
-        ({"stats": {"x": [1]}}, "stats['x'] must be an int, float or str"),
+        ({"stats": {"x": [1]}}, "stats['x'] must be an int, a finite float, a str or a bool"),
         ({"checkpoint": {"path": "p", "names": {}}}, "checkpoint must have exactly the keys"),
         ({"checkpoint": {"path": "p", "names": {"w2": []}, "layers": None}}, "non-empty list of str"),
-        ({"checkpoint": {"path": "p", "names": {}, "layers": [1, -2]}}, "list of ints >= 0"),
-        ({"ranks_per_node": 0}, "ranks_per_node must be None or an int >= 1"),
-        ({"created": float("nan")}, "created must be a finite float"),
+        ({"checkpoint": {"path": "p", "names": {}, "layers": [1, -2]}}, "list of distinct ints >= 0"),
+        ({"ranks_per_node": 0}, "ranks_per_node must be in 1.."),
+        ({"created": float("nan")}, "created must be unix seconds"),
     ],
 )
 def test_encode_rejects_bad_fields(change, needle):
@@ -235,6 +237,21 @@ def test_golden_decodes():
 
 
 # --------------------------------------------------------------------------- corruption
+
+
+class Raw(bytes):
+    """A value already packed as msgpack (e.g. a str that is not UTF-8): :func:`seal` writes it verbatim."""
+
+
+def seal(payload: dict) -> bytes:
+    """File bytes for ``payload`` (the top-level map, in its order) closed by a valid sha256 entry:
+    the way to build files that pass the checksum but hold wrong values (the file format's own
+    definition: the digest covers every byte before the fixed 42-byte ``sha256`` entry)."""
+    packer = msgpack.Packer(use_bin_type=True)
+    body = packer.pack_map_header(len(payload) + 1) + b"".join(
+        packer.pack(k) + (v if isinstance(v, Raw) else packer.pack(v)) for k, v in payload.items()
+    )
+    return body + b"\xa6sha256\xc4\x20" + hashlib.sha256(body).digest()
 
 
 def payload_of(m: Manifest) -> dict:
@@ -291,7 +308,7 @@ def test_wrong_kind():
     """A well-formed msgpack map of another kind is refused as 'not an expert-store manifest'."""
     d = payload_of(make_manifest())
     d["kind"] = "something-else"
-    expect_corrupt(_seal(d), "not an expert-store manifest")
+    expect_corrupt(seal(d), "not an expert-store manifest")
 
 
 def test_newer_format_version():
@@ -299,7 +316,7 @@ def test_newer_format_version():
     d = payload_of(make_manifest())
     d["format_version"] = FORMAT_VERSION + 1
     d["new_field"] = "x"
-    expect_corrupt(_seal(d), f"format_version {FORMAT_VERSION + 1} is newer")
+    expect_corrupt(seal(d), f"format_version {FORMAT_VERSION + 1} is newer")
 
 
 def test_checksum_mismatch_even_if_msgpack_parses():
@@ -317,21 +334,21 @@ def test_missing_field(field):
     """A sealed file missing any field names that field."""
     d = payload_of(make_manifest())
     del d[field]
-    expect_corrupt(_seal(d), f"field {field!r} is missing")
+    expect_corrupt(seal(d), f"field {field!r} is missing")
 
 
 @pytest.mark.parametrize(
     ("field", "value", "needle"),
     [
-        ("version", "1", "field 'version' must be int"),
-        ("version", True, "field 'version' must be int"),
-        ("parent", 1.5, "field 'parent' must be int or nil"),
-        ("reason", 7, "field 'reason' must be str"),
+        ("version", "1", "version must be an int, got str"),
+        ("version", True, "version must be an int, got bool"),
+        ("parent", 1.5, "parent must be nil or an int"),
+        ("reason", 7, "reason must be a str"),
         ("num_ranks", 5, "phy2log must be torch.int64 [3, 10]"),
         ("spec", [{"name": "w", "shape": [2], "dtype": "float99"}], "malformed spec"),
-        ("checkpoint", [], "field 'checkpoint' must be dict"),
-        ("stats", {"x": b"raw"}, "stats['x'] must be an int, float or str"),
-        ("phy2log", [1, 2], "field 'phy2log' must be dict"),
+        ("checkpoint", [], "checkpoint must be a dict"),
+        ("stats", {"x": b"raw"}, "stats['x'] must be an int, a finite float"),
+        ("phy2log", [1, 2], "array 'phy2log' must be a map"),
         ("extra", 1, "unknown field(s) ['extra']"),
     ],
 )
@@ -339,7 +356,7 @@ def test_wrong_types(field, value, needle):
     """Ill-typed or inconsistent fields in a sealed file are a ManifestError naming the file and field."""
     d = payload_of(make_manifest())
     d[field] = value
-    expect_corrupt(_seal(d), needle)
+    expect_corrupt(seal(d), needle)
 
 
 @pytest.mark.parametrize(
@@ -351,14 +368,14 @@ def test_wrong_types(field, value, needle):
         ("alive", lambda a: a.update(dtype="float32"), "unknown dtype 'float32'"),
         ("phy2log", lambda a: a.update(shape=[3, -8]), "malformed shape"),
         ("phy2log", lambda a: a.update(data=[1, 2]), "data must be bin"),
-        ("checksums", lambda a: a.pop("shape"), "must have keys dtype, shape, data"),
+        ("checksums", lambda a: a.pop("shape"), "must be a map with keys dtype, shape, data"),
     ],
 )
 def test_bad_arrays(arr, mutate, needle):
     """Array byte lengths must match dtype * shape; bool bytes are 0/1; errors name the array and file."""
     d = payload_of(make_manifest())
     mutate(d[arr])
-    err = expect_corrupt(_seal(d), needle)
+    err = expect_corrupt(seal(d), needle)
     assert repr(arr) in str(err)
 
 
@@ -380,9 +397,70 @@ def test_any_ill_typed_value_is_a_manifest_error():
                 target = target[key]
             target[path[-1]] = value
             try:
-                decode_manifest(_seal(d), source="/fuzz")
+                decode_manifest(seal(d), source="/fuzz")
             except ManifestError as e:
                 assert str(e).startswith("/fuzz: ")
+
+
+NON_UTF8 = Raw(b"\xa3\xff\xfe\xfd")  # a msgpack str of 3 bytes that are not UTF-8
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "needle"),
+    [
+        (("created",), 1e300, "created"),
+        (("created",), -1e300, "created"),
+        (("created",), float("nan"), "created"),
+        (("created",), float("-inf"), "created"),
+        (("created",), -1.0, "created"),
+        (("created",), 1e12, "created"),  # year 33658: gmtime cannot print it
+        (("version",), 2**63, "version"),
+        (("version",), 2**64 - 1, "version"),
+        (("parent",), 2**64 - 1, "parent"),
+        (("format_version",), 2**64 - 1, "format_version"),
+        (("ranks_per_node",), 2**64 - 1, "ranks_per_node"),
+        (("stats",), {"seconds": float("nan")}, "stats['seconds']"),
+        (("stats",), {"seconds": float("inf")}, "stats['seconds']"),
+        (("stats",), {"x": None}, "stats['x']"),
+        (("checkpoint", "layers"), [3], "checkpoint['layers']"),
+        (("checkpoint", "layers"), [3, 3, 4], "checkpoint['layers']"),
+        (("checkpoint", "layers"), [2**64 - 1, 1, 2], "checkpoint['layers']"),
+        (("spec", 0, "extra"), 1, "spec"),
+        (("spec", 0, "shape"), [2**40, 2**40], "spec"),
+        (("alive", "data"), b"\x00" * 4, "alive"),
+        (("reason",), NON_UTF8, "UTF-8"),
+        (
+            ("checkpoint",),
+            Raw(b"\x83" + b"".join(map(msgpack.packb, ["layers", None, "names", NAMES, "path"])) + NON_UTF8),
+            "UTF-8",
+        ),
+    ],
+)
+def test_decode_checks_every_value_it_returns(path, value, needle):
+    """Well-sealed files with values no store writes (times out of range, ints beyond int64, NaN stats,
+    a layer map shorter than L or repeating a layer, a spec of 2**80 bytes, no live rank, bytes that
+    are not UTF-8) are a ManifestError naming the file and the field."""
+    d = payload_of(make_manifest())
+    target = d
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    expect_corrupt(seal(d), needle)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"created": 1e300}, "created"),
+        ({"version": 2**63, "parent": None}, "version"),
+        ({"stats": {"seconds": float("nan")}}, "stats['seconds']"),
+        ({"alive": torch.zeros(4, dtype=torch.bool)}, "alive"),
+    ],
+)
+def test_encode_refuses_what_decode_refuses(change, needle):
+    """encode_manifest runs the same checks: it never writes a file that decode_manifest would refuse."""
+    with pytest.raises(ManifestError, match=re.escape(needle)):
+        encode_manifest(dataclasses.replace(make_manifest(), **change))
 
 
 # --------------------------------------------------------------------------- the log
@@ -414,7 +492,7 @@ def test_log_commit_and_read(tmp_path):
     assert log.read() == ms[2]
     assert [log.read(v) for v in (1, 2, 3)] == ms
     assert sorted(os.listdir(tmp_path / "manifests")) == [f"v0000000{v}.msgpack" for v in (1, 2, 3)]
-    with pytest.raises(ManifestError, match="version is an int >= 1"):
+    with pytest.raises(ManifestError, match="a manifest version must be in 1.."):
         log.path_of(0)
 
 
@@ -506,10 +584,86 @@ def test_prune(tmp_path):
     assert log.versions() == [3, 4, 5] and log.read() == ms[4]
     assert log.prune(keep=1) == [3, 4]
     assert log.versions() == [5]
-    with pytest.raises(ManifestError, match="keeps at least one version"):
+    with pytest.raises(StoreError, match="keep"):
         log.prune(keep=0)
     log.commit(make_manifest(version=6, parent=5, seed=6))
     assert log.versions() == [5, 6]
+
+
+@pytest.mark.parametrize("keep", [0, -1, True, 1.5, "2", None])
+def test_prune_refuses_a_bad_keep_before_deleting(tmp_path, keep):
+    """keep is a positive int: bool, float, 0, negatives and None are refused before any file is removed."""
+    log = ManifestLog(tmp_path)
+    for m in chain(3):
+        log.commit(m)
+    (log.dir / ".v00000004.1.ab.tmp").write_bytes(b"x")
+    os.utime(log.dir / ".v00000004.1.ab.tmp", (0, 0))  # old enough to be cleaned by a prune
+    with pytest.raises(StoreError, match=r"\bkeep\b"):
+        log.prune(keep=keep)
+    assert log.versions() == [1, 2, 3] and (log.dir / ".v00000004.1.ab.tmp").exists()
+
+
+def test_check_keep_versions():
+    """The check a store runs when keep_versions is set: None keeps every version, else an int >= 1."""
+    check = manifest_mod.check_keep_versions
+    assert check(None) is None and check(3) == 3 and check(np.int64(2)) == 2
+    for bad in (0, -1, True, False, 1.5, "2", [2]):
+        with pytest.raises(StoreError, match="keep_versions"):
+            check(bad)
+
+
+def _store_of_another_kind(change: str) -> Manifest:
+    m = make_manifest(
+        version=3, parent=2, seed=3, **({change: {"L": 2, "E": 5, "R": 5, "S": 3}[change]} if change in "LERS" else {})
+    )
+    if change == "ranks_per_node":
+        m = dataclasses.replace(m, ranks_per_node=None)
+    elif change == "spec":
+        m = dataclasses.replace(m, spec=fp8_spec(H=64))
+    elif change == "names":
+        m = dataclasses.replace(m, checkpoint={**m.checkpoint, "names": {**NAMES, "w2": "other.{layer}.{expert}"}})
+    return m
+
+
+@pytest.mark.parametrize("change", ["L", "E", "R", "S", "ranks_per_node", "spec", "names"])
+def test_read_current_refuses_a_parent_of_another_store(tmp_path, change):
+    """read_current(): the latest manifest must describe the store its parent describes (spec, L, E, R, S,
+    ranks_per_node, checkpoint names); read() of one version does not look at its parent."""
+    log = ManifestLog(tmp_path)
+    for m in chain(2):
+        log.commit(m)
+    assert log.read_current() == log.read(2)
+    m3 = _store_of_another_kind(change)
+    log.commit(m3)
+    assert log.read() == m3
+    with pytest.raises(ManifestError) as ei:
+        log.read_current()
+    assert str(log.path_of(3)) in str(ei.value) and str(log.path_of(2)) in str(ei.value), ei.value
+
+
+def test_read_current_checks_the_version_chain(tmp_path):
+    """read_current(): version must be parent + 1 and a parentless version must be the oldest; a pruned
+    (missing) parent is fine; a corrupt parent is named."""
+    log = ManifestLog(tmp_path)
+    for m in chain(2):
+        log.commit(m)
+    for version, parent in ((4, 2), (3, 1), (3, None)):
+        log.path_of(version).write_bytes(encode_manifest(make_manifest(version=version, parent=parent, seed=7)))
+        with pytest.raises(ManifestError) as ei:
+            log.read_current()
+        other = log.path_of(parent or 2)  # the parent named, or the older version of a parentless one
+        assert str(log.path_of(version)) in str(ei.value) and str(other) in str(ei.value), ei.value
+        log.path_of(version).unlink()
+    log.commit(make_manifest(version=3, parent=2, seed=3))
+    good = log.path_of(2).read_bytes()
+    log.path_of(2).write_bytes(good[:-1])
+    with pytest.raises(ManifestError, match=re.escape(str(log.path_of(2)))):
+        log.read_current()
+    log.path_of(2).write_bytes(good)
+    assert log.prune(keep=1) == [1, 2]
+    assert log.read_current() == log.read(3)
+    with pytest.raises(ManifestError, match="no committed manifest"):
+        ManifestLog(tmp_path / "empty").read_current()
 
 
 def test_reader_sees_old_or_whole_new_at_every_step(tmp_path, monkeypatch):
