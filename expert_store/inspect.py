@@ -108,16 +108,11 @@ def _table(
     headers: Sequence[str], rows: Sequence[Sequence[Any]], *, indent: str = "", right: Sequence[int] = ()
 ) -> list[str]:
     """Aligned text columns: numbers (and the columns in ``right``) right-aligned, the rest left-aligned."""
-    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
-    numeric = [
-        i in right or (bool(rows) and all(isinstance(r[i], (int, float)) or r[i] is None for r in rows))
-        for i in range(len(headers))
-    ]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(headers))]
+    cells = [list(map(str, headers))] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(map(len, column)) for column in zip(*cells)]
+    numeric = [i in right or all(isinstance(r[i], (int, float, type(None))) for r in rows) for i in range(len(headers))]
     return [
-        (
-            indent + "  ".join(c.rjust(w) if numeric[i] else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-        ).rstrip()
+        (indent + "  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(row, widths, numeric))).rstrip()
         for row in cells
     ]
 
@@ -874,7 +869,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Inspect an expert-store root: its versions, placements, plans and integrity (read only).",
         epilog="Exit codes: 0 ok, 1 a problem was found (message on stderr), 2 usage error.",
     )
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
 
     def add(name: str, help_: str, *, pair: bool = False) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, parents=[common], help=help_, description=help_)
@@ -944,33 +939,25 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``inspect-store`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
-    parser = build_parser()
     try:
-        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    except UsageError as e:
+        args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    except UsageError as e:  # usage and message: two lines, as argparse writes them
         print(e, file=sys.stderr)
         return 2
     except SystemExit as e:  # --help (0)
         return e.code if isinstance(e.code, int) else 0
-    if args.command is None:
-        print(parser.format_usage().rstrip(), file=sys.stderr)
-        return 2
     try:
         return _run(args)
-    except UsageError as e:
-        _say(e)
-        return 2
-    except StoreError as e:
-        _say(e)
-        return 1
     except BrokenPipeError:  # `inspect-store ... | head`
         return 0
-    except OSError as e:
-        _say(f"{e.filename or args.root}: {e.strerror or e}")
-        return 1
-    except Exception as e:  # a bug: still one line naming the root, never a traceback
-        _say(f"{args.root}: internal error of {PROG} {args.command} (please report it): {type(e).__name__}: {e}")
-        return 1
+    except Exception as e:  # a StoreError names the file at fault, an OSError its path; anything else is a bug
+        if isinstance(e, OSError):
+            _say(f"{e.filename or args.root}: {e.strerror or e}")
+        elif isinstance(e, StoreError):
+            _say(e)
+        else:
+            _say(f"{args.root}: internal error of {PROG} {args.command}, please report it: {type(e).__name__}: {e}")
+        return 2 if isinstance(e, UsageError) else 1
 
 
 if __name__ == "__main__":

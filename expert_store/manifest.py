@@ -51,7 +51,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -87,32 +87,9 @@ _SUM_KEY = "sha256"
 _SUM_PREFIX = b"\xa6sha256\xc4\x20"
 _SUM_LEN = len(_SUM_PREFIX) + 32
 
-# Key order of the top-level map (the checksum entry follows them).
-_FIELDS = (
-    "kind",
-    "format_version",
-    "version",
-    "parent",
-    "created",
-    "reason",
-    "spec",
-    "num_layers",
-    "num_experts",
-    "num_ranks",
-    "slots_per_rank",
-    "ranks_per_node",
-    "phy2log",
-    "alive",
-    "checkpoint",
-    "checksums",
-    "stats",
-)
-
-# Array dtypes a manifest may hold, by their name in the file.
-_ARRAY_DTYPES: dict[str, tuple[torch.dtype, str]] = {
-    "int64": (torch.int64, "<i8"),
-    "bool": (torch.bool, "u1"),
-}
+_ARRAYS = ("phy2log", "alive", "checksums")
+# Array dtypes a manifest may hold: their name in the file, and their little-endian numpy dtype.
+_ARRAY_DTYPES = {"int64": "<i8", "bool": "u1"}
 
 # Committed versions and the temporaries of commits in flight (or interrupted).
 _FILE_RE = re.compile(r"^v(\d{8,})\.msgpack$", re.ASCII)
@@ -164,16 +141,7 @@ class Manifest:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Manifest):
             return NotImplemented
-        for name in self.__dataclass_fields__:
-            a, b = getattr(self, name), getattr(other, name)
-            if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-                if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-                    return False
-                if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a.cpu(), b.cpu()):
-                    return False
-            elif a != b:
-                return False
-        return True
+        return all(_same(getattr(self, n), getattr(other, n)) for n in self.__dataclass_fields__)
 
     __hash__ = None  # type: ignore[assignment]  # holds tensors and dicts
 
@@ -183,6 +151,17 @@ class Manifest:
             f"L={self.num_layers}, E={self.num_experts}, R={self.num_ranks}, S={self.slots_per_rank}, "
             f"alive={int(self.alive.sum()) if isinstance(self.alive, torch.Tensor) else '?'}/{self.num_ranks})"
         )
+
+
+# Key order of the top-level map (the checksum entry follows them): kind and format_version,
+# then every field of Manifest but format_version, in its order.
+_FIELDS = ("kind", "format_version", *(f.name for f in fields(Manifest) if f.name != "format_version"))
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+    return not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b
 
 
 # --------------------------------------------------------------------------- validation
@@ -304,7 +283,7 @@ def _array(t: torch.Tensor) -> dict[str, Any]:
     name = "int64" if t.dtype == torch.int64 else "bool"
     a = t.detach().cpu().contiguous().numpy()
     # astype(..., copy=False) is free on little-endian hosts and byte-swaps elsewhere.
-    data = a.astype(_ARRAY_DTYPES[name][1], copy=False).tobytes()
+    data = a.astype(_ARRAY_DTYPES[name], copy=False).tobytes()
     return {"dtype": name, "shape": list(t.shape), "data": data}
 
 
@@ -323,25 +302,11 @@ def encode_manifest(m: Manifest) -> bytes:
     where = f"manifest v{m.version}"
     _check(m, where)
     ck = m.checkpoint
-    payload = {
-        "kind": MANIFEST_KIND,
-        "format_version": FORMAT_VERSION,
-        "version": m.version,
-        "parent": m.parent,
-        "created": float(m.created),
-        "reason": m.reason,
-        "spec": [_sorted_map(t) for t in m.spec.to_list()],
-        "num_layers": m.num_layers,
-        "num_experts": m.num_experts,
-        "num_ranks": m.num_ranks,
-        "slots_per_rank": m.slots_per_rank,
-        "ranks_per_node": m.ranks_per_node,
-        "phy2log": _array(m.phy2log),
-        "alive": _array(m.alive),
-        "checkpoint": {"layers": ck["layers"], "names": _sorted_map(ck["names"]), "path": ck["path"]},
-        "checksums": _array(m.checksums),
-        "stats": _sorted_map(m.stats),
-    }
+    payload = {"kind": MANIFEST_KIND, "format_version": FORMAT_VERSION} | {k: getattr(m, k) for k in _FIELDS[2:]}
+    payload |= {k: _array(payload[k]) for k in _ARRAYS}  # keeps the key order
+    payload |= {"created": float(m.created), "spec": [_sorted_map(t) for t in m.spec.to_list()]}
+    payload |= {"checkpoint": {"layers": ck["layers"], "names": _sorted_map(ck["names"]), "path": ck["path"]}}
+    payload["stats"] = _sorted_map(m.stats)
     packer = msgpack.Packer(use_bin_type=True, autoreset=True)
     try:
         body = packer.pack_map_header(len(payload) + 1) + b"".join(
@@ -366,7 +331,7 @@ def _decode_array(d: dict, key: str, source: str) -> torch.Tensor:
         raise ManifestError(f"{source}: array {key!r} has a malformed shape {shape!r:.80}")
     if not isinstance(data, bytes):
         raise ManifestError(f"{source}: array {key!r} data must be bin, got {type(data).__name__}")
-    np_dtype = np.dtype(_ARRAY_DTYPES[name][1])
+    np_dtype = np.dtype(_ARRAY_DTYPES[name])
     want = math.prod(shape) * np_dtype.itemsize
     if len(data) != want:
         raise ManifestError(
@@ -446,55 +411,31 @@ def decode_manifest(data: bytes, *, source: str = "<bytes>") -> Manifest:
         spec = ExpertSpec.from_list(spec)
     except SpecError as e:
         raise ManifestError(f"{source}: malformed spec: {e}") from None
+    values = {k: d[k] for k in _FIELDS[2:]} | {k: _decode_array(d, k, source) for k in _ARRAYS}
     created = d["created"]
     m = Manifest(
-        version=d["version"],
-        parent=d["parent"],
-        created=float(created) if is_int(created) else created,
-        reason=d["reason"],
-        spec=spec,
-        num_layers=d["num_layers"],
-        num_experts=d["num_experts"],
-        num_ranks=d["num_ranks"],
-        slots_per_rank=d["slots_per_rank"],
-        ranks_per_node=d["ranks_per_node"],
-        phy2log=_decode_array(d, "phy2log", source),
-        alive=_decode_array(d, "alive", source),
-        checkpoint=d["checkpoint"],
-        checksums=_decode_array(d, "checksums", source),
-        stats=d["stats"],
-        format_version=fv,
+        **values | {"spec": spec, "created": float(created) if is_int(created) else created}, format_version=fv
     )
     _check(m, source)
     return m
 
 
 def manifest_to_json(m: Manifest) -> dict[str, Any]:
-    """A JSON-friendly summary of ``m`` (arrays as nested lists) for operator tools."""
-    return {
-        "kind": MANIFEST_KIND,
-        "format_version": m.format_version,
-        "version": m.version,
-        "parent": m.parent,
-        "created": m.created,
-        "created_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.created)),
-        "reason": m.reason,
-        "spec": m.spec.to_list(),
+    """A JSON-friendly summary of ``m`` for operator tools: the fields of its file (arrays as nested
+    lists), and ``created_iso``, ``expert_nbytes`` and ``placement_digest``."""
+    j = {"kind": MANIFEST_KIND, "format_version": m.format_version} | {k: getattr(m, k) for k in _FIELDS[2:]}
+    j |= {k: j[k].tolist() for k in _ARRAYS} | {"spec": m.spec.to_list(), "stats": dict(m.stats)}
+    ck = m.checkpoint
+    names = {k: (v if isinstance(v, str) else list(v)) for k, v in ck["names"].items()}
+    j["checkpoint"] = {
+        "path": ck["path"],
+        "names": names,
+        "layers": None if ck["layers"] is None else list(ck["layers"]),
+    }
+    created_iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.created))
+    return j | {
+        "created_iso": created_iso,
         "expert_nbytes": m.spec.nbytes,
-        "num_layers": m.num_layers,
-        "num_experts": m.num_experts,
-        "num_ranks": m.num_ranks,
-        "slots_per_rank": m.slots_per_rank,
-        "ranks_per_node": m.ranks_per_node,
-        "alive": m.alive.tolist(),
-        "phy2log": m.phy2log.tolist(),
-        "checkpoint": {
-            "path": m.checkpoint["path"],
-            "names": {k: (v if isinstance(v, str) else list(v)) for k, v in m.checkpoint["names"].items()},
-            "layers": None if m.checkpoint["layers"] is None else list(m.checkpoint["layers"]),
-        },
-        "checksums": m.checksums.tolist(),
-        "stats": dict(m.stats),
         "placement_digest": m.placement().digest().hex(),
     }
 
@@ -548,18 +489,16 @@ class ManifestLog:
 
     def versions(self) -> list[int]:
         """Committed versions, ascending (temporary files are not versions)."""
+        matches = (_FILE_RE.match(n) for n in self._names())
+        return sorted(v for mt in matches if mt and mt.group(0) == f"v{(v := int(mt.group(1))):08d}.msgpack")
+
+    def _names(self) -> list[str]:
         try:
-            names = os.listdir(self.dir)
+            return os.listdir(self.dir)
         except FileNotFoundError:
             return []
         except OSError as e:
             raise ManifestError(f"{self.dir}: cannot list manifests: {e}") from None
-        out = []
-        for n in names:
-            mt = _FILE_RE.match(n)
-            if mt and n == f"v{int(mt.group(1)):08d}.msgpack":
-                out.append(int(mt.group(1)))
-        return sorted(out)
 
     def latest(self) -> int | None:
         """The newest committed version, or None if there is none."""
@@ -716,22 +655,16 @@ class ManifestLog:
         The age guard keeps the in-flight commits of other ranks sharing the
         root; a commit takes milliseconds. Returns the removed paths.
         """
-        try:
-            names = os.listdir(self.dir)
-        except FileNotFoundError:
-            return []
-        now = time.time()
-        removed = []
-        for n in names:
-            if not _TMP_RE.match(n):
-                continue
-            p = self.dir / n
+        now, removed = time.time(), []
+        for p in (self.dir / n for n in self._names() if _TMP_RE.match(n)):
             try:
                 if now - p.stat().st_mtime >= older_than:
                     p.unlink()
                     removed.append(p)
             except FileNotFoundError:
                 continue  # another rank removed it
+            except OSError as e:
+                raise ManifestError(f"{p}: cannot remove the temporary file: {e}") from None
         return sorted(removed)
 
     def prune(self, *, keep: int) -> list[int]:
