@@ -6,11 +6,9 @@ and CPU fallback).
 """
 
 from .records import (
-    DEFAULT_CONFIG,
     Indices,
-    KernelConfig,
     PreparedCopies,
-    chunks_per_expert,
+    launch_path,
     pack_records,
     resident_checksums,
     slab_checksums,
@@ -18,11 +16,9 @@ from .records import (
 )
 
 __all__ = [
-    "DEFAULT_CONFIG",
     "Indices",
-    "KernelConfig",
     "PreparedCopies",
-    "chunks_per_expert",
+    "launch_path",
     "pack_records",
     "resident_checksums",
     "slab_checksums",

@@ -2,18 +2,18 @@
 """Check and time the pack / unpack / checksum kernels on one CUDA GPU (one call, about a minute).
 
     python tools/bench_kernels_gpu.py            # full run
-    python tools/bench_kernels_gpu.py --quick    # default config only, 64 MiB slabs
+    python tools/bench_kernels_gpu.py --quick    # default tuning only, 64 MiB slabs
     python tools/bench_kernels_gpu.py --smoke    # CPU only: checks this script's own code
 
-1. Correctness at real sizes on CUDA: every kernel (under every swept
-   configuration) against the torch reference, bit for bit, on bf16 experts
+1. Correctness at real sizes on CUDA: every kernel (pack and unpack under
+   every swept tuning) against the torch reference, bit for bit, on bf16 experts
    (H=2048, I=768), DeepSeek-V3 fp8 experts with their fp32 scales, and an
    odd-sized W=2 spec, with 16-byte aligned and unaligned slabs. Exits with
    status 1 on any mismatch.
 2. Timing, per expert kind and slab size (>= 64 MiB), of torch's device copy
    of the same bytes (the ceiling), index_select on a stacked tensor, a
    per-tensor ``copy_`` loop, pack and unpack under a sweep of kernel
-   configurations, and the checksum kernels. Three measures, each rotating
+   tunings (``records._Tuning``), and the checksum kernels. Three measures, each rotating
    among ROTATE buffer sets so that L2 never holds the previous call's data:
 
    * b2b: K back-to-back calls between two CUDA events, starting from an idle
@@ -28,15 +28,16 @@
    Bandwidth counts bytes read plus bytes written (2 x n x spec.nbytes); each
    ratio is to the copy under the same measure in the same run.
 3. For the first case, a breakdown: host time per call (CPU time while the
-   GPU is kept busy) of pack with lists or tensors, with Triton's normal
-   launch path instead of the cached direct launch, with the index copy on
-   the launching stream instead of the side stream, with the launch stubbed
-   (validation only), of the other launchers and of bare torch ops; then
-   pack's b2b and queued ratios under those staging / launch variants.
+   GPU is kept busy) of pack with lists or tensors, through Triton's public
+   launch (forced by installing a launch hook, as a profiler does) instead of
+   the direct launch, of its validation and index rows alone, of
+   PreparedCopies, of the other launchers and of bare torch ops; then pack's
+   b2b and queued ratios on the direct path, the public path and
+   PreparedCopies.
 
-The table at the end holds, per case and op, the default configuration's
-ratios and whether the target (DESIGN.md section 6: >= 90 % of the copy for
-slabs >= 64 MiB) holds under b2b.
+The table at the end holds, per case and op, the default tuning's ratios and
+whether the project's target (>= 90 % of the copy for slabs >= 64 MiB) holds
+under b2b.
 
 Symbols: L layers, S slots per layer, n experts per call, K calls per b2b window.
 """
@@ -48,24 +49,16 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import triton
 import triton.testing
 
-import expert_store.kernels.records as records_mod
 from expert_store import presets
-from expert_store.kernels import (
-    DEFAULT_CONFIG,
-    KernelConfig,
-    PreparedCopies,
-    chunks_per_expert,
-    pack_records,
-    resident_checksums,
-    slab_checksums,
-    unpack_records,
-)
+from expert_store.kernels import PreparedCopies, launch_path, pack_records, resident_checksums, slab_checksums
+from expert_store.kernels import records as rec
 from expert_store.kernels import reference as ref
 from expert_store.layout import SlabLayout
 from expert_store.spec import ExpertSpec, TensorSpec
@@ -80,16 +73,26 @@ K = 60  # calls per back-to-back window (a multiple of ROTATE): ~2.7 ms at 64 Mi
 REPS = 7  # windows per b2b / queued measure (median)
 TARGET = 0.90
 
-# (chunk_bytes, block_bytes, num_warps): the default first (the first run's winner),
-# then the previous default, smaller / larger chunks and narrower / wider programs.
+# (chunk_bytes, block_bytes, num_warps): the default first (the second run's winner: 128K chunk,
+# 32K block, 16 warps), then the first run's winner, smaller chunks and narrower programs.
+Tuning = rec._Tuning  # private: tools may sweep it, the library's callers cannot
 SWEEP = [
-    DEFAULT_CONFIG,  # 64K chunk, 32K block, 16 warps
-    KernelConfig(32 * 1024, 16 * 1024, 8),
-    KernelConfig(16 * 1024, 16 * 1024, 8),
-    KernelConfig(64 * 1024, 16 * 1024, 8),
-    KernelConfig(32 * 1024, 8 * 1024, 4),
-    KernelConfig(128 * 1024, 32 * 1024, 16),
+    rec._TUNING,
+    Tuning(64 * 1024, 32 * 1024, 16),
+    Tuning(32 * 1024, 16 * 1024, 8),
+    Tuning(16 * 1024, 16 * 1024, 8),
+    Tuning(64 * 1024, 16 * 1024, 8),
+    Tuning(32 * 1024, 8 * 1024, 4),
 ]
+
+
+def pack_with(cfg: Tuning, storage, layout, layers, slots, out) -> None:
+    """pack_records under tuning ``cfg`` (the launchers' own code path, ``records._copy``)."""
+    rec._copy(True, storage, layout, layers, slots, None, out, "bench pack", cfg)
+
+
+def unpack_with(cfg: Tuning, slab, storage, layout, layers, slots, records=None) -> None:
+    rec._copy(False, storage, layout, layers, slots, records, slab, "bench unpack", cfg)
 
 
 def spec_bf16(h: int = 2048, i: int = 768) -> ExpertSpec:
@@ -130,7 +133,7 @@ def sync() -> None:
 # ----------------------------------------------------------------------------
 # correctness
 # ----------------------------------------------------------------------------
-def check_spec(name: str, spec: ExpertSpec, configs: list[KernelConfig]) -> list[str]:
+def check_spec(name: str, spec: ExpertSpec, configs: list[Tuning]) -> list[str]:
     """Kernel vs reference at real size, slabs 16-byte aligned and not; returns the failures."""
     failures = []
     layout = SlabLayout.build(spec, num_layers=2, slots=4)
@@ -154,17 +157,17 @@ def check_spec(name: str, spec: ExpertSpec, configs: list[KernelConfig]) -> list
             tag = f"{name} {cfg} slab offset {shift}"
             buf = torch.full((n * rb + 16,), 0xA5, dtype=torch.uint8, device=DEVICE)
             slab = buf[shift : shift + n * rb]
-            for _ in range(2):  # the second call takes the cached direct launch
-                pack_records(storage, layout, layers, slots, out=slab, config=cfg)
+            for _ in range(2):  # the second call takes the direct launch (on a verified Triton)
+                pack_with(cfg, storage, layout, layers, slots, slab)
             if not torch.equal(slab, want_slab):
                 failures.append(f"pack {tag}")
             dest = base.clone()
-            unpack_records(slab, dest, layout, dst_l, dst_s, records=records, config=cfg)
+            unpack_with(cfg, slab, dest, layout, dst_l, dst_s, records)
             if not torch.equal(dest, want_storage):
                 failures.append(f"unpack {tag}")
-            if not torch.equal(resident_checksums(storage, layout, layers, slots, config=cfg), want_sums):
+            if cfg == rec._TUNING and not torch.equal(resident_checksums(storage, layout, layers, slots), want_sums):
                 failures.append(f"resident_checksums {tag}")
-            if not torch.equal(slab_checksums(slab, spec, n, config=cfg), want_sums):
+            if cfg == rec._TUNING and not torch.equal(slab_checksums(slab, spec, n), want_sums):
                 failures.append(f"slab_checksums {tag}")
     if not torch.equal(ref.slab_checksums_reference(want_slab, spec, n), want_sums):
         failures.append(f"reference slot vs record checksum {name}")
@@ -240,15 +243,14 @@ class Case:
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
 
-    def pack_fns(self, cfg: KernelConfig) -> list[Callable[[], object]]:
+    def pack_fns(self, cfg: Tuning) -> list[Callable[[], object]]:
         return [
-            lambda r=r: pack_records(self.storage, self.layout, *self.items[r], out=self.slabs[r], config=cfg)
-            for r in range(ROTATE)
+            lambda r=r: pack_with(cfg, self.storage, self.layout, *self.items[r], self.slabs[r]) for r in range(ROTATE)
         ]
 
-    def unpack_fns(self, cfg: KernelConfig) -> list[Callable[[], object]]:
+    def unpack_fns(self, cfg: Tuning) -> list[Callable[[], object]]:
         return [
-            lambda r=r: unpack_records(self.slabs[r], self.storage, self.layout, *self.items[r], config=cfg)
+            lambda r=r: unpack_with(cfg, self.slabs[r], self.storage, self.layout, *self.items[r])
             for r in range(ROTATE)
         ]
 
@@ -267,7 +269,7 @@ def _size(nbytes: int) -> str:
     return f"{nbytes // 1024}K" if nbytes % 1024 == 0 else f"{nbytes}B"
 
 
-def _label(cfg: KernelConfig) -> str:
+def _label(cfg: Tuning) -> str:
     return f"chunk={_size(cfg.chunk_bytes)} block={_size(cfg.block_bytes)} warps={cfg.num_warps}"
 
 
@@ -275,18 +277,19 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.1%}"
 
 
-class _Flag:
-    """Set a module flag of the kernels for a block, then restore it."""
-
-    def __init__(self, name: str, value: object) -> None:
-        self.name, self.value = name, value
+class PublicLaunch:
+    """Within the block every launch takes Triton's public path: a launch hook is installed, as a
+    profiler would (the hook itself does nothing; Triton then builds its launch metadata)."""
 
     def __enter__(self) -> None:
-        self.saved = getattr(records_mod, self.name)
-        setattr(records_mod, self.name, self.value)
+        triton.knobs.runtime.launch_enter_hook.add(self.hook)
 
     def __exit__(self, *exc: object) -> None:
-        setattr(records_mod, self.name, self.saved)
+        triton.knobs.runtime.launch_enter_hook.remove(self.hook)
+
+    @staticmethod
+    def hook(metadata: object) -> None:
+        return None
 
 
 def print_breakdown(case: Case, copy: Measure) -> None:
@@ -295,23 +298,24 @@ def print_breakdown(case: Case, copy: Measure) -> None:
     if DEVICE == "cpu":
         print("  (skipped: no GPU)")
         return
-    pack = case.pack_fns(DEFAULT_CONFIG)
+    pack = case.pack_fns(rec._TUNING)
     tensors = [(idx(la), idx(s)) for la, s in case.items]
     pack_t = [
         lambda r=r: pack_records(case.storage, case.layout, *tensors[r], out=case.slabs[r]) for r in range(ROTATE)
     ]
-    rows: list[tuple[str, float | None]] = [("pack_records, lists (default path)", host_microseconds(pack))]
+    path = launch_path(triton.__version__, "cuda", False)
+    rows: list[tuple[str, float | None]] = [(f"pack_records, lists ({path} launch)", host_microseconds(pack))]
     rows.append(("pack_records, CPU int64 tensors", host_microseconds(pack_t)))
-    with _Flag("_DIRECT_LAUNCH", False):
-        rows.append(("pack_records, Triton's normal launch path", host_microseconds(pack)))
-    with _Flag("_SIDE_STREAM_COPY", False):
-        rows.append(("pack_records, index copy on the launching stream", host_microseconds(pack)))
-    with _Flag("_launch", lambda *a, **k: None):
-        rows.append(("pack_records, launch stubbed (validation, rows only)", host_microseconds(pack)))
+    with PublicLaunch():
+        rows.append(("pack_records, Triton's public launch (a hook installed)", host_microseconds(pack)))
+    validate = [
+        lambda r=r: rec._entry(True, case.storage, case.layout, *case.items[r], None, "bench") for r in range(ROTATE)
+    ]
+    rows.append(("pack_records' validation and index rows alone", host_microseconds(validate)))
     prepared = PreparedCopies(case.storage, case.layout, [("pack", la, sl, None) for la, sl in case.items])
     prepared_pack = [lambda r=r: prepared.launch(r, case.slabs[r]) for r in range(ROTATE)]
     rows.append(("PreparedCopies.launch (rows validated and staged once)", host_microseconds(prepared_pack)))
-    rows.append(("unpack_records, lists", host_microseconds(case.unpack_fns(DEFAULT_CONFIG))))
+    rows.append(("unpack_records, lists", host_microseconds(case.unpack_fns(rec._TUNING))))
     sums = [lambda r=r: resident_checksums(case.storage, case.layout, *case.items[r]) for r in range(ROTATE)]
     rows.append(("resident_checksums, lists", host_microseconds(sums)))
     rows.append(("slab_checksums", host_microseconds([lambda: slab_checksums(case.slabs[0], case.spec, case.n)])))
@@ -330,12 +334,10 @@ def print_breakdown(case: Case, copy: Measure) -> None:
     )))  # fmt: skip
     for what, us in rows:
         print(f"  {what:<58} {'-' if us is None else f'{us:6.1f}'}")
-    print("breakdown (this case): pack, ratio to copy per measure, default config")
+    print("breakdown (this case): pack, ratio to copy per measure, default tuning")
     print(f"  {'variant':<58} {'b2b':>7} {'queued':>7}")
-    variants = [("default", None, None), ("index copy on the launching stream", "_SIDE_STREAM_COPY", False)]
-    variants.append(("Triton's normal launch path", "_DIRECT_LAUNCH", False))
-    for what, flag, value in variants:
-        with _Flag(flag, value) if flag else _Flag("_DIRECT_LAUNCH", True):
+    for what, ctx in ((f"pack_records ({path} launch)", nullcontext()), ("Triton's public launch", PublicLaunch())):
+        with ctx:
             m = Measure(pack, single=False)
         print(f"  {what:<58} {copy.b2b / m.b2b:7.1%} {copy.queued / m.queued:7.1%}")
     m = Measure(prepared_pack, single=False)  # the path a rebalance's rounds take
@@ -347,8 +349,8 @@ def run_case(
     kind: str,
     spec: ExpertSpec,
     n: int,
-    sweep: list[KernelConfig],
-    scores: dict[KernelConfig, list[float]],
+    sweep: list[Tuning],
+    scores: dict[Tuning, list[float]],
     summary: list[tuple],
     *,
     breakdown: bool,
@@ -381,8 +383,8 @@ def run_case(
     del stacked, sel, fns
     line("copy_ loop (one copy per tensor)", Measure([lambda r=r: copy_loop(case, r) for r in range(ROTATE)]))
     for cfg in sweep:
-        c = chunks_per_expert(spec, config=cfg)
-        default = cfg == DEFAULT_CONFIG
+        c = rec._plan("pack", case.layout, case.storage.device, cfg).chunks
+        default = cfg == rec._TUNING
         for op, fns in (("pack", case.pack_fns(cfg)), ("unpack", case.unpack_fns(cfg))):
             m = Measure(fns)
             r_b2b, r_q, r_single = line(f"{op} {_label(cfg)}", m, f"   ({n * c} programs)")
@@ -413,7 +415,7 @@ def copy_loop(case: Case, r: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="default configuration and 64 MiB slabs only")
+    parser.add_argument("--quick", action="store_true", help="default tuning and 64 MiB slabs only")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run that only checks this script's code")
     args = parser.parse_args()
     global DEVICE, KINDS, REPS
@@ -426,7 +428,7 @@ def main() -> int:
         REPS = 1
         KINDS = {"bf16 tiny": lambda: spec_bf16(256, 128), "fp8 tiny": lambda: spec_fp8_dsv3(256, 256)}
         slab_sizes = [1 * MiB]
-        sweep = [KernelConfig(256, 64, 1), KernelConfig(512, 256, 2)]
+        sweep = [rec._TUNING, Tuning(256, 64, 1), Tuning(512, 256, 2)]
         odd = lambda: ExpertSpec([TensorSpec("w", (13, 7), torch.bfloat16), TensorSpec("s", (1,), torch.int16)])
     elif not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
@@ -434,7 +436,8 @@ def main() -> int:
     device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)"
     versions = f"torch {torch.__version__}  triton {triton.__version__}  python {sys.version.split()[0]}"
     print(f"device: {device_name}  {versions}")
-    print(f"default config: {DEFAULT_CONFIG}; b2b / queued: K={K} calls per window, median of {REPS} windows")
+    print(f"default tuning: {rec._TUNING}; launch: {launch_path(triton.__version__, DEVICE, False)}")
+    print(f"b2b / queued: K={K} calls per window, median of {REPS} windows")
 
     failures = []
     for name, make in [*KINDS.items(), ("odd W=2", odd)]:
@@ -443,11 +446,11 @@ def main() -> int:
     if failures:
         print("CORRECTNESS FAILURES:\n  " + "\n  ".join(failures))
         return 1
-    print(f"correctness: pack, unpack, resident/slab checksums bit-exact vs reference, {len(sweep)} configs, "
+    print(f"correctness: pack, unpack, resident/slab checksums bit-exact vs reference, {len(sweep)} tunings, "
           "aligned and unaligned slabs: OK")  # fmt: skip
 
-    scores: dict[KernelConfig, list[float]] = {cfg: [] for cfg in sweep}
-    summary: list[tuple] = []  # (case, op, b2b ratio, queued ratio, single ratio, host us), default config
+    scores: dict[Tuning, list[float]] = {cfg: [] for cfg in sweep}
+    summary: list[tuple] = []  # (case, op, b2b ratio, queued ratio, single ratio, host us), default tuning
     first = True
     for kind, make in KINDS.items():
         spec = make()
@@ -460,9 +463,9 @@ def main() -> int:
     for cfg in ranked:
         r = scores[cfg]
         print(f"  {_label(cfg):<36} mean {statistics.mean(r):6.1%}  worst {min(r):6.1%}")
-    print(f"  winner: {_label(ranked[0])}{' (the default)' if ranked[0] == DEFAULT_CONFIG else ''}")
+    print(f"  winner: {_label(ranked[0])}{' (the default)' if ranked[0] == rec._TUNING else ''}")
 
-    print(f"\n== default config ({_label(DEFAULT_CONFIG)}): ratio to the device copy, target b2b >= {TARGET:.0%} ==")
+    print(f"\n== default tuning ({_label(rec._TUNING)}): ratio to the device copy, target b2b >= {TARGET:.0%} ==")
     print(f"  {'case':<32} {'op':<7} {'b2b':>7} {'queued':>7} {'single':>7} {'host us':>8}  target")
     held = bool(summary)
     for title, op, r_b2b, r_q, r_single, host in summary:
