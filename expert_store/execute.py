@@ -441,7 +441,7 @@ def run_disk_reads(
     if not reads:
         return 0
     targets = [(d.layer, d.expert, slabs.slot_tensors(d.layer, d.slot)) for d in reads]
-    return checkpoint.read_into(slabs.spec, targets, staging_bytes=staging_bytes)
+    return checkpoint.read_into(slabs.spec, targets, staging_bytes=staging_bytes).nbytes
 
 
 class BackgroundCall:

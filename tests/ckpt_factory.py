@@ -127,7 +127,7 @@ class CheckpointInfo:
 
     def checkpoint(self) -> Checkpoint:
         """A :class:`Checkpoint` over what was written (caller closes it)."""
-        return Checkpoint(self.path, self.names, self.layers)
+        return Checkpoint(self.path, names=self.names, layers=self.layers)
 
     def expected_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """{spec name: CPU tensor} with the exact bytes of store ``layer``, ``expert``

@@ -6,11 +6,10 @@ intermediate size.
 * CPU (runs everywhere): ``read_into`` CPU destinations, warm page cache, vs one
   ``preadv`` of the same number of contiguous bytes from the same file.
 * CUDA (skipped without a GPU): ``read_into`` slots of a resident slab, warm and
-  cold, with the default method (adaptive: warm reads to the warm pool, cold
-  reads in file order behind a bounded readahead) and with ``"auto"`` (zero-copy DMA out of
-  resident page-cache pages), vs ``safe_open(device="cuda")`` on the same tensors
-  (target: warm >= 5x) and vs a plain sequential read of the same number of
-  bytes (target: cold >= 0.8x).
+  cold (warm reads to the warm pool, cold reads in file order behind a bounded
+  readahead), vs ``safe_open(device="cuda")`` on the same tensors (target: warm
+  >= 5x) and vs a plain sequential read of the same number of bytes (target:
+  cold >= 0.8x).
 
 The baselines are the ones of ``tools/bench_checkpoint_gpu.py`` (the standalone,
 larger version of the CUDA benchmark). Ratios go to ``benchmark.extra_info`` and
@@ -116,15 +115,13 @@ def _evict(files):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", [None, "auto"])
-def test_bench_read_into_cuda_warm(benchmark, gpu_setup, method):
-    """Warm page cache, CUDA slots: read_into (default method, and "auto") vs safe_open(device="cuda")
-    on the same tensors (target >= 5x)."""
+def test_bench_read_into_cuda_warm(benchmark, gpu_setup):
+    """Warm page cache, CUDA slots: read_into vs safe_open(device="cuda") on the same tensors (target >= 5x)."""
     tool, info, _files, targets, ckpt = gpu_setup
     nbytes = len(targets) * info.spec.nbytes
 
     def run():
-        ckpt.read_into(info.spec, targets, method=method)
+        ckpt.read_into(info.spec, targets)
         torch.cuda.synchronize()
 
     st = tool.safetensors_cuda_reader(info, targets)
@@ -134,28 +131,27 @@ def test_bench_read_into_cuda_warm(benchmark, gpu_setup, method):
     ours = _median_seconds(run)
     ceilings = {"safe_open_cuda": _median_seconds(st), "pinned_h2d": _median_seconds(h2d)}
     benchmark.pedantic(run, rounds=3, iterations=1)
-    benchmark.extra_info["method"] = method or "default"
-    _report(benchmark, f"read_into CUDA warm ({method or 'default'})", nbytes, ours, ceilings)
+    _report(benchmark, "read_into CUDA warm", nbytes, ours, ceilings)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", [None, "auto"])
-def test_bench_read_into_cuda_cold(benchmark, gpu_setup, method):
-    """Cold page cache (DONTNEED before each run, checked with mincore), CUDA slots: read_into (default
-    method, and "auto") vs a plain sequential read of the same number of bytes (target >= 0.8x) and vs
-    safe_open(device="cuda")."""
+def test_bench_read_into_cuda_cold(benchmark, gpu_setup):
+    """Cold page cache (DONTNEED before each run, checked with mincore), CUDA slots: read_into vs a plain
+    sequential read of the same number of bytes (target >= 0.8x) and vs safe_open(device="cuda")."""
     tool, info, files, targets, ckpt = gpu_setup
     nbytes = len(targets) * info.spec.nbytes
     evict = _evict(files)
     evict()
-    # The reader leaves no mapping of the files behind, so after the warm benchmarks (same
+    # The reader maps no file (it reads with preadv), so after the warm benchmarks (same
     # Checkpoint) eviction must work wherever the filesystem honours DONTNEED.
     resident = max(cf.resident_fraction(f) for f in files)
     if resident > 0.05:
         pytest.skip(f"POSIX_FADV_DONTNEED does not evict here ({resident:.0%} resident)")
 
+    last: list = []
+
     def run():
-        ckpt.read_into(info.spec, targets, method=method)
+        last[:] = [ckpt.read_into(info.spec, targets)]
         torch.cuda.synchronize()
 
     ours = _median_seconds(run, setup=evict)
@@ -164,9 +160,7 @@ def test_bench_read_into_cuda_cold(benchmark, gpu_setup, method):
         "safe_open_cuda": _median_seconds(tool.safetensors_cuda_reader(info, targets), setup=evict),
     }
     benchmark.pedantic(run, setup=evict, rounds=3, iterations=1)
-    benchmark.extra_info["method"] = method or "default"
     benchmark.extra_info["resident_before_cold"] = resident
     # How the reader split the last cold run: every byte should have been classified cold.
-    stats = ckpt.last_read
-    benchmark.extra_info["cold_bytes_fraction"] = stats.cold_bytes / max(1, stats.cold_bytes + stats.warm_bytes)
-    _report(benchmark, f"read_into CUDA cold ({method or 'default'})", nbytes, ours, ceilings)
+    benchmark.extra_info["cold_bytes_fraction"] = last[0].cold_bytes / max(1, last[0].nbytes)
+    _report(benchmark, "read_into CUDA cold", nbytes, ours, ceilings)
