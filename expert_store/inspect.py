@@ -426,18 +426,17 @@ def diff_versions(root: str | os.PathLike, a: int | None, b: int | None) -> dict
     R, S = ma.num_ranks, ma.slots_per_rank
     alive_a, alive_b = ma.alive.tolist(), mb.alive.tolist()
     layers = []
-    tot_added = tot_removed = 0
     for lay in range(ma.num_layers):
-        oa, ob = ma.phy2log[lay].view(R, S), mb.phy2log[lay].view(R, S)
-        changed = (oa != ob).sum(dim=1).tolist()  # per rank
-        ranks = []
-        for r in (r for r in range(R) if changed[r]):
-            sa, sb = set(oa[r].tolist()), set(ob[r].tolist())
-            added, removed = sorted(sb - sa), sorted(sa - sb)
-            ranks.append({"rank": r, "slots_changed": changed[r], "added": added, "removed": removed})
-            tot_added += len(added)
-            tot_removed += len(removed)
+        oa, ob = ma.phy2log[lay].view(R, S).tolist(), mb.phy2log[lay].view(R, S).tolist()
+        changed = [sum(x != y for x, y in zip(oa[r], ob[r])) for r in range(R)]
+        ranks = [
+            {"rank": r, "slots_changed": changed[r], "added": sorted(set(ob[r]) - set(oa[r]))}
+            | {"removed": sorted(set(oa[r]) - set(ob[r]))}
+            for r in range(R)
+            if changed[r]
+        ]
         layers.append({"layer": lay, "slots_changed": sum(changed), "ranks": ranks})
+    moved = [r for x in layers for r in x["ranks"]]
     return {
         "root": str(log.root),
         "a": _header_json(ma),
@@ -449,8 +448,8 @@ def diff_versions(root: str | os.PathLike, a: int | None, b: int | None) -> dict
             "revived": [r for r in range(R) if alive_b[r] and not alive_a[r]],
         },
         "slots_changed": sum(x["slots_changed"] for x in layers),
-        "experts_added": tot_added,
-        "experts_removed": tot_removed,
+        "experts_added": sum(len(r["added"]) for r in moved),
+        "experts_removed": sum(len(r["removed"]) for r in moved),
         "layers": layers,
         "checksums_changed": [
             {"layer": la, "expert": e} for la, e in (ma.checksums != mb.checksums).nonzero().tolist()
@@ -664,7 +663,7 @@ def _expert_record(expert: dict[str, torch.Tensor], spec: ExpertSpec, out: torch
     return ""
 
 
-def _check_checkpoint_bytes(m: Manifest, where: str, path_override: str | None) -> dict[str, Any]:
+def _check_checkpoint_bytes(m: Manifest, path_override: str | None) -> dict[str, Any]:
     """Read every (layer, expert) of ``m``'s checkpoint on the CPU and compare its checksum
     (torch reference of the checksum kernel) with ``m.checksums``."""
     ck = {**m.checkpoint, "path": m.checkpoint["path"] if path_override is None else path_override}
@@ -673,10 +672,10 @@ def _check_checkpoint_bytes(m: Manifest, where: str, path_override: str | None) 
         record = torch.zeros(m.spec.record_bytes, dtype=torch.uint8)  # padding between tensors stays 0
         ckpt = Checkpoint.from_dict(ck)
     except (RuntimeError, MemoryError) as e:  # a spec whose record is beyond this host's memory
-        out["errors"].append(f"{where}: cannot allocate an expert record of {m.spec.record_bytes} bytes: {e}")
+        out["errors"].append(f"cannot allocate an expert record of {m.spec.record_bytes} bytes: {e}")
         return out
     except StoreError as e:
-        out["errors"].append(f"{where}: cannot open the checkpoint it records: {e}")
+        out["errors"].append(f"cannot open the checkpoint: {e}")
         return out
     with ckpt:
         for layer in range(m.num_layers):
@@ -756,20 +755,17 @@ def verify_store(
     log = _open_log(root)
     versions = log.versions()
     latest, latest_path = versions[-1], log.path_of(versions[-1])
+    manifests, unreadable = _read_all(log)
     report: dict[str, Any] = {"root": str(log.root), "ok": False, "versions": versions, "latest": latest}
-    report.update(readable=[], unreadable=[], pruned_below=None, temporaries=[], checkpoint=None)
-    problems, warnings = report["problems"], report["warnings"] = [], []
-    report["notes"] = []
-    manifests, report["unreadable"] = _read_all(log)
-    problems += [e["error"] for e in report["unreadable"]]
-    report["readable"] = sorted(manifests)
+    report |= {"readable": sorted(manifests), "unreadable": unreadable, "pruned_below": None, "temporaries": []}
+    report |= {"checkpoint": None, "problems": [e["error"] for e in unreadable], "warnings": [], "notes": []}
+    problems, warnings = report["problems"], report["warnings"]
     if latest not in manifests:
         problems.append(f"{latest_path}: the latest version {latest} is unreadable: the store cannot be opened")
     _check_chain(log, versions, manifests, report)
-    ref = manifests.get(latest) or (manifests[max(manifests)] if manifests else None)
+    ref = manifests.get(latest) or next(reversed(manifests.values()), None)
     for v, m in manifests.items():
-        why = None if ref is None else store_difference(ref, m)
-        if ref is not None and why is not None:
+        if ref is not None and (why := store_difference(ref, m)) is not None:
             problems.append(
                 f"{log.path_of(v)}: version {v} and version {ref.version} ({log.path_of(ref.version)}) "
                 f"are not one store: {why}"
@@ -782,7 +778,7 @@ def verify_store(
     if checkpoint_bytes and latest not in manifests:
         problems.append(f"{latest_path}: checkpoint bytes not checked: the latest version is unreadable")
     elif checkpoint_bytes:
-        ck = report["checkpoint"] = _check_checkpoint_bytes(manifests[latest], str(latest_path), checkpoint)
+        ck = report["checkpoint"] = _check_checkpoint_bytes(manifests[latest], checkpoint)
         src = f"{latest_path} vs checkpoint {ck['path']}"
         problems += [f"{src}: {e}" for e in ck["errors"]]
         for mm in ck["mismatches"]:

@@ -113,7 +113,7 @@ class Manifest:
         checkpoint: ``Checkpoint.to_dict()``: ``{"path": str, "names": {str: str | [str]},
             "layers": [int] | None}``.
         checksums: int64 ``[L, E]``, the checksum of each (layer, logical expert).
-        stats: rebalance statistics (str keys; int, float, str or bool values).
+        stats: rebalance statistics (str keys; int, finite float, str or bool values).
         format_version: the file format; only :data:`FORMAT_VERSION` can be written.
     """
 
@@ -197,11 +197,7 @@ def _check(m: Manifest, where: str) -> None:
     L, E, R, S = (count(n, getattr(m, n)) for n in ("num_layers", "num_experts", "num_ranks", "slots_per_rank"))
     if m.ranks_per_node is not None:
         count("ranks_per_node", m.ranks_per_node)
-    for name, dtype, shape in (
-        ("phy2log", torch.int64, (L, R * S)),
-        ("alive", torch.bool, (R,)),
-        ("checksums", torch.int64, (L, E)),
-    ):
+    for name, dtype, shape in zip(_ARRAYS, (torch.int64, torch.bool, torch.int64), ((L, R * S), (R,), (L, E))):
         t = getattr(m, name)
         if not isinstance(t, torch.Tensor):
             raise bad(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -346,10 +342,13 @@ def _decode_array(d: dict, key: str, source: str) -> torch.Tensor:
     return torch.from_numpy(arr).reshape(shape)
 
 
+_SURROGATES = re.compile("[\udc80-\udcff]")
+
+
 def _is_utf8(v: Any) -> bool:
     """False where a str of ``v`` was not UTF-8 in the file (msgpack decodes those with surrogateescape)."""
     if isinstance(v, str):
-        return v.isascii() or not any("\udc80" <= ch <= "\udcff" for ch in v)
+        return _SURROGATES.search(v) is None
     if isinstance(v, dict):
         return all(_is_utf8(k) and _is_utf8(x) for k, x in v.items())
     return not isinstance(v, list) or all(map(_is_utf8, v))
@@ -370,13 +369,18 @@ def decode_manifest(data: bytes, *, source: str = "<bytes>") -> Manifest:
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ManifestError(f"{source}: manifest data must be bytes, got {type(data).__name__}")
-    data = bytes(data)
-    try:
-        d = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, unicode_errors="surrogateescape")
-    except Exception as e:  # msgpack raises many types (ValueError, FormatError, StackError, ...)
-        raise ManifestError(
-            f"{source}: not a readable manifest (truncated or not msgpack, {len(data)} bytes): {type(e).__name__}: {e}"
-        ) from None
+    data, utf8 = bytes(data), True
+    for errors in ("strict", "surrogateescape"):  # the second only to name a field that is not UTF-8
+        try:
+            d = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, unicode_errors=errors)
+            break
+        except UnicodeDecodeError:
+            utf8 = False
+        except Exception as e:  # msgpack raises many types (ValueError, FormatError, StackError, ...)
+            raise ManifestError(
+                f"{source}: not a readable manifest (truncated or not msgpack, {len(data)} bytes): "
+                f"{type(e).__name__}: {e}"
+            ) from None
     if not isinstance(d, dict):
         raise ManifestError(f"{source}: not a manifest (the file holds a msgpack {type(d).__name__}, not a map)")
     if d.get("kind") != MANIFEST_KIND:
@@ -400,7 +404,7 @@ def decode_manifest(data: bytes, *, source: str = "<bytes>") -> Manifest:
     for k in _FIELDS:
         if k not in d:
             raise ManifestError(f"{source}: field {k!r} is missing")
-        if not _is_utf8(d[k]):
+        if not utf8 and not _is_utf8(d[k]):
             raise ManifestError(f"{source}: field {k!r} holds a str that is not UTF-8")
     spec = d["spec"]
     if not isinstance(spec, list) or not all(
@@ -411,11 +415,10 @@ def decode_manifest(data: bytes, *, source: str = "<bytes>") -> Manifest:
         spec = ExpertSpec.from_list(spec)
     except SpecError as e:
         raise ManifestError(f"{source}: malformed spec: {e}") from None
-    values = {k: d[k] for k in _FIELDS[2:]} | {k: _decode_array(d, k, source) for k in _ARRAYS}
-    created = d["created"]
-    m = Manifest(
-        **values | {"spec": spec, "created": float(created) if is_int(created) else created}, format_version=fv
-    )
+    values = {k: d[k] for k in _FIELDS[2:]} | {k: _decode_array(d, k, source) for k in _ARRAYS} | {"spec": spec}
+    if is_int(values["created"]):  # a writer may store whole seconds as an int
+        values["created"] = float(values["created"])
+    m = Manifest(**values, format_version=fv)
     _check(m, source)
     return m
 
@@ -526,6 +529,8 @@ class ManifestLog:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
+            if path.is_symlink():
+                raise ManifestError(f"{path}: a link to a file that does not exist") from None
             return None
         except OSError as e:
             raise ManifestError(f"{path}: cannot read: {e}") from None
