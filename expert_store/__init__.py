@@ -1,6 +1,9 @@
 """expert-store: keep and move Mixture-of-Experts weights across GPUs.
 
-See README.md for the user's manual and the design notes for the API contract.
+Each rank's experts live in packed slabs with zero-copy, address-stable views;
+``ExpertStore.rebalance`` moves them to a new placement (packed slabs per peer,
+checkpoint reads for what no live peer holds) and commits a versioned manifest.
+The README is the user's manual.
 """
 
 from . import eplb, presets
@@ -15,16 +18,14 @@ from .errors import (
     SpecError,
     StoreError,
 )
-from .layout import ResidentSlabs, SlabLayout
 from .manifest import Manifest, ManifestLog
 from .placement import Placement
 from .spec import ExpertSpec, TensorSpec
-from .store import DEFAULT_STAGING_BYTES, ExpertStore, RebalanceReport
+from .store import ExpertStore, RebalanceReport
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_STAGING_BYTES",
     "AgreementError",
     "Checkpoint",
     "CheckpointError",
@@ -38,8 +39,6 @@ __all__ = [
     "Placement",
     "PlacementError",
     "RebalanceReport",
-    "ResidentSlabs",
-    "SlabLayout",
     "SpecError",
     "StoreError",
     "TensorSpec",

@@ -3,8 +3,23 @@
 The store never calls a collective of the whole process group: a dead rank
 would never enter it and the survivors would hang. Everything here is built
 from point-to-point operations between live ranks (torch.distributed P2P on
-NCCL or gloo, the same code path), and every host-side wait has a deadline
-that raises :class:`PeerTimeoutError` naming the ranks that did not answer.
+NCCL or gloo, the same code path), and every host-side wait has a deadline.
+
+**Every message names its call.** A message is preceded by (or, for small
+rows, starts with) a header of :data:`HEADER_WORDS` int64 words: a magic word,
+the call it belongs to, its kind, its sequence number in the call, its length
+and its sender. On gloo each (call, kind, sequence) also gets its own tag, so a
+message left over from an earlier, failed call is never matched with a receive
+of this one (gloo aborts the process when sizes differ). A header that does not
+match what the receiver expects raises :class:`AgreementError` naming the rank
+that sent it; NCCL has no tags, so there the header is the check.
+
+**No raw transport errors.** A failed or closed peer raises
+:class:`PeerTimeoutError` naming that peer and the time waited. Waits on several
+peers run concurrently on gloo, so the rank named is the first that failed, not
+a survivor whose connection closed later. After such an error the process group
+may be unusable (gloo closes a failed pair for good, and messages of the failed
+call may still be in flight): build a new group and reopen the store.
 
 Ranks are the store's ranks (0..R-1, the group's ranks); they are mapped to
 global ranks for torch.distributed calls.
@@ -12,75 +27,63 @@ global ranks for torch.distributed calls.
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
+import struct
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from datetime import timedelta
+from enum import IntEnum
 
 import torch
 
-from .errors import PeerTimeoutError, StoreError
+from .errors import AgreementError, PeerTimeoutError, StoreError
+from .messages import new_nonce
 
-__all__ = ["DEFAULT_TIMEOUT_S", "Comm"]
+__all__ = ["DEFAULT_TIMEOUT_S", "HEADER_WORDS", "Comm", "Kind"]
 
 # 300 s: long enough for a first NCCL connection between two ranks on a loaded
 # machine, short enough that a lost peer is reported within minutes.
 DEFAULT_TIMEOUT_S = 300.0
+HEADER_WORDS = 6  # magic, call, kind, seq, payload bytes, sender
+_MAGIC = 0x6573_7374_6F72_6531  # "esstore1"
+# A blob (a manifest sent to a fresh rank) larger than this is a corrupt header, not a manifest.
+_MAX_BLOB_BYTES = 1 << 32
+RECOVERY = "the process group may be unusable now: build a new one and reopen the store (ExpertStore.open or join)"
 
 
-class _CopyBack:
-    """A received host buffer to copy into its device destination once the receive is done."""
+class Kind(IntEnum):
+    """What a message is; part of its header and of its gloo tag."""
 
-    def __init__(self, host: torch.Tensor, device_dst: torch.Tensor) -> None:
-        self.host = host
-        self.dst = device_dst
+    AGREEMENT = 1
+    TABLE = 2  # the leader's broadcast of a gather
+    CHECKSUMS = 3
+    COMPLETION = 4
+    BLOB = 5
+    SLAB = 6
 
-    def done(self) -> None:
-        self.dst.copy_(self.host)
+
+def call_id(*parts: bytes) -> int:
+    """A non-negative int63 naming a call (a digest of ``parts``)."""
+    return int.from_bytes(hashlib.blake2b(b"\0".join(parts), digest_size=8).digest(), "little") >> 1
 
 
-class _Gather:
-    """An all-gather through the lowest live rank, in flight (see Comm.start_allgather_live).
+def _tag(call: int, kind: int, seq: int, part: int) -> int:
+    """gloo tag of one message: non-negative int31, one per (call, kind, seq, part)."""
+    h = hashlib.blake2b(struct.pack("<qqqq", call, kind, seq, part), digest_size=4).digest()
+    return int.from_bytes(h, "little") >> 1
 
-    One batch per hop: unbatched NCCL point-to-point ops are serialized like collectives."""
 
-    def __init__(self, comm: Comm, live: list[int], row: torch.Tensor, what: str) -> None:
-        self.comm, self.live, self.row, self.what = comm, live, row, what
-        self.table: torch.Tensor | None = None
-        if len(live) == 1:
-            self.table = row.unsqueeze(0).clone()
-            return
-        dist, dev, g = comm._dist, comm.transport_device, comm._global
-        k = row.numel()
-        with comm._message_stream():
-            self.buf = torch.empty(len(live), k, dtype=torch.int64, device=dev)
-            if comm.rank == live[0]:
-                self.buf[0].copy_(row)
-                ops = [dist.P2POp(dist.irecv, self.buf[i], g(p), comm.group) for i, p in enumerate(live) if i]
-                self.works, self.peers = dist.batch_isend_irecv(ops), live[1:]
-            else:
-                self.send = row.to(dev)
-                ops = [
-                    dist.P2POp(dist.isend, self.send, g(live[0]), comm.group),
-                    dist.P2POp(dist.irecv, self.buf, g(live[0]), comm.group),
-                ]
-                self.works, self.peers = dist.batch_isend_irecv(ops), [live[0], live[0]]
+@dataclass
+class Exchange:
+    """Transfers of one round in flight (see :meth:`Comm.start_exchange`)."""
 
-    def result(self) -> torch.Tensor:
-        if self.table is not None:
-            return self.table
-        comm, live = self.comm, self.live
-        with comm._message_stream():
-            if comm.rank == live[0]:
-                comm._wait(self.works, self.peers, f"{self.what} (gather)")
-                dist = comm._dist
-                ops = [dist.P2POp(dist.isend, self.buf, comm._global(p), comm.group) for p in live[1:]]
-                comm._wait(dist.batch_isend_irecv(ops), live[1:], f"{self.what} (broadcast)")
-            else:
-                comm._wait(self.works, self.peers, self.what)
-            comm._sync_messages(self.what)
-            self.table = self.buf.cpu()
-        return self.table
+    works: list = field(default_factory=list)  # (work, peer)
+    headers: list = field(default_factory=list)  # (received header, peer, expected payload bytes)
+    copy_back: list = field(default_factory=list)  # (host buffer, device destination): gloo with device slabs
+    seq: int = 0
 
 
 class Comm:
@@ -94,22 +97,18 @@ class Comm:
         timeout_s: deadline of each host-side wait.
     """
 
-    def __init__(
-        self,
-        group,
-        *,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-    ) -> None:
+    def __init__(self, group, *, rank: int, world_size: int, device: torch.device, timeout_s: float) -> None:
         self.rank = rank
         self.world_size = world_size
         self.timeout_s = timeout_s
         self.group = group
         self.transport_device = torch.device("cpu")
+        self.call = call_id(b"idle")
         self._bounce = False
+        self._nccl = False
         self._messages: torch.cuda.Stream | None = None  # NCCL: the stream small messages are ordered on
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._deferred: list[tuple[torch.Tensor, int, int, str]] = []  # NCCL headers checked after a sync
         if world_size == 1:
             self._dist = None
             return
@@ -127,178 +126,338 @@ class Comm:
         if my_rank != rank:
             raise StoreError(f"store rank {rank} differs from this process's group rank {my_rank}")
         backend = str(dist.get_backend(group)).lower()
-        self.backend = backend
         if "nccl" in backend:
             if device.type != "cuda":
                 raise StoreError(f"rank {rank}: the NCCL backend needs a CUDA device, got {device}")
             self.transport_device = device
+            self._nccl = True
         elif device.type != "cpu":
-            # gloo (or another CPU transport) with device slabs: bounce through host memory.
-            # Slower than NCCL, but lets several ranks share one GPU (tests on a one-GPU machine).
+            # gloo with device slabs: bounce through host memory. Slower than NCCL, but lets
+            # several ranks share one GPU (tests on a one-GPU machine).
             self._bounce = True
 
-    # -- rank mapping ---------------------------------------------------------
+    def begin(self, call: int) -> None:
+        """Messages from now on belong to ``call`` (see :func:`call_id`)."""
+        self.call = call
+        self._deferred.clear()
+
+    def close(self) -> None:
+        """Stop the waiter threads (a wait still blocked in gloo ends at its deadline)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    # -- headers ----------------------------------------------------------------
+    def _header(self, kind: Kind, seq: int, nbytes: int) -> list[int]:
+        return [_MAGIC, self.call, int(kind), seq, nbytes, self.rank]
+
+    def _check_header(self, got: Sequence[int], *, peer: int, kind: Kind, seq: int, nbytes: int, what: str) -> None:
+        want = self._header(kind, seq, nbytes)
+        want[5] = peer
+        if list(got) == want:
+            return
+        if got[0] != _MAGIC:
+            seen = "bytes that are not an expert-store message"
+        else:
+            seen = f"call {got[1]:#x} kind {got[2]} seq {got[3]} ({got[4]} bytes) from rank {got[5]}"
+        raise AgreementError(
+            f"rank {self.rank}: {what}: rank {peer} sent {seen}, expected call {self.call:#x} kind {int(kind)} "
+            f"seq {seq} ({nbytes} bytes): a message of an earlier failed call, or a rank with another view of "
+            f"this call; nothing of this call is committed; {RECOVERY}"
+        )
+
+    # -- posting and waiting ----------------------------------------------------
     def _global(self, r: int) -> int:
-        if self.group is None:
-            return r
-        return self._dist.get_global_rank(self.group, r)
+        return r if self.group is None else self._dist.get_global_rank(self.group, r)
 
-    # -- waits ----------------------------------------------------------------
-    def _wait(self, works: Sequence, peers: Sequence[int], what: str) -> None:
-        deadline = timedelta(seconds=self.timeout_s)
-        for w, p in zip(works, peers):
+    def _failure(self, peer: int, error: BaseException | None, waited: float, what: str) -> PeerTimeoutError:
+        text = str(error).splitlines()[0] if error is not None and str(error) else ""
+        if error is None or "timed out" in text.lower() or "timeout" in text.lower():
+            cause = f"did not answer within {waited:.1f} s"
+        else:
+            cause = f"failed after {waited:.1f} s ({text})"
+        return PeerTimeoutError(f"rank {self.rank}: {what}: rank {peer} {cause}; {RECOVERY}")
+
+    def _post(self, ops: list[tuple[bool, torch.Tensor, int, int]], what: str) -> list:
+        """Post (is_send, tensor, peer, tag) operations; returns (work, peer) pairs.
+
+        NCCL gets them in one batch (unbatched NCCL point-to-point ops are serialized like
+        collectives); gloo one by one, so that a failure names its peer."""
+        dist, t0 = self._dist, time.monotonic()
+        p2p = [dist.P2POp(dist.isend if s else dist.irecv, t, self._global(p), self.group, tag) for s, t, p, tag in ops]
+        if self._nccl:
             try:
-                ok = w.wait(timeout=deadline)
-            except RuntimeError as e:  # torch raises RuntimeError (or a subclass) on timeout / abort
-                raise PeerTimeoutError(
-                    f"rank {self.rank}: {what} with rank {p} failed or did not finish within {self.timeout_s:.0f} s: "
-                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                ) from None
-            if ok is False:
-                raise PeerTimeoutError(
-                    f"rank {self.rank}: {what} with rank {p} did not finish within {self.timeout_s:.0f} s"
-                )
+                return list(zip(dist.batch_isend_irecv(p2p), [p for _, _, p, _ in ops]))
+            except RuntimeError as e:
+                raise self._failure(min(p for _, _, p, _ in ops), e, time.monotonic() - t0, what) from None
+        works = []
+        for op, (_, _, p, _) in zip(p2p, ops):
+            try:
+                works.append((op.op(op.tensor, op.peer, op.group, op.tag), p))
+            except RuntimeError as e:
+                raise self._failure(p, e, time.monotonic() - t0, what) from None
+        return works
 
-    # -- bulk exchange ----------------------------------------------------------
-    def start_exchange(self, sends: Mapping[int, torch.Tensor], recvs: Mapping[int, torch.Tensor]) -> list:
-        """Post one send and/or one receive per peer in one batch; returns the works.
-
-        Peers are visited in ascending rank order on both sides so that the
-        pairing is identical everywhere."""
-        if not sends and not recvs:
-            return []
-        if self._dist is None:
-            raise StoreError(f"rank {self.rank}: no peers in a world of one rank")
-        dist = self._dist
-        bounce = []
-        if self._bounce:
-            # gloo moves CPU tensors only: device slabs travel through host copies.
-            sends = {p: t.cpu() if t.device.type != "cpu" else t for p, t in sends.items()}
-            host_recvs = {}
-            for p, t in recvs.items():
-                if t.device.type != "cpu":
-                    host_recvs[p] = torch.empty(t.shape, dtype=t.dtype)
-                    bounce.append((_CopyBack(host_recvs[p], t), p))
-                else:
-                    host_recvs[p] = t
-            recvs = host_recvs
-        ops = []
-        peers = []
-        for p in sorted(set(sends) | set(recvs)):
-            if p == self.rank:
-                raise StoreError(f"rank {self.rank}: a rank cannot exchange with itself")
-            if p in sends:
-                ops.append(dist.P2POp(dist.isend, sends[p], self._global(p), self.group))
-                peers.append(p)
-            if p in recvs:
-                ops.append(dist.P2POp(dist.irecv, recvs[p], self._global(p), self.group))
-                peers.append(p)
-        works = dist.batch_isend_irecv(ops)
-        return [(w, p) for w, p in zip(works, peers)] + bounce
-
-    def finish_exchange(self, works: list, *, what: str = "slab exchange") -> None:
-        """Wait for works from :meth:`start_exchange`.
-
-        On NCCL this only orders the current stream after the transfers (the
-        host does not block, so the next round's packing overlaps); the host
-        deadline is applied by :meth:`sync_device`. On gloo it blocks with the
-        deadline."""
+    def _wait(self, works: Sequence[tuple], what: str) -> None:
+        """Wait for (work, peer) pairs with the deadline. gloo: concurrently, naming the first peer
+        that fails; NCCL: the wait only orders the current stream (see :meth:`sync_device`)."""
         if not works:
             return
-        copies = [w for w, _ in works if isinstance(w, _CopyBack)]
-        works = [(w, p) for w, p in works if not isinstance(w, _CopyBack)]
-        if self.transport_device.type == "cuda":
-            for w, _ in works:
-                w.wait()
+        t0 = time.monotonic()
+        if self._nccl:
+            for w, p in works:
+                try:
+                    w.wait()
+                except RuntimeError as e:
+                    raise self._failure(p, e, time.monotonic() - t0, what) from None
+            return
+        deadline = timedelta(seconds=self.timeout_s)
+
+        def wait_one(w) -> float:
+            try:
+                w.wait(timeout=deadline)
+            except RuntimeError as e:
+                return time.monotonic(), e
+            return time.monotonic(), None
+
+        if len({p for _, p in works}) == 1:
+            results = [(wait_one(w), p) for w, p in works]
         else:
-            self._wait([w for w, _ in works], [p for _, p in works], what)
-        for c in copies:
-            c.done()
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(self.world_size, thread_name_prefix="expert-store")
+            futures = {self._pool.submit(wait_one, w): p for w, p in works}
+            results = []
+            for f in concurrent.futures.as_completed(futures):
+                results.append((f.result(), futures[f]))
+                if results[-1][0][1] is not None:
+                    break  # the first failure names the peer; the other waits end at their deadline
+        failed = sorted((t, p, e) for (t, e), p in results if e is not None)
+        if failed:
+            t, p, e = failed[0]
+            raise self._failure(p, e, t - t0, what)
 
-    def _message_stream(self):
-        """Context in which small messages (agreement, blobs) are queued on NCCL.
-
-        They get a stream of their own: NCCL orders its work after the current stream,
-        and the current stream may hold a round's packing queued ahead of the agreement."""
-        if self.transport_device.type != "cuda":
+    def _messages_on(self):
+        """Small messages (agreement, blobs) get a stream of their own on NCCL: NCCL orders its
+        work after the current stream, which may hold a round's packing queued ahead."""
+        if not self._nccl:
             return nullcontext()
         if self._messages is None:
             self._messages = torch.cuda.Stream(self.transport_device)
         return torch.cuda.stream(self._messages)
 
     def _sync_messages(self, what: str) -> None:
-        """Wait, with the deadline, for the message stream (NCCL waits do not block the host)."""
-        if self.transport_device.type == "cuda":
+        if self._nccl:
             self.sync_device(self.transport_device, what=what)
 
     def sync_device(self, device: torch.device, *, what: str) -> None:
-        """Wait for all work queued on ``device``'s current stream, with the deadline."""
+        """Wait, with the deadline, for the work queued on ``device``'s current stream; then check
+        the headers of the NCCL transfers it held."""
         if device.type != "cuda":
             return
         ev = torch.cuda.Event()
         ev.record()
         start = time.monotonic()
-        deadline = start + self.timeout_s
         while not ev.query():
             now = time.monotonic()
-            if now > deadline:
-                raise PeerTimeoutError(f"rank {self.rank}: {what} did not finish within {self.timeout_s:.0f} s")
-            # Spin for the first 20 ms (a rebalance round ends within microseconds of its
-            # transfer), then back off so a stuck peer does not burn a core for minutes.
+            if now - start > self.timeout_s:
+                raise PeerTimeoutError(
+                    f"rank {self.rank}: {what} did not finish within {now - start:.1f} s (a peer did not answer); "
+                    f"{RECOVERY}"
+                )
+            # Spin for the first 20 ms (a round ends within microseconds of its transfer), then
+            # back off so a stuck peer does not burn a core for minutes.
             time.sleep(0 if now - start < 0.02 else 0.001)
+        deferred, self._deferred = self._deferred, []
+        for hdr, peer, nbytes, where in deferred:
+            self._check_header(hdr.tolist(), peer=peer, kind=Kind.SLAB, seq=where[0], nbytes=nbytes, what=where[1])
+
+    # -- bulk exchange ----------------------------------------------------------
+    def start_exchange(self, sends: Mapping[int, torch.Tensor], recvs: Mapping[int, torch.Tensor], *, seq: int):
+        """Post one header and one slab to / from each peer of round ``seq``; returns an Exchange.
+
+        Peers are visited in ascending rank order on both sides, so the pairing is the same
+        everywhere."""
+        ex = Exchange(seq=seq)
+        if not sends and not recvs:
+            return ex
+        if self._dist is None:
+            raise StoreError(f"rank {self.rank}: no peers in a world of one rank")
+        what = f"round {seq} exchange"
+        if self._bounce:
+            # gloo moves CPU tensors only: device slabs travel through host copies.
+            sends = {p: t.cpu() for p, t in sends.items()}
+            host = {p: torch.empty(t.shape, dtype=t.dtype) for p, t in recvs.items()}
+            ex.copy_back = [(host[p], t) for p, t in recvs.items()]
+            recvs = host
+        dev = self.transport_device
+        out = sorted(sends)
+        inc = sorted(recvs)
+        send_hdr = torch.tensor([self._header(Kind.SLAB, seq, sends[p].numel()) for p in out], dtype=torch.int64)
+        if self._nccl and out:
+            send_hdr = send_hdr.pin_memory().to(dev, non_blocking=True)
+        recv_hdr = torch.empty(len(inc), HEADER_WORDS, dtype=torch.int64, device=dev)
+        ops = []
+        for p in sorted(set(out) | set(inc)):
+            if p == self.rank:
+                raise StoreError(f"rank {self.rank}: a rank cannot exchange with itself")
+            for is_send, table, hdr in ((True, sends, send_hdr), (False, recvs, recv_hdr)):
+                if p in table:
+                    i = (out if is_send else inc).index(p)
+                    ops.append((is_send, hdr[i], p, _tag(self.call, Kind.SLAB, seq, 0)))
+                    ops.append((is_send, table[p], p, _tag(self.call, Kind.SLAB, seq, 1)))
+        ex.works = self._post(ops, what)
+        ex.headers = [(recv_hdr[i], p, recvs[p].numel()) for i, p in enumerate(inc)]
+        return ex
+
+    def finish_exchange(self, ex: Exchange) -> None:
+        """Wait for an Exchange. On NCCL this only orders the current stream after the transfers
+        (the next round's packing overlaps) and the headers are checked at the next
+        :meth:`sync_device`; on gloo it blocks with the deadline and checks them now."""
+        what = f"round {ex.seq} exchange"
+        self._wait(ex.works, what)
+        for hdr, peer, nbytes in ex.headers:
+            if self._nccl:
+                self._deferred.append((hdr, peer, nbytes, (ex.seq, what)))
+            else:
+                self._check_header(hdr.tolist(), peer=peer, kind=Kind.SLAB, seq=ex.seq, nbytes=nbytes, what=what)
+        for host, dst in ex.copy_back:
+            dst.copy_(host)
 
     # -- small all-gather through a leader ------------------------------------
-    def allgather_live(self, live: Sequence[int], row: torch.Tensor, *, what: str) -> torch.Tensor:
-        """All-gather one int64 row per live rank, via the lowest live rank.
+    def start_gather(self, live: Sequence[int], row: torch.Tensor, *, kind: Kind, what: str) -> Gather:
+        """All-gather one int64 row per live rank via the lowest live rank: post the first
+        messages and return; ``.result()`` finishes it (a rank may plan meanwhile).
 
         Args:
-            live: ascending live ranks (must include this rank); dead ranks are never contacted.
+            live: the live ranks (must include this rank); dead ranks are never contacted.
             row: int64 [K], the same K on every live rank.
-        Returns:
-            int64 [len(live), K] on the CPU, row i from live[i].
         """
-        return self.start_allgather_live(live, row, what=what).result()
-
-    def start_allgather_live(self, live: Sequence[int], row: torch.Tensor, *, what: str) -> _Gather:
-        """Post :meth:`allgather_live`'s first messages and return; ``.result()`` finishes it.
-
-        Lets a rank compute (e.g. its plan) while the messages are in flight."""
         live = sorted(int(r) for r in live)
         if self.rank not in live:
             raise StoreError(f"rank {self.rank} is not among the live ranks {live}")
-        row = row.to(torch.int64).reshape(-1).cpu()
-        return _Gather(self, live, row, what)
+        return Gather(self, live, row.to(torch.int64).reshape(-1).cpu(), kind, what)
+
+    def gather(self, live: Sequence[int], row: torch.Tensor, *, kind: Kind, what: str) -> torch.Tensor:
+        """:meth:`start_gather` and its result: int64 [len(live), K], row i from live[i]."""
+        return self.start_gather(live, row, kind=kind, what=what).result()
 
     # -- byte strings between two live ranks --------------------------------------
     def send_blob(self, peer: int, data: bytes, *, what: str) -> None:
-        """Send ``data`` to ``peer`` (length first, then the bytes)."""
-        dist = self._dist
+        """Send ``data`` to ``peer``: a header with its length, then the bytes."""
         dev = self.transport_device
-        with self._message_stream():
-            n = torch.tensor([len(data)], dtype=torch.int64, device=dev)
-            ops = [dist.P2POp(dist.isend, n, self._global(peer), self.group)]
+        with self._messages_on():
+            hdr = torch.tensor(self._header(Kind.BLOB, 0, len(data)), dtype=torch.int64, device=dev)
+            ops = [(True, hdr, peer, _tag(self.call, Kind.BLOB, 0, 0))]
             if data:
                 payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev)
-                ops.append(dist.P2POp(dist.isend, payload, self._global(peer), self.group))
-            for op in ops:  # two batches: the receiver posts the payload's receive once it knows its size
-                self._wait(dist.batch_isend_irecv([op]), [peer], what)
+                ops.append((True, payload, peer, _tag(self.call, Kind.BLOB, 0, 1)))
+            for op in ops:  # one at a time: the receiver posts the payload once it knows its size
+                self._wait(self._post([op], what), what)
             self._sync_messages(what)
 
     def recv_blob(self, peer: int, *, what: str) -> bytes:
         """Receive what :meth:`send_blob` sent from ``peer``."""
-        dist = self._dist
         dev = self.transport_device
-        with self._message_stream():
-            n = torch.empty(1, dtype=torch.int64, device=dev)
-            self._wait(
-                dist.batch_isend_irecv([dist.P2POp(dist.irecv, n, self._global(peer), self.group)]), [peer], what
-            )
+        with self._messages_on():
+            hdr = torch.empty(HEADER_WORDS, dtype=torch.int64, device=dev)
+            self._wait(self._post([(False, hdr, peer, _tag(self.call, Kind.BLOB, 0, 0))], what), what)
             self._sync_messages(what)
-            size = int(n.item())
+            got = hdr.tolist()
+            size = got[4] if got[0] == _MAGIC and 0 <= got[4] <= _MAX_BLOB_BYTES else -1
+            self._check_header(got, peer=peer, kind=Kind.BLOB, seq=0, nbytes=size, what=what)
             if size == 0:
                 return b""
             payload = torch.empty(size, dtype=torch.uint8, device=dev)
-            op = [dist.P2POp(dist.irecv, payload, self._global(peer), self.group)]
-            self._wait(dist.batch_isend_irecv(op), [peer], what)
+            self._wait(self._post([(False, payload, peer, _tag(self.call, Kind.BLOB, 0, 1))], what), what)
             self._sync_messages(what)
             return payload.cpu().numpy().tobytes()
+
+
+class Gather:
+    """An all-gather through the lowest live rank, in flight (see :meth:`Comm.start_gather`).
+
+    Each rank sends ``[header | row]`` to the leader, its header's sequence field naming the
+    live set it sees. The leader checks every header, then sends each peer a table header and
+    the table of all messages, in which every rank finds its own message unchanged (or learns
+    that the leader read a stale one in its place). If a peer sees another live set, the leader
+    sends only the header, marked aborted: every rank raises AgreementError, and no receive is
+    ever matched with a message of another size."""
+
+    def __init__(self, comm: Comm, live: list[int], row: torch.Tensor, kind: Kind, what: str) -> None:
+        self.comm, self.live, self.kind, self.what = comm, live, kind, what
+        self.view = call_id(struct.pack(f"<{len(live)}q", *live))
+        k = row.numel()
+        self.mine = torch.cat([torch.tensor(comm._header(kind, self.view, 8 * k), dtype=torch.int64), row])
+        self.table: torch.Tensor | None = None
+        if len(live) == 1:
+            self.table = row.unsqueeze(0).clone()
+            return
+        dev, n = comm.transport_device, HEADER_WORDS + k
+        self.row_tag = _tag(comm.call, kind, 0, 0)
+        self.hdr_tag = _tag(comm.call, Kind.TABLE, int(kind), 0)
+        with comm._messages_on():
+            self.buf = torch.empty(len(live), n, dtype=torch.int64, device=dev)
+            if comm.rank == live[0]:
+                self.buf[0].copy_(self.mine)
+                ops = [(False, self.buf[i], p, self.row_tag) for i, p in enumerate(live) if i]
+            else:
+                self.table_hdr = torch.empty(HEADER_WORDS, dtype=torch.int64, device=dev)
+                ops = [(True, self.mine.to(dev), live[0], self.row_tag), (False, self.table_hdr, live[0], self.hdr_tag)]
+            self.works = comm._post(ops, what)
+
+    def result(self) -> torch.Tensor:
+        """int64 [len(live), K] on the CPU, row i from live[i]."""
+        if self.table is not None:
+            return self.table
+        comm, live, what = self.comm, self.live, self.what
+        with comm._messages_on():
+            comm._wait(self.works, what)
+            comm._sync_messages(what)
+            rows = self._lead() if comm.rank == live[0] else self._follow()
+        self.table = rows[:, HEADER_WORDS:].clone()
+        return self.table
+
+    def _lead(self) -> torch.Tensor:
+        comm, live, what = self.comm, self.live, self.what
+        rows = self.buf.cpu()
+        nbytes = 8 * (rows.shape[1] - HEADER_WORDS)
+        other_view = [p for i, p in enumerate(live[1:], 1) if rows[i, 3] != self.view and rows[i, 0] == _MAGIC]
+        # The table header carries a fresh nonce and the payload's tag is made from it: a peer
+        # posts the payload's receive only once the header matched.
+        nonce = new_nonce()
+        size = -1 if other_view else 8 * self.buf.numel()
+        hdr = torch.tensor(comm._header(Kind.TABLE, nonce, size), dtype=torch.int64).to(self.buf.device)
+        ops = []
+        for p in live[1:]:
+            ops.append((True, hdr, p, self.hdr_tag))
+            if not other_view:
+                ops.append((True, self.buf, p, _tag(comm.call, Kind.TABLE, nonce, 1)))
+        comm._wait(comm._post(ops, f"{what} (broadcast)"), f"{what} (broadcast)")
+        comm._sync_messages(what)
+        if other_view:
+            raise AgreementError(
+                f"rank {comm.rank}: {what}: ranks {other_view} see other live ranks than {live}; nothing moved"
+            )
+        for i, p in enumerate(live[1:], 1):
+            comm._check_header(rows[i, :HEADER_WORDS].tolist(), peer=p, kind=self.kind, seq=self.view,
+                               nbytes=nbytes, what=what)  # fmt: skip
+        return rows
+
+    def _follow(self) -> torch.Tensor:
+        comm, live, what = self.comm, self.live, self.what
+        got = self.table_hdr.tolist()
+        if got[0] == _MAGIC and got[1] == comm.call and got[4] == -1:
+            raise AgreementError(
+                f"rank {comm.rank}: {what}: rank {live[0]} reports ranks that see other live ranks than it does "
+                f"(this rank sees {live}); nothing moved"
+            )
+        comm._check_header(got, peer=live[0], kind=Kind.TABLE, seq=got[3], nbytes=8 * self.buf.numel(), what=what)
+        comm._wait(comm._post([(False, self.buf, live[0], _tag(comm.call, Kind.TABLE, got[3], 1))], what), what)
+        comm._sync_messages(what)
+        rows = self.buf.cpu()
+        if not torch.equal(rows[live.index(comm.rank)], self.mine):
+            raise AgreementError(
+                f"rank {comm.rank}: {what}: rank {live[0]} answered with a stale message of this rank (from an "
+                f"earlier failed call) in place of this call's; nothing of this call is committed; {RECOVERY}"
+            )
+        return rows

@@ -24,7 +24,6 @@ round k+2. Two buffers are in use at a time, so staging never exceeds 2 B.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,11 +31,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from expert_store.kernels import PreparedCopies, pack_records, unpack_records
+from expert_store.kernels import PreparedCopies, pack_records, resident_checksums, unpack_records
 
 from .checkpoint import Checkpoint
 from .comm import Comm
-from .errors import PeerTimeoutError, StoreError
+from .errors import IntegrityError, PeerTimeoutError, StoreError
 from .layout import ResidentSlabs
 from .plan import DiskRead, Move, PostCopy, RebalancePlan, Round, merge_plans
 
@@ -44,6 +43,7 @@ __all__ = [
     "BackgroundCall",
     "ChunkedRun",
     "ExecutionStats",
+    "RebalanceRun",
     "RoundRunner",
     "copy_slots",
     "run_disk_reads",
@@ -56,40 +56,6 @@ class ExecutionStats:
     rounds: int = 0
     staging_peak: int = 0  # bytes of staging allocated at once on this rank
     seconds: dict[str, float] = field(default_factory=dict)
-    # With EXPERT_STORE_TIMELINE=1 on CUDA: per round, ms after the first pack was queued at
-    # which the GPU had finished that round's (pack, transfer, unpack), from CUDA events.
-    timeline: list[tuple[float, float, float]] | None = None
-
-
-class _Timeline:
-    """CUDA events on the current stream at each round's milestones (EXPERT_STORE_TIMELINE=1).
-
-    Shared by the runners of one rebalance: rounds are numbered across them."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.on = device.type == "cuda" and os.environ.get("EXPERT_STORE_TIMELINE") == "1"
-        self.ev: dict[tuple[str, int], torch.cuda.Event] = {}
-        self.base = 0  # rounds of the runners before the current one
-
-    def start(self) -> None:
-        """Mark the start, once per rebalance."""
-        if self.on and ("start", 0) not in self.ev:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            self.ev[("start", 0)] = e
-
-    def mark(self, what: str, k: int) -> None:
-        if self.on:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            self.ev[(what, self.base + k)] = e
-
-    def result(self) -> list[tuple[float, float, float]] | None:
-        if not self.on:
-            return None
-        start = self.ev[("start", 0)]
-        n = max(k for _, k in self.ev) + 1
-        return [tuple(start.elapsed_time(self.ev[(w, k)]) for w in ("pack", "recv", "unpack")) for k in range(n)]
 
 
 class _RoundIO:
@@ -167,17 +133,19 @@ class RoundRunner:
         slabs: ResidentSlabs,
         comm: Comm,
         staging_bytes: int,
-        timeline: _Timeline | None = None,
+        first_seq: int = 0,
         arena: torch.Tensor | None = None,
     ) -> None:
         """``arena``: uint8 [>= staging_bytes] of reserved device memory to carve the buffers
         from (nothing is allocated then); None: allocate them."""
         self.rank, self.slabs, self.comm = rank, slabs, comm
         self.rb = slabs.spec.record_bytes
-        self.ios = [io for io in (_RoundIO(rank, r) for r in rounds) if not io.empty]
+        ios = [_RoundIO(rank, r) for r in rounds]
+        self.ios = [io for io in ios if not io.empty]
+        # Message sequence numbers are the plan's round numbers (this rank skips its empty rounds).
+        self.seqs = [first_seq + i for i, io in enumerate(ios) if not io.empty]
         self.packed = 0  # rounds whose packing is queued
         self.staging_peak = 0
-        self.events = timeline if timeline is not None else _Timeline(slabs.device)
         if not self.ios:
             return
         rb, dev = self.rb, slabs.device
@@ -237,7 +205,6 @@ class RoundRunner:
             parked = self.park_buf.view(self.n_parks, rb)
             for pid, pos in zip(park_ids, park_pos):
                 rows[pos].copy_(parked[pid])
-        self.events.mark("pack", k)
         self.packed = k + 1
 
     def _issue(self, k: int) -> list:
@@ -251,18 +218,16 @@ class RoundRunner:
         for q, v in io.inc.items():
             recvs[q] = buf[pos * rb : (pos + len(v)) * rb]
             pos += len(v)
-        return self.comm.start_exchange(sends, recvs)
+        return self.comm.start_exchange(sends, recvs, seq=self.seqs[k])
 
     def _unpack(self, k: int) -> None:
         unpack = self.launches[k][2]
         if unpack >= 0:
             self.copies.launch(unpack, self.bufs[k % len(self.bufs)])
-        self.events.mark("unpack", k)
 
     def prepack(self) -> None:
         """Queue the packing of round 0 (staging only: safe before the ranks have agreed)."""
         if self.ios and not self.packed:
-            self.events.start()
             self._pack(0)
 
     def queue(self, stats: ExecutionStats) -> None:
@@ -282,8 +247,7 @@ class RoundRunner:
                     self._pack(k)
                 works = self._issue(k)
                 t1 = time.perf_counter()
-                self.comm.finish_exchange(works, what=f"round {k} exchange")
-                self.events.mark("recv", k)
+                self.comm.finish_exchange(works)
                 t2 = time.perf_counter()
                 self._unpack(k)
                 t_pack += t1 - t0
@@ -298,15 +262,13 @@ class RoundRunner:
                 if k + 1 < n:
                     self._pack(k + 1)
                 t1 = time.perf_counter()
-                self.comm.finish_exchange(works, what=f"round {k} exchange")
-                self.events.mark("recv", k)
+                self.comm.finish_exchange(works)
                 t2 = time.perf_counter()
                 works = self._issue(k + 1) if k + 1 < n else []
                 self._unpack(k)
                 t_pack += t1 - t0
                 t_wait += t2 - t1
                 t_unpack += time.perf_counter() - t2
-        self.events.base += n
         for key, t in (("host_pack", t_pack), ("host_wait", t_wait), ("host_unpack", t_unpack)):
             stats.seconds[key] = stats.seconds.get(key, 0.0) + t
 
@@ -338,7 +300,6 @@ class ChunkedRun:
         self.rank, self.slabs, self.comm = rank, slabs, comm
         self.arena = arena
         self._chunks = chunks
-        self.timeline = _Timeline(slabs.device)
         self.plans: list[RebalancePlan] = []
         self.rounds = 0
         self.plan: RebalancePlan | None = None  # all chunks merged, once every chunk is planned
@@ -380,7 +341,7 @@ class ChunkedRun:
             slabs=self.slabs,
             comm=self.comm,
             staging_bytes=staging,
-            timeline=self.timeline,
+            first_seq=self.rounds - len(rounds),
             arena=arena,
         )
         if prepack:
@@ -420,7 +381,6 @@ class ChunkedRun:
         if while_in_flight is not None:
             while_in_flight()
         self.comm.sync_device(self.slabs.device, what="rebalance rounds")
-        stats.timeline = self.timeline.result()
         stats.rounds = self.rounds
         return self.plan
 
@@ -516,3 +476,129 @@ def run_post_copies(
         budget=budget,
         scratch=scratch,
     )
+
+
+class RebalanceRun:
+    """Everything this rank does to put its bytes in place for one rebalance, in one object:
+    the rounds of every chunk (:class:`ChunkedRun`), the checkpoint reads, the post copies,
+    and the check of every slot that was written against the manifest's checksums.
+
+    Constructing it plans the first chunk and takes the staging (a StoreError then means
+    nothing moved); :meth:`prepack` only writes staging; :meth:`run` moves the bytes.
+
+    Checkpoint reads into slots that no move reads go in a background thread, one chunk
+    after the other, while the rounds run; reads into slots whose old content a move still
+    needs wait for the rounds. On the GPU the thread first waits for ``entry``, an event
+    recorded on the caller's stream when the call began: without it a read could land in a
+    slot before a kernel the caller queued earlier has used it."""
+
+    def __init__(
+        self,
+        chunks,
+        *,
+        rank: int,
+        slabs: ResidentSlabs,
+        comm: Comm,
+        checkpoint: Checkpoint,
+        staging_bytes: int,
+        arena: torch.Tensor | None,
+        entry: torch.cuda.Event | None,
+    ) -> None:
+        self.rank, self.slabs, self.comm, self.checkpoint = rank, slabs, comm, checkpoint
+        self.staging_bytes, self.arena, self.entry = staging_bytes, arena, entry
+        self.rounds = ChunkedRun(chunks, rank=rank, slabs=slabs, comm=comm, staging_bytes=staging_bytes, arena=arena)
+        self.stats = ExecutionStats()
+        self._reader: BackgroundCall | None = None
+        self._late: list[DiskRead] = []
+
+    def prepack(self) -> None:
+        self.rounds.prepack()
+
+    @property
+    def plan(self) -> RebalancePlan | None:
+        return self.rounds.plan
+
+    def _disk(self) -> dict:
+        return dict(slabs=self.slabs, checkpoint=self.checkpoint, staging_bytes=self.staging_bytes // 4)
+
+    def _start_reads(self, plan: RebalancePlan) -> None:
+        mine = [d for d in plan.disk_reads if d.rank == self.rank]
+        read_first = {(m.layer, m.src_slot) for m in plan.moves if m.src_rank == self.rank}
+        early = [d for d in mine if (d.layer, d.slot) not in read_first]
+        self._late.extend(d for d in mine if (d.layer, d.slot) in read_first)
+        if early:
+            self._reader = BackgroundCall(
+                _read_after, self._reader, early, self.entry, name="expert-store-disk", **self._disk()
+            )
+
+    def run(self, phases: dict[str, float], *, while_in_flight: Callable[[], None]) -> RebalancePlan:
+        """Move every byte; ``while_in_flight()`` runs once the last round is queued. Returns the
+        merged plan. On an error, no thread of this run writes a slot any more when it returns."""
+        try:
+            t0 = time.perf_counter()
+            plan = self.rounds.run(self.stats, on_plan=self._start_reads, while_in_flight=while_in_flight)
+            phases["exchange"] = time.perf_counter() - t0
+            phases.update(self.stats.seconds)
+            t0 = time.perf_counter()
+            if self._reader is not None:
+                self._reader.result()
+            run_disk_reads(self._late, **self._disk())  # slots whose old content the moves needed
+            phases["disk_wait"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            mine = [c for c in plan.post_copies if c.rank == self.rank]
+            scratch = self.arena if self.arena is not None and self.arena.numel() >= self.staging_bytes else None
+            used = run_post_copies(mine, slabs=self.slabs, budget=self.staging_bytes // 2, scratch=scratch)
+            self.stats.staging_peak = max(self.stats.staging_peak, used)
+            self.comm.sync_device(self.slabs.device, what="post copies")
+            phases["local_copy"] = time.perf_counter() - t0
+        except BaseException:
+            if self._reader is not None:
+                self._reader.wait()
+            raise
+        return plan
+
+    def verify(self, checksums: torch.Tensor, experts: torch.Tensor, version: int) -> None:
+        """Check every slot this rank wrote against ``checksums`` (int64 [L, E], the manifest's);
+        ``experts`` int64 [L, S]: this rank's experts in the new placement. IntegrityError
+        names layer, slot, expert and where the bytes came from; nothing is changed."""
+        written = sorted((layer, s) for (r, layer, s) in self.plan.changed if r == self.rank)
+        if not written:
+            return
+        layers = torch.tensor([w[0] for w in written], dtype=torch.int64)
+        slots = torch.tensor([w[1] for w in written], dtype=torch.int64)
+        got = resident_checksums(self.slabs.storage, self.slabs.layout, layers, slots).cpu()
+        want = checksums[layers, experts[layers, slots]]
+        bad = (got != want).nonzero().flatten().tolist()
+        if not bad:
+            return
+        layer, s = written[bad[0]]
+        raise IntegrityError(
+            f"rank {self.rank}: layer {layer} expert {int(experts[layer, s])} arrived in slot {s} "
+            f"(physical {self.rank * self.slabs.layout.slots + s}) from {self._source(layer, s)} with a checksum "
+            f"other than version {version}'s ({len(bad)} of {len(written)} written slots differ)"
+        )
+
+    def _source(self, layer: int, slot: int) -> str:
+        """Where the plan fills (layer, slot) of this rank from."""
+        plan, me = self.plan, self.rank
+        for m in plan.moves:
+            if (m.dst_rank, m.layer, m.dst_slot) == (me, layer, slot):
+                return f"local slot {m.src_slot}" if m.is_local else f"rank {m.src_rank}"
+        if any((d.rank, d.layer, d.slot) == (me, layer, slot) for d in plan.disk_reads):
+            return f"the checkpoint {self.checkpoint.path}"
+        for c in plan.post_copies:
+            if (c.rank, c.layer, c.dst_slot) == (me, layer, slot):
+                return f"local slot {c.src_slot}"
+        return "an unknown source"
+
+
+def _read_after(previous: BackgroundCall | None, reads, entry: torch.cuda.Event | None, **disk) -> int:
+    """Checkpoint reads after those of ``previous`` (one reader at a time) and, on the GPU, after
+    ``entry``; returns bytes read."""
+    done = previous.result() if previous is not None else 0
+    if entry is None:
+        return done + run_disk_reads(reads, **disk)
+    stream = torch.cuda.Stream(disk["slabs"].device)
+    stream.wait_event(entry)
+    with torch.cuda.stream(stream):
+        return done + run_disk_reads(reads, **disk)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_index
 from .errors import SpecError, StoreError
 from .spec import ExpertSpec
 
@@ -114,9 +115,10 @@ class ResidentSlabs:
 
     def weights(self, name: str, layer: int) -> torch.Tensor:
         """``[S, *shape]`` view of tensor ``name`` in ``layer`` (zero-copy, stable address)."""
+        if not isinstance(name, str):
+            raise StoreError(f"tensor name must be a str, got {type(name).__name__} {name!r}")
         i = self.spec.index(name)
-        if not 0 <= layer < self.layout.num_layers:
-            raise StoreError(f"layer {layer} out of range: the store holds layers 0..{self.layout.num_layers - 1}")
+        layer = check_index(layer, "layer", self.layout.num_layers, where=f"weights({name!r})")
         return self._views[layer][i]
 
     def slot_tensors(self, layer: int, slot: int) -> dict[str, torch.Tensor]:

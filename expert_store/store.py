@@ -3,7 +3,7 @@
 Symbols: L layers, E logical experts, R ranks (world size), S slots per rank,
 P = R * S physical slots; local slot s of rank r is physical slot r * S + s.
 
-Lifecycle (DESIGN.md section 3):
+Lifecycle:
 
 * :meth:`ExpertStore.create` loads this rank's slots from the checkpoint and
   commits version 1 with a checksum per (layer, logical expert);
@@ -11,35 +11,40 @@ Lifecycle (DESIGN.md section 3):
   slots (checked against the manifest's checksums);
 * :meth:`ExpertStore.join` gives a restarted rank an empty store at the
   current version, to be filled by ``rebalance(..., fresh=(rank,))``;
-* :meth:`ExpertStore.rebalance` is collective over the live ranks: agree,
-  plan, move (packed slabs per peer, local copies, checkpoint reads), verify
-  (optional), commit version + 1.
+* :meth:`ExpertStore.rebalance` is collective over the live ranks and reads as
+  its five steps: validate, plan, agree, run, commit (version + 1).
 
-A store never claims a version whose bytes are not in place: if a rebalance
-fails after bytes started to move, the store is marked unusable until it is
-reopened, and the manifest is not advanced.
+The committed manifest is the store's one record of its version, placement,
+live ranks and checksums. A store never claims a version whose bytes are not in
+place: if a call fails after bytes started to move, the store refuses every
+further use until it is reopened, and the manifest is not advanced. A store is
+used by one thread at a time: a call made while another runs raises at once.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from expert_store.kernels import pack_records, resident_checksums, unpack_records
 
 from .checkpoint import Checkpoint
-from .comm import DEFAULT_TIMEOUT_S, Comm
+from .checks import check_bool, check_bytes, check_device, check_int, check_timeout, is_int
+from .comm import DEFAULT_TIMEOUT_S, Comm, Kind, call_id
 from .errors import AgreementError, IntegrityError, ManifestError, PlacementError, StoreError
-from .execute import BackgroundCall, ChunkedRun, ExecutionStats, copy_slots, run_disk_reads, run_post_copies
+from .execute import RebalanceRun, copy_slots
 from .layout import ResidentSlabs, SlabLayout
-from .manifest import Manifest, ManifestLog, PreparedManifest, decode_manifest
+from .manifest import Manifest, ManifestLog, PreparedManifest, check_keep_versions, decode_manifest
+from .messages import Agreement, Completion, Outcome, Status, digest_words, new_nonce
 from .placement import Placement
 from .plan import RebalancePlan, plan_chunks
 from .spec import ExpertSpec
@@ -56,7 +61,12 @@ DEFAULT_ROUND_BYTES = 256 << 20
 
 @dataclass
 class RebalanceReport:
-    """What one rank did in one rebalance (byte counts exactly as DESIGN.md section 3)."""
+    """What one rank did in one rebalance.
+
+    Accounting is exact: each distinct expert the new placement puts on this rank that it
+    did not hold before is brought once, from a live peer (``bytes_p2p``) or from the
+    checkpoint (``bytes_disk``, listed in ``missing``); every other changed slot is a
+    local copy (``bytes_local``); unchanged slots cost nothing."""
 
     version: int
     bytes_p2p: int
@@ -67,27 +77,52 @@ class RebalanceReport:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     staging_peak: int = 0
     rounds: int = 0
-    verified: bool = False
-    timeline: list | None = None  # EXPERT_STORE_TIMELINE=1 on CUDA: per round GPU ms (packed, received, unpacked)
+    verified: bool = True
 
 
-def _device(device) -> torch.device:
-    d = torch.device(device)
-    if d.type == "cuda" and d.index is None:
-        d = torch.device("cuda", torch.cuda.current_device())
-    return d
+class _Call(NamedTuple):
+    """The validated arguments of one rebalance."""
+
+    new: Placement
+    alive: tuple[bool, ...]
+    fresh: tuple[int, ...]
+    staging_bytes: int
+    round_bytes: int
+    verify: bool
+    live: list[int]
+
+    def inputs(self) -> tuple[int, int, int, int]:
+        """What every live rank must have been given alike."""
+        return digest_words(
+            self.new.digest(),
+            bytes(self.alive),
+            struct.pack(f"<{len(self.fresh)}q", *self.fresh),
+            struct.pack("<qq?", self.staging_bytes, self.round_bytes, self.verify),
+        )
 
 
-def _digest_words(*parts: bytes) -> list[int]:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(struct.pack("<Q", len(p)))
-        h.update(p)
-    return list(struct.unpack("<4q", h.digest()))
+def _resolve_ranks(rank, world_size, group) -> tuple[int, int]:
+    """rank / world_size as given, or from ``group`` (or the default process group when
+    torch.distributed is initialized), or 0 / 1 for a single process."""
+    if rank is None or world_size is None:
+        import torch.distributed as dist
+
+        if group is not None or (dist.is_available() and dist.is_initialized()):
+            try:
+                g_rank, g_size = dist.get_rank(group), dist.get_world_size(group)
+            except (RuntimeError, ValueError) as e:
+                raise StoreError(f"cannot read rank and world size from the process group: {e}") from None
+        else:
+            g_rank, g_size = 0, 1
+        rank = g_rank if rank is None else rank
+        world_size = g_size if world_size is None else world_size
+    world_size = check_int(world_size, "world_size", low=1)
+    return check_int(rank, "rank", low=0, high=world_size - 1), world_size
 
 
 class ExpertStore:
-    """One rank's experts. Build with :meth:`create`, :meth:`open` or :meth:`join`."""
+    """One rank's experts. Build with :meth:`create`, :meth:`open` or :meth:`join`; release
+    with :meth:`close` (or ``with``)."""
 
     def __init__(self, *, _token: object = None) -> None:
         if _token is not _PRIVATE:
@@ -95,59 +130,52 @@ class ExpertStore:
 
     # ------------------------------------------------------------------ setup
     @classmethod
-    def _new(
-        cls,
-        root,
-        *,
-        spec: ExpertSpec,
-        placement: Placement,
-        checkpoint: Checkpoint,
-        rank: int,
-        world_size: int,
-        device,
-        group,
-        ranks_per_node: int | None,
-        timeout_s: float,
-    ) -> ExpertStore:
+    def _new(cls, root, *, spec, placement, checkpoint, rank, world_size, device, group, ranks_per_node, timeout_s):
         self = cls(_token=_PRIVATE)
+        self._lock = threading.Lock()
+        self._running: str | None = None
+        self._closed = False
+        self._broken: str | None = None  # set when bytes may not match the version
+        self._manifest: Manifest | None = None
         if not isinstance(spec, ExpertSpec):
             raise StoreError(f"spec must be an ExpertSpec, got {type(spec).__name__}")
         if not isinstance(placement, Placement):
             raise StoreError(f"placement must be an es.Placement, got {type(placement).__name__}")
         if not isinstance(checkpoint, Checkpoint):
             raise StoreError(f"checkpoint must be an es.Checkpoint, got {type(checkpoint).__name__}")
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size <= 0:
-            raise StoreError(f"world_size must be a positive int, got {world_size!r}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise StoreError(f"rank must be an int in 0..{world_size - 1}, got {rank!r}")
+        if not isinstance(root, (str, os.PathLike)):
+            raise StoreError(f"root must be a path, got {type(root).__name__} {root!r}")
+        rank, world_size = _resolve_ranks(rank, world_size, group)
         if placement.num_ranks != world_size:
             raise StoreError(
                 f"rank {rank}: the placement is for {placement.num_ranks} ranks, world_size is {world_size}"
             )
-        if ranks_per_node is not None and (not isinstance(ranks_per_node, int) or ranks_per_node <= 0):
-            raise StoreError(f"ranks_per_node must be a positive int or None, got {ranks_per_node!r}")
+        if ranks_per_node is not None:
+            ranks_per_node = check_int(ranks_per_node, "ranks_per_node", low=1)
         self.root = Path(root)
         self.spec = spec
         self.checkpoint = checkpoint
         self.rank = rank
         self.world_size = world_size
-        self.device = _device(device)
+        self.device = check_device(device, where=f"rank {rank}")
         self.ranks_per_node = ranks_per_node
-        self._placement = placement
+        self._placement = placement  # the current manifest's (set with it in _adopt)
+        self._empty = False  # joined: this rank's memory holds nothing yet
+        self._keep_versions: int | None = None
+        self._staging: torch.Tensor | None = None  # reserve_staging()
         self.layout = SlabLayout.build(spec, num_layers=placement.num_layers, slots=placement.slots_per_rank)
         self.log = ManifestLog(self.root)
-        self.comm = Comm(group, rank=rank, world_size=world_size, device=self.device, timeout_s=timeout_s)
+        self._comm = Comm(
+            group, rank=rank, world_size=world_size, device=self.device, timeout_s=check_timeout(timeout_s)
+        )
         self.slabs = ResidentSlabs(self.layout, self.device)
         _warm_kernels(self.slabs)
-        self._version = 0
-        self._alive = torch.ones(world_size, dtype=torch.bool)
-        self._checksums = torch.zeros(placement.num_layers, placement.num_experts, dtype=torch.int64)
-        self._empty = False  # joined, not yet filled
-        self._broken: str | None = None  # set when bytes may not match the version
-        # Retention: after each rebalance commit keep only this many newest versions (None: all).
-        self.keep_versions: int | None = None
-        self._staging: torch.Tensor | None = None  # reserve_staging()
         return self
+
+    def _adopt(self, manifest: Manifest) -> None:
+        """Make ``manifest`` the store's current version (the one place its state changes)."""
+        self._placement = manifest.placement()
+        self._manifest = manifest
 
     @classmethod
     def create(
@@ -157,8 +185,8 @@ class ExpertStore:
         spec: ExpertSpec,
         placement: Placement,
         checkpoint: Checkpoint,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
         device="cpu",
         group=None,
         ranks_per_node: int | None = None,
@@ -166,7 +194,8 @@ class ExpertStore:
     ) -> ExpertStore:
         """Load this rank's slots from ``checkpoint`` and commit version 1.
 
-        Collective over all R ranks (all are alive at creation)."""
+        Collective over all R ranks (all are alive at creation). ``rank`` and
+        ``world_size`` default to the process group's (one process: 0 and 1)."""
         self = cls._new(
             root,
             spec=spec,
@@ -179,58 +208,59 @@ class ExpertStore:
             ranks_per_node=ranks_per_node,
             timeout_s=timeout_s,
         )
-        live = list(range(world_size))
-        status = 0
+        live = list(range(self.world_size))
         existing = self.log.latest()
-        if existing is not None:
-            status = 1
-        row = torch.tensor([status, *_digest_words(repr(spec).encode(), placement.digest())], dtype=torch.int64)
-        table = self.comm.allgather_live(live, row, what="create agreement")
+        inputs = digest_words(repr(spec).encode(), placement.digest(), struct.pack("<q", ranks_per_node or 0))
+        mine = Agreement(
+            Status.EXISTS if existing is not None else Status.READY,
+            inputs, (0, 0, 0, 0), 0, time.time_ns(), new_nonce(),
+        )  # fmt: skip
+        self._comm.begin(call_id(b"create"))
+        rows = self._gather_agreements(live, mine, what="create agreement")
         if existing is not None:
             raise ManifestError(
-                f"rank {rank}: a store already exists under {self.log.path_of(existing)} (version {existing}); "
+                f"rank {self.rank}: a store already exists under {self.log.path_of(existing)} (version {existing}); "
                 "use ExpertStore.open"
             )
-        bad = [live[i] for i in range(len(live)) if int(table[i, 0]) != 0]
+        bad = [r for r, a in zip(live, rows) if a.status != Status.READY]
         if bad:
-            raise ManifestError(f"rank {rank}: ranks {bad} found an existing store at their root; nothing created")
-        differ = [live[i] for i in range(len(live)) if not torch.equal(table[i, 1:], table[0, 1:])]
+            raise ManifestError(f"rank {self.rank}: ranks {bad} found an existing store at their root; nothing created")
+        differ = [r for r, a in zip(live, rows) if a.inputs != rows[0].inputs]
         if differ:
             raise AgreementError(
-                f"rank {rank}: ranks {differ} were given another spec or placement than rank {live[0]}"
+                f"rank {self.rank}: ranks {differ} were given another spec, placement or ranks_per_node than rank 0"
             )
+        self._comm.begin(call_id(b"create", *(struct.pack("<q", a.nonce) for a in rows)))
         checkpoint.validate(spec, num_layers=placement.num_layers, num_experts=placement.num_experts)
         self._load_own_slots()
-        sums = self._own_checksums()
-        self._checksums = self._gather_checksums(sums, live)
+        checksums = self._gather_checksums(self._own_checksums(), live)
         # Every rank commits the same bytes (a shared root accepts identical commits): the
         # creation time is the leader's.
-        stamp = self.comm.allgather_live(live, torch.tensor([time.time_ns()]), what="create completion")
-        self._commit(version=1, parent=None, reason="create", stats={}, created=int(stamp[0, 0]) / 1e9)
+        m = self._manifest_for(
+            version=1, parent=None, reason="create", created=rows[0].clock_ns / 1e9, placement=placement,
+            alive=torch.ones(self.world_size, dtype=torch.bool), checksums=checksums, stats={},
+        )  # fmt: skip
+        self.log.commit(m)
+        self._adopt(m)
         return self
 
     @classmethod
-    def _from_manifest(
-        cls, root, *, checkpoint, rank, world_size, device, group, timeout_s
-    ) -> tuple[ExpertStore, Manifest]:
+    def _from_manifest(cls, root, *, checkpoint, rank, world_size, device, group, timeout_s):
+        if not isinstance(root, (str, os.PathLike)):
+            raise StoreError(f"root must be a path, got {type(root).__name__} {root!r}")
         log = ManifestLog(Path(root))
-        m = log.read()  # latest; ManifestError naming the file if missing or corrupt
+        m = log.read_current()  # checked against its parent; ManifestError naming the file
         if checkpoint is None:
             ck = m.checkpoint
             checkpoint = Checkpoint(ck["path"], names=ck["names"], layers=ck.get("layers"))
         elif not isinstance(checkpoint, Checkpoint):
             raise StoreError(f"checkpoint must be an es.Checkpoint or None, got {type(checkpoint).__name__}")
         else:
-            mine = checkpoint.to_dict()
-            if mine["names"] != m.checkpoint["names"] or mine["layers"] != m.checkpoint.get("layers"):
+            given = checkpoint.to_dict()
+            if given["names"] != m.checkpoint["names"] or given["layers"] != m.checkpoint.get("layers"):
                 raise StoreError(
-                    f"rank {rank}: checkpoint name mapping/layers differ from those recorded in "
-                    f"{log.path_of(m.version)}"
+                    f"checkpoint name mapping/layers differ from those recorded in {log.path_of(m.version)}"
                 )
-        if world_size != m.num_ranks:
-            raise StoreError(
-                f"rank {rank}: {log.path_of(m.version)} is for {m.num_ranks} ranks, world_size is {world_size}"
-            )
         self = cls._new(
             root,
             spec=m.spec,
@@ -243,10 +273,8 @@ class ExpertStore:
             ranks_per_node=m.ranks_per_node,
             timeout_s=timeout_s,
         )
-        self._version = m.version
-        self._alive = m.alive.clone()
-        self._checksums = m.checksums.clone()
-        return self, m
+        self._adopt(m)
+        return self
 
     @classmethod
     def open(
@@ -254,17 +282,17 @@ class ExpertStore:
         root,
         *,
         checkpoint: Checkpoint | None = None,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
         device="cpu",
         group=None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> ExpertStore:
         """Reopen the current version and reload this rank's slots (checked against the manifest).
 
-        Not collective: each rank reopens on its own. ``checkpoint=None`` uses
-        the checkpoint recorded in the manifest."""
-        self, m = cls._from_manifest(
+        Not collective: each rank reopens on its own. ``checkpoint=None`` uses the checkpoint
+        recorded in the manifest. The way back after a failed call: see the README."""
+        self = cls._from_manifest(
             root,
             checkpoint=checkpoint,
             rank=rank,
@@ -273,14 +301,15 @@ class ExpertStore:
             group=group,
             timeout_s=timeout_s,
         )
-        if not bool(m.alive[rank]):
+        m = self._manifest
+        if not bool(m.alive[self.rank]):
             raise StoreError(
-                f"rank {rank} holds no slots in version {m.version} of {self.root} (it was dead); "
+                f"rank {self.rank} holds no slots in version {m.version} of {self.root} (it was dead); "
                 "use ExpertStore.join and a rebalance with fresh=(rank,)"
             )
         self.checkpoint.validate(self.spec, num_layers=m.num_layers, num_experts=m.num_experts)
         self._load_own_slots()
-        self.verify()
+        self._verify_slots(None)
         return self
 
     @classmethod
@@ -289,15 +318,15 @@ class ExpertStore:
         root,
         *,
         checkpoint: Checkpoint | None = None,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
         device="cpu",
         group=None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> ExpertStore:
         """A restarted rank: an empty store at the current version; fill it with
         ``rebalance(..., fresh=(rank,))`` called by every live rank."""
-        self, _ = cls._from_manifest(
+        self = cls._from_manifest(
             root,
             checkpoint=checkpoint,
             rank=rank,
@@ -309,10 +338,56 @@ class ExpertStore:
         self._empty = True
         return self
 
+    # ---------------------------------------------------------- one call at a time
+    @contextmanager
+    def _call(self, what: str, *, usable: bool = True) -> Iterator[None]:
+        """Guard of every public call: one thread at a time, never on a closed store, and (unless
+        the call shares the refusal with its peers itself) never on an unusable one."""
+        if not self._lock.acquire(blocking=False):
+            raise StoreError(
+                f"rank {self.rank}: {what} called while {self._running} is running on this store; "
+                "a store is used by one thread at a time"
+            )
+        self._running = what
+        try:
+            if self._closed:
+                raise StoreError(f"rank {self.rank}: the store under {self.root} is closed")
+            if usable:
+                self._check_usable()
+            yield
+        finally:
+            self._running = None
+            self._lock.release()
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise StoreError(f"rank {self.rank}: store is unusable ({self._broken}); reopen it with ExpertStore.open")
+
+    def close(self) -> None:
+        """Release the checkpoint's files and maps, the staging, the slabs and the waiter threads.
+
+        The store refuses every call afterwards (views handed out earlier keep their memory).
+        Closing twice is allowed."""
+        with self._call("close", usable=False):
+            if self._closed:
+                return
+            self._closed = True
+            self.checkpoint.close()
+            self._comm.close()
+            self._staging = None
+            self.slabs = None
+
+    def __enter__(self) -> ExpertStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # ----------------------------------------------------------------- access
     @property
     def version(self) -> int:
-        return self._version
+        """The current (committed) version; 0 only inside create."""
+        return 0 if self._manifest is None else self._manifest.version
 
     @property
     def placement(self) -> Placement:
@@ -321,25 +396,36 @@ class ExpertStore:
     @property
     def alive(self) -> torch.Tensor:
         """bool [R]: ranks whose slots are filled in the current version."""
-        return self._alive.clone()
+        return self._manifest.alive.clone()
 
     @property
     def checksums(self) -> torch.Tensor:
         """int64 [L, E]: the manifest's checksum of each (layer, logical expert)."""
-        return self._checksums.clone()
+        return self._manifest.checksums.clone()
+
+    @property
+    def keep_versions(self) -> int | None:
+        """After each rebalance commit keep only this many newest versions (None: all)."""
+        return self._keep_versions
+
+    @keep_versions.setter
+    def keep_versions(self, value: int | None) -> None:
+        self._keep_versions = check_keep_versions(value)
 
     def weights(self, name: str, layer: int) -> torch.Tensor:
         """``[S, *shape]`` zero-copy view of tensor ``name`` in ``layer``; its address never changes."""
-        return self.slabs.weights(name, layer)
+        with self._call("weights"):
+            return self.slabs.weights(name, layer)
 
     def local_experts(self) -> torch.Tensor:
         """int64 [L, S]: logical expert in each of this rank's slots (current version)."""
-        return self._placement.rank_experts(self.rank)
+        with self._call("local_experts"):
+            return self._placement.rank_experts(self.rank)
 
     # ---------------------------------------------------------------- loading
     def _load_own_slots(self) -> None:
         """Read each distinct expert of this rank once from the checkpoint, then copy duplicates."""
-        experts = self.local_experts()
+        experts = self._placement.rank_experts(self.rank)
         targets = []
         dup_l, dup_src, dup_dst = [], [], []
         for layer in range(self.layout.num_layers):
@@ -367,16 +453,13 @@ class ExpertStore:
     def _gather_checksums(self, own: torch.Tensor, live: list[int]) -> torch.Tensor:
         """Combine every rank's slot checksums into the [L, E] table (holders must agree)."""
         L, E = self._placement.num_layers, self._placement.num_experts
-        experts = self.local_experts()
-        table = torch.zeros(L, E, dtype=torch.int64)
-        held = torch.zeros(L, E, dtype=torch.int64)
-        table.scatter_(1, experts, own)
-        held.scatter_(1, experts, torch.ones_like(own))
-        # Duplicates of one expert on this rank must agree too.
-        again = torch.zeros(L, E, dtype=torch.int64).scatter_(1, experts, own)
-        if not torch.equal(torch.gather(again, 1, experts), own):
+        experts = self._placement.rank_experts(self.rank)
+        table = torch.zeros(L, E, dtype=torch.int64).scatter_(1, experts, own)
+        held = torch.zeros(L, E, dtype=torch.int64).scatter_(1, experts, torch.ones_like(own))
+        if not torch.equal(torch.gather(table, 1, experts), own):  # duplicates on this rank agree too
             raise IntegrityError(f"rank {self.rank}: two slots of one expert hold different bytes after loading")
-        rows = self.comm.allgather_live(live, torch.cat([table.view(-1), held.view(-1)]), what="checksum table")
+        row = torch.cat([table.view(-1), held.view(-1)])
+        rows = self._comm.gather(live, row, kind=Kind.CHECKSUMS, what="checksum table")
         sums = rows[:, : L * E].view(-1, L, E)
         have = rows[:, L * E :].view(-1, L, E).bool()
         out = torch.zeros(L, E, dtype=torch.int64)
@@ -395,11 +478,7 @@ class ExpertStore:
             raise IntegrityError(f"no rank holds layer {layer} expert {e} after create")
         return out
 
-    # ------------------------------------------------------------------ verify
-    def _check_usable(self) -> None:
-        if self._broken is not None:
-            raise StoreError(f"rank {self.rank}: store is unusable ({self._broken}); reopen it with ExpertStore.open")
-
+    # ----------------------------------------------------------------- staging
     def reserve_staging(self, nbytes: int | None = None) -> int:
         """Allocate the rebalance staging now and keep it (default :data:`DEFAULT_STAGING_BYTES`).
 
@@ -410,17 +489,16 @@ class ExpertStore:
         Raises:
             StoreError: naming the rank and device, if the memory cannot be allocated.
         """
-        nbytes = DEFAULT_STAGING_BYTES if nbytes is None else nbytes
-        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
-            raise StoreError(f"rank {self.rank}: reserve_staging needs a positive int of bytes, got {nbytes!r}")
-        self._staging = None  # the old reservation goes first
-        try:
-            self._staging = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        except RuntimeError as e:
-            raise StoreError(
-                f"rank {self.rank}: cannot reserve {nbytes} bytes of staging on {self.device}: {e}"
-            ) from None
-        return nbytes
+        with self._call("reserve_staging"):
+            nbytes = DEFAULT_STAGING_BYTES if nbytes is None else check_bytes(nbytes, "nbytes")
+            self._staging = None  # the old reservation goes first
+            try:
+                self._staging = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            except RuntimeError as e:
+                raise StoreError(
+                    f"rank {self.rank}: cannot reserve {nbytes} bytes of staging on {self.device}: {e}"
+                ) from None
+            return nbytes
 
     @property
     def staging_reserved(self) -> int:
@@ -433,6 +511,7 @@ class ExpertStore:
             return None
         return self._staging[:staging_bytes]
 
+    # ------------------------------------------------------------------ verify
     def verify(self, *, slots: Iterable[tuple[int, int]] | None = None) -> int:
         """Recompute slot checksums (Triton kernel) and compare them with the manifest.
 
@@ -440,30 +519,32 @@ class ExpertStore:
             slots: (layer, local slot) pairs to check; default all of this rank's slots.
         Returns the number of slots checked. Raises IntegrityError naming layer,
         slot and expert at the first mismatch."""
-        self._check_usable()
+        with self._call("verify"):
+            return self._verify_slots(slots)
+
+    def _verify_slots(self, slots) -> int:
         if self._empty:
             raise StoreError(f"rank {self.rank}: store was joined and holds nothing yet; rebalance with fresh=(rank,)")
-        if not bool(self._alive[self.rank]):
-            raise StoreError(f"rank {self.rank} holds no slots in version {self._version}")
-        experts = self.local_experts()
-        S = self.layout.slots
+        if not bool(self._manifest.alive[self.rank]):
+            raise StoreError(f"rank {self.rank} holds no slots in version {self.version}")
+        L, S = self.layout.num_layers, self.layout.slots
         if slots is None:
-            pairs = [(layer, s) for layer in range(self.layout.num_layers) for s in range(S)]
+            pairs = [(layer, s) for layer in range(L) for s in range(S)]
         else:
-            pairs = [(int(a), int(b)) for a, b in slots]
+            pairs = _slot_pairs(slots, L, S)
         if not pairs:
             return 0
+        experts = self._placement.rank_experts(self.rank)
         layers = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
         sl = torch.tensor([p[1] for p in pairs], dtype=torch.int64)
         got = resident_checksums(self.slabs.storage, self.layout, layers, sl).cpu()
-        want = self._checksums[layers, experts[layers, sl]]
+        want = self._manifest.checksums[layers, experts[layers, sl]]
         bad = (got != want).nonzero()
         if bad.numel():
-            i = int(bad[0, 0])
-            layer, s = pairs[i]
+            layer, s = pairs[int(bad[0, 0])]
             raise IntegrityError(
                 f"rank {self.rank}: layer {layer} slot {s} (physical {self.rank * S + s}) should hold expert "
-                f"{int(experts[layer, s])} of version {self._version} but its checksum differs "
+                f"{int(experts[layer, s])} of version {self.version} but its checksum differs "
                 f"({int(bad.shape[0])} of {len(pairs)} slots differ)"
             )
         return len(pairs)
@@ -472,234 +553,262 @@ class ExpertStore:
     def rebalance(
         self,
         new_placement: Placement,
+        *,
         alive: Sequence[bool] | torch.Tensor | None = None,
         fresh: Iterable[int] = (),
         staging_bytes: int | None = None,
-        verify: bool = False,
-        *,
+        verify: bool = True,
         round_bytes: int | None = None,
     ) -> RebalanceReport:
         """Move to ``new_placement``; collective over the live ranks (``alive[r]`` true).
 
-        Dead ranks must not call it; they are never contacted. ``fresh`` lists
-        live ranks whose memory is empty (joined). Staging memory on this rank
-        never exceeds ``staging_bytes`` (default :data:`DEFAULT_STAGING_BYTES`);
-        each round moves at most ``min(round_bytes, staging_bytes // 2)`` bytes of
-        records per rank (default :data:`DEFAULT_ROUND_BYTES`), ``staging_bytes // 4``
-        when a large rebalance is planned in layer chunks (README, "Chunks")."""
-        t_start = time.perf_counter()
-        # Work the caller queued before this call (on its current stream) comes first: rounds and
-        # late reads go on that stream; early checkpoint reads, from a thread, wait for this event.
-        entry = torch.cuda.Event() if self.device.type == "cuda" else None
-        if entry is not None:
-            entry.record()
-        phases: dict[str, float] = {}
+        Dead ranks must not call it; they are never contacted. ``fresh`` lists live ranks
+        whose memory is empty (joined). Staging memory on this rank never exceeds
+        ``staging_bytes`` (default :data:`DEFAULT_STAGING_BYTES`); each round moves at most
+        ``min(round_bytes, staging_bytes // 2)`` bytes of records per rank (default
+        :data:`DEFAULT_ROUND_BYTES`), ``staging_bytes // 4`` when a large rebalance is
+        planned in layer chunks. ``verify`` (default True): every slot written is checked
+        against the manifest's checksum before anything is committed.
+
+        Every failure raises a StoreError on every live rank; what was committed and how
+        to go on is in the README ("When something fails")."""
+        with self._call("rebalance", usable=False):  # an unusable store's refusal goes to its peers
+            t_start = time.perf_counter()
+            # Work queued on the caller's stream comes first: rounds and late reads go on that
+            # stream; early checkpoint reads, from a thread, wait for this event.
+            entry = torch.cuda.Event() if self.device.type == "cuda" else None
+            if entry is not None:
+                entry.record()
+            phases: dict[str, float] = {}
+            call, problem = self._validate(new_placement, alive, fresh, staging_bytes, round_bytes, verify)
+            t0 = time.perf_counter()
+            run = self._plan(call, entry) if problem is None else None
+            phases["plan"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            rows, run = self._agree(call, problem, run, entry)
+            phases["agree"] = time.perf_counter() - t0
+            report = self._run_and_commit(call, run, created=rows[0].clock_ns / 1e9, phases=phases)
+            report.seconds = time.perf_counter() - t_start
+            return report
+
+    def _validate(self, new_placement, alive, fresh, staging_bytes, round_bytes, verify):
+        """(call, None), or (a call good enough to tell the peers, the StoreError to raise after)."""
         R = self.world_size
-        # -- local validation; errors are shared through the agreement so all ranks fail together
-        problem: StoreError | None = None
+        alive_t = (True,) * R
         try:
-            alive_t, fresh_t, staging_bytes, round_bytes = self._check_rebalance_args(
-                new_placement, alive, fresh, staging_bytes, round_bytes
+            self._check_usable()
+            alive_t = _mask(alive, R)
+            fresh_t = _ranks(fresh, R)
+            staging_bytes = DEFAULT_STAGING_BYTES if staging_bytes is None else staging_bytes
+            round_bytes = DEFAULT_ROUND_BYTES if round_bytes is None else round_bytes
+            call = _Call(
+                new_placement, alive_t, fresh_t,
+                check_bytes(staging_bytes, "staging_bytes"), check_bytes(round_bytes, "round_bytes"),
+                check_bool(verify, "verify"), [r for r in range(R) if alive_t[r]],
+            )  # fmt: skip
+            self._check_call(call)
+            return call, None
+        except StoreError as e:
+            live = sorted({r for r in range(R) if alive_t[r]} | {self.rank})
+            return _Call(new_placement, alive_t, (), 0, 0, False, live), e
+
+    def _check_call(self, call: _Call) -> None:
+        if not isinstance(call.new, Placement):
+            raise PlacementError(f"new_placement must be an es.Placement, got {type(call.new).__name__}")
+        if not call.alive[self.rank]:
+            raise StoreError(f"rank {self.rank} is marked dead in `alive` but called rebalance")
+        if self._empty and self.rank not in call.fresh:
+            raise StoreError(f"rank {self.rank} was joined (holds nothing) but is not listed in fresh")
+        mine, new = self._placement, call.new
+        dims = (new.num_layers, new.num_experts, new.num_ranks, new.slots_per_rank)
+        if dims != (mine.num_layers, mine.num_experts, mine.num_ranks, mine.slots_per_rank):
+            raise PlacementError(
+                f"new placement (L, E, R, S) = {dims} differs from the store's "
+                f"{(mine.num_layers, mine.num_experts, self.world_size, mine.slots_per_rank)}"
+            )
+        for r in call.fresh:
+            if not call.alive[r]:
+                raise StoreError(f"fresh rank {r} is not a live rank")
+        new.check_servable(torch.tensor(call.alive))
+
+    def _plan(self, call: _Call, entry) -> RebalanceRun | StoreError:
+        """Plan the first chunk and take the staging, before the agreement message goes out: a
+        rank that cannot (out of device memory, say) refuses, so every rank stops before anything
+        moves. Returns the StoreError instead of raising it (it is shared through the agreement)."""
+        chunks = plan_chunks(
+            self._placement,
+            call.new,
+            expert_bytes=self.spec.nbytes,
+            record_bytes=self.spec.record_bytes,
+            staging_bytes=call.staging_bytes,
+            round_bytes=call.round_bytes,
+            old_alive=self._manifest.alive,
+            alive=call.alive,
+            fresh=call.fresh,
+            ranks_per_node=self.ranks_per_node,
+        )
+        try:
+            return RebalanceRun(
+                chunks,
+                rank=self.rank,
+                slabs=self.slabs,
+                comm=self._comm,
+                checkpoint=self.checkpoint,
+                staging_bytes=call.staging_bytes,
+                arena=self._arena(call.staging_bytes),
+                entry=entry,
             )
         except StoreError as e:
-            problem = e
-            alive_t = _mask_or_all(alive, R)
-            fresh_t = []
-        live = [r for r in range(R) if alive_t[r]]
-        if self.rank not in live:
-            live = sorted([*live, self.rank])
-        # -- plan, and take the staging, before the agreement message goes out: a rank that cannot
-        #    (out of device memory, say) refuses, so every rank stops before anything moves. The plan
-        #    only depends on inputs being agreed; it is dropped if they differ, or recomputed if this
-        #    rank's state is replaced (a fresh rank whose root is behind).
-        plan_or_error: ChunkedRun | StoreError | None = None
-        if problem is None:
-            t1 = time.perf_counter()
-            plan_or_error = self._prepare_rounds(new_placement, alive_t, fresh_t, staging_bytes, round_bytes)
-            phases["plan"] = time.perf_counter() - t1
+            return e
+
+    def _state(self) -> tuple[int, int, int, int]:
+        m = self._manifest
+        return digest_words(struct.pack("<q", m.version), self._placement.digest(), bytes(m.alive.tolist()))
+
+    def _gather_agreements(self, live: list[int], mine: Agreement, *, what: str) -> list[Agreement]:
+        table = self._comm.gather(live, mine.encode(), kind=Kind.AGREEMENT, what=what)
+        try:
+            return [Agreement.decode(row) for row in table]
+        except ValueError as e:
+            raise AgreementError(f"rank {self.rank}: {what}: {e}") from None
+
+    def _agree(self, call: _Call, problem, run, entry) -> tuple[list[Agreement], RebalanceRun]:
+        """Every live rank on the same inputs, every non-fresh live rank on the same state; a fresh
+        rank whose root is behind receives the current manifest. Raises on every rank alike.
+
+        ``problem``: this rank's bad arguments; ``run``: its plan, or the StoreError that stopped it."""
         if problem is not None:
-            status = _REFUSED
-        elif isinstance(plan_or_error, StoreError) and self.rank not in fresh_t:
-            status = _NOT_PREPARED  # a fresh rank's plan may rest on a stale state: it says nothing yet
+            status = Status.REFUSED
+        elif isinstance(run, StoreError) and self.rank not in call.fresh:
+            status = Status.NOT_PREPARED
         else:
-            status = 0
-        # -- agreement: every live rank on the same (new placement, alive, fresh, staging, verify);
-        #    every non-fresh live rank on the same current state (version, placement, alive mask)
-        t0 = time.perf_counter()
-        common = _digest_words(
-            new_placement.digest() if isinstance(new_placement, Placement) else b"?",
-            bytes(alive_t),
-            struct.pack(f"<{len(fresh_t)}q", *fresh_t),
-            struct.pack("<q", staging_bytes if isinstance(staging_bytes, int) else -1),
-            struct.pack("<q", round_bytes if isinstance(round_bytes, int) else -1),
-            struct.pack("<?", bool(verify)),
-        )
-        state = _digest_words(struct.pack("<q", self._version), self._placement.digest(), bytes(self._alive.tolist()))
-        row = torch.tensor([status, *common, *state, self._version, time.time_ns()], dtype=torch.int64)
-        gather = self.comm.start_allgather_live(live, row, what="rebalance agreement")
-        if isinstance(plan_or_error, ChunkedRun):
-            plan_or_error.prepack()  # round 0 into staging (no slot written, nothing sent) while messages travel
-        table = gather.result()
-        phases["agree"] = time.perf_counter() - t0
+            status = Status.READY  # a fresh rank's plan may rest on a stale state: it says nothing yet
+        inputs = call.inputs() if problem is None else (0, 0, 0, 0)
+        mine = Agreement(status, inputs, self._state(), self.version, time.time_ns(), new_nonce())
+        self._comm.begin(call_id(b"rebalance"))
+        live = call.live
+        gather = self._comm.start_gather(live, mine.encode(), kind=Kind.AGREEMENT, what="rebalance agreement")
+        if isinstance(run, RebalanceRun):
+            run.prepack()  # round 0 into staging (no slot written, nothing sent) while messages travel
+        try:
+            rows = [Agreement.decode(row) for row in gather.result()]
+        except ValueError as e:
+            raise AgreementError(f"rank {self.rank}: rebalance agreement: {e}") from None
+        self._comm.begin(call_id(b"rebalance", *(struct.pack("<q", a.nonce) for a in rows)))
         if problem is not None:
             raise problem
-        if status == _NOT_PREPARED:
-            raise plan_or_error
-        refused = {live[i]: int(table[i, 0]) for i in range(len(live)) if int(table[i, 0]) != 0}
+        if status == Status.NOT_PREPARED:
+            raise run
+        refused = {r: a.status for r, a in zip(live, rows) if a.status != Status.READY}
         if refused:
-            why = {_REFUSED: "bad arguments", _NOT_PREPARED: "no plan or no staging memory for it"}
+            why = {Status.REFUSED: "bad arguments", Status.NOT_PREPARED: "no plan or no staging memory for it"}
             raise StoreError(
                 f"rank {self.rank}: rebalance refused before anything moved by "
-                + ", ".join(f"rank {r} ({why.get(c, f'status {c}')})" for r, c in sorted(refused.items()))
+                + ", ".join(f"rank {r} ({why.get(s, s.name)})" for r, s in sorted(refused.items()))
             )
-        differ = [live[i] for i in range(len(live)) if not torch.equal(table[i, 1:5], table[0, 1:5])]
+        differ = [r for r, a in zip(live, rows) if a.inputs != rows[0].inputs]
         if differ:
             raise AgreementError(
                 f"rank {self.rank}: ranks {differ} disagree with rank {live[0]} on (new placement, alive, fresh, "
-                f"staging_bytes, round_bytes, verify); nothing moved, version stays {self._version}"
+                f"staging_bytes, round_bytes, verify); nothing moved, version stays {self.version}"
             )
-        holders = [i for i, r in enumerate(live) if r not in fresh_t]
+        holders = [i for i, r in enumerate(live) if r not in call.fresh]
         if not holders:
             raise StoreError(f"rank {self.rank}: every live rank is fresh; reopen the store with ExpertStore.open")
-        ref = holders[0]
-        stale = [live[i] for i in holders if not torch.equal(table[i, 5:10], table[ref, 5:10])]
+        ref = rows[holders[0]]
+        stale = [live[i] for i in holders if rows[i].state != ref.state]
         if stale:
             raise AgreementError(
-                f"rank {self.rank}: ranks {stale} hold another version or placement than rank {live[ref]} "
-                f"(versions {[int(table[i, 9]) for i in holders]}); nothing moved"
+                f"rank {self.rank}: ranks {stale} hold another version or placement than rank {live[holders[0]]} "
+                f"(versions {[rows[i].version for i in holders]}); nothing moved"
             )
-        behind = [
-            live[i] for i, r in enumerate(live) if r in fresh_t and not torch.equal(table[i, 5:10], table[ref, 5:10])
-        ]
+        behind = [r for r, a in zip(live, rows) if r in call.fresh and a.state != ref.state]
         if behind:
-            self._sync_fresh(live[ref], behind)
+            self._sync_fresh(live[holders[0]], behind)
             if self.rank in behind:  # the speculative plan used the stale state
-                t1 = time.perf_counter()
-                plan_or_error = self._prepare_rounds(new_placement, alive_t, fresh_t, staging_bytes, round_bytes)
-                if isinstance(plan_or_error, ChunkedRun):
-                    plan_or_error.prepack()
-                phases["plan"] = time.perf_counter() - t1
-        if isinstance(plan_or_error, StoreError):
-            raise plan_or_error  # deterministic: every live rank raises the same, before anything moves
-        created = int(table[0, 10]) / 1e9  # the leader's clock: every rank commits identical bytes
-        execution = plan_or_error
-        stats = ExecutionStats()
-        new_version = self._version + 1
+                run = self._plan(call, entry)
+                if isinstance(run, RebalanceRun):
+                    run.prepack()
+        if isinstance(run, StoreError):
+            raise run  # deterministic: every live rank raises the same, before anything moves
+        return rows, run
+
+    def _sync_fresh(self, ref: int, behind: list[int]) -> None:
+        """Fresh ranks whose manifest is older than the live ranks' (a rejoining rank with its own
+        root) receive the current manifest from rank ``ref`` and adopt it before anything moves."""
+        what = "current manifest for a fresh rank"
+        if self.rank == ref:
+            data = self.log.path_of(self.version).read_bytes()
+            for r in behind:
+                self._comm.send_blob(r, data, what=what)
+            return
+        if self.rank not in behind:
+            return
+        data = self._comm.recv_blob(ref, what=what)
+        m = decode_manifest(data, source=f"current manifest received from rank {ref}")
+        mine = self._manifest
+        if m.spec != self.spec or (m.num_layers, m.num_experts, m.num_ranks, m.slots_per_rank) != (
+            mine.num_layers,
+            mine.num_experts,
+            mine.num_ranks,
+            mine.slots_per_rank,
+        ):
+            raise ManifestError(f"rank {self.rank}: the manifest from rank {ref} describes another store")
+        if (self.log.latest() or 0) < m.version:
+            self.log.commit(m, adopt=True)
+        self._adopt(m)
+
+    def _run_and_commit(self, call: _Call, run: RebalanceRun, *, created: float, phases) -> RebalanceReport:
+        """Move the bytes, verify what arrived, agree on the outcome, commit version + 1."""
+        old = self._manifest
+        new_version = old.version + 1
         prepared: list[PreparedManifest] = []
-        prepare_error: list[str] = []
+        manifest_error: list[str] = []
 
         def write_manifest() -> None:
             """The new manifest is fully known: write and fsync it while the last round is in flight.
-
-            A failure here is shared through the completion messages, so no rank commits."""
-            plan = execution.plan
-            totals = {
-                key: sum(getattr(a, key) for a in plan.accounts.values())
-                for key in ("bytes_p2p", "bytes_local", "bytes_disk")
-            }
-            manifest = self._manifest(
-                version=new_version,
-                parent=self._version,
-                reason="rebalance",
-                created=created,
-                placement=new_placement,
-                alive=torch.tensor(alive_t, dtype=torch.bool),
-                stats={
-                    **totals,
-                    "moves": len(plan.moves),
-                    "disk_reads": len(plan.disk_reads),
-                    "post_copies": len(plan.post_copies),
-                    "rounds": execution.rounds,
-                    "staging_bytes": staging_bytes,
-                    "round_bytes": round_bytes,
-                    "live_ranks": len(live),
-                    "fresh_ranks": len(fresh_t),
-                },
-            )
+            A failure here travels with the completion messages, so no rank commits."""
             try:
-                prepared.append(self.log.prepare(manifest))
+                prepared.append(self.log.prepare(self._next_manifest(call, run, created, new_version)))
             except StoreError as e:
-                prepare_error.append(str(e))
+                manifest_error.append(str(e))
 
-        # -- execute: from here on, bytes move
-        disk = dict(slabs=self.slabs, checkpoint=self.checkpoint, staging_bytes=staging_bytes // 4)
-        reader: BackgroundCall | None = None
-        late: list = []
-
-        def start_disk_reads(plan: RebalancePlan) -> None:
-            """Checkpoint reads of a chunk into slots no move reads start at once, one chunk after
-            the other in a background thread; the others wait for the rounds (they free the slot)."""
-            nonlocal reader
-            my_disk = [d for d in plan.disk_reads if d.rank == self.rank]
-            read_first = {(m.layer, m.src_slot) for m in plan.moves if m.src_rank == self.rank}
-            early = [d for d in my_disk if (d.layer, d.slot) not in read_first]
-            late.extend(d for d in my_disk if (d.layer, d.slot) in read_first)
-            if early:
-                reader = BackgroundCall(_read_after, reader, early, entry, name="expert-store-disk", **disk)
+        def fail(why: str) -> None:
+            self._broken = f"rebalance to version {new_version} {why}"
+            for p in prepared:
+                p.discard()
 
         try:
-            t0 = time.perf_counter()
-            plan = execution.run(stats, on_plan=start_disk_reads, while_in_flight=write_manifest)
-            phases["exchange"] = time.perf_counter() - t0
-            phases.update(stats.seconds)  # host_pack / host_wait / host_unpack: host time inside the exchange
-            t0 = time.perf_counter()
-            if reader is not None:
-                reader.result()
-            run_disk_reads(late, **disk)  # slots whose old content the moves needed: only now free
-            phases["disk_wait"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            my_post = [c for c in plan.post_copies if c.rank == self.rank]
-            used = run_post_copies(
-                my_post, slabs=self.slabs, budget=staging_bytes // 2, scratch=self._arena(staging_bytes)
-            )
-            stats.staging_peak = max(stats.staging_peak, used)
-            if self.device.type == "cuda":
-                self.comm.sync_device(self.device, what="post copies")
-            phases["local_copy"] = time.perf_counter() - t0
+            plan = run.run(phases, while_in_flight=write_manifest)
         except BaseException as e:
-            self._broken = f"rebalance to version {self._version + 1} failed while moving bytes: {e}"
-            if reader is not None:
-                reader.wait()  # no thread writes slots once the call has returned
-            _discard(prepared)
+            fail(f"failed while moving bytes: {e}")
             raise
-        acct = plan.accounts[self.rank]
-        # -- bytes are in place on this rank; adopt the new placement, then check
-        self._placement = new_placement
         self._empty = False
-        old_alive = self._alive
-        self._alive = torch.tensor(alive_t, dtype=torch.bool)
-        # completion status: 1 done; _VERIFY_FAILED or _MANIFEST_FAILED stop every rank's commit
-        status = _MANIFEST_FAILED if prepare_error else 1
-        problem_text = prepare_error[0] if prepare_error else ""
-        if verify and status == 1:
+        outcome, problem_text = Outcome.DONE, ""
+        if manifest_error:
+            outcome, problem_text = Outcome.MANIFEST_FAILED, manifest_error[0]
+        elif call.verify:
             t0 = time.perf_counter()
-            changed = sorted((layer, s) for (r, layer, s) in plan.changed if r == self.rank)
             try:
-                self.verify(slots=changed)
+                run.verify(old.checksums, call.new.rank_experts(self.rank), new_version)
             except IntegrityError as e:
-                status = _VERIFY_FAILED
-                problem_text = str(e)
+                outcome, problem_text = Outcome.VERIFY_FAILED, str(e)
             phases["verify"] = time.perf_counter() - t0
-        # -- commit once every live rank has finished
         t0 = time.perf_counter()
         try:
-            done = self.comm.allgather_live(
-                live, torch.tensor([status], dtype=torch.int64), what="rebalance completion"
-            )
-        except StoreError as e:
-            self._broken = f"rebalance to version {self._version + 1} did not complete on every rank: {e}"
-            _discard(prepared)
-            raise
-        codes = [int(done[i, 0]) for i in range(len(live))]
-        if any(c != 1 for c in codes):
-            bad_verify = [r for r, c in zip(live, codes) if c == _VERIFY_FAILED]
-            bad_write = [r for r, c in zip(live, codes) if c not in (1, _VERIFY_FAILED)]
+            table = self._comm.gather(call.live, Completion(outcome).encode(), kind=Kind.COMPLETION,
+                                      what="rebalance completion")  # fmt: skip
+            outcomes = [Completion.decode(row).outcome for row in table]
+        except (StoreError, ValueError) as e:
+            fail(f"did not complete on every rank: {e}")
+            raise e if isinstance(e, StoreError) else AgreementError(f"rank {self.rank}: {e}") from None
+        if any(o != Outcome.DONE for o in outcomes):
+            bad_verify = [r for r, o in zip(call.live, outcomes) if o == Outcome.VERIFY_FAILED]
+            bad_write = [r for r, o in zip(call.live, outcomes) if o == Outcome.MANIFEST_FAILED]
             reasons = ([f"verification failed on ranks {bad_verify}"] if bad_verify else []) + (
                 [f"the manifest could not be written on ranks {bad_write}"] if bad_write else []
             )
-            self._broken = f"{'; '.join(reasons)} after rebalance to version {self._version + 1}"
-            self._alive = old_alive
-            _discard(prepared)
+            fail(f"not committed: {'; '.join(reasons)}")
             error = IntegrityError if bad_verify else ManifestError
             raise error(
                 f"rank {self.rank}: rebalance not committed: {'; '.join(reasons)}"
@@ -708,132 +817,49 @@ class ExpertStore:
         try:
             prepared[0].publish()
         except BaseException:
-            self._broken = f"commit of version {new_version} under {self.root} failed"
-            _discard(prepared)
+            fail(f"commit under {self.root} failed")
             raise
-        self._version = new_version
-        if self.keep_versions is not None:
-            self.log.prune(keep=self.keep_versions)
+        self._adopt(prepared[0].manifest)
+        if self._keep_versions is not None:
+            self.log.prune(keep=self._keep_versions)
         phases["commit"] = time.perf_counter() - t0
+        acct = plan.accounts[self.rank]
         return RebalanceReport(
             version=new_version,
             bytes_p2p=acct.bytes_p2p,
             bytes_local=acct.bytes_local,
             bytes_disk=acct.bytes_disk,
             missing={k: list(v) for k, v in sorted(acct.missing.items())},
-            seconds=time.perf_counter() - t_start,
+            seconds=0.0,
             phase_seconds=phases,
-            staging_peak=stats.staging_peak,
-            rounds=stats.rounds,
-            verified=bool(verify),
-            timeline=stats.timeline,
+            staging_peak=run.stats.staging_peak,
+            rounds=run.stats.rounds,
+            verified=call.verify,
         )
 
-    def _check_rebalance_args(self, new_placement, alive, fresh, staging_bytes, round_bytes):
-        """Validate rebalance's arguments on this rank; returns (alive, fresh, staging_bytes, round_bytes)."""
-        R = self.world_size
-        self._check_usable()
-        if not isinstance(new_placement, Placement):
-            raise PlacementError(f"new_placement must be an es.Placement, got {type(new_placement).__name__}")
-        alive_t = _mask(alive, R)
-        try:
-            fresh_t = sorted({int(r) for r in fresh})
-        except (TypeError, ValueError):
-            raise StoreError(f"fresh must be an iterable of rank numbers, got {fresh!r}") from None
-        if staging_bytes is None:
-            staging_bytes = DEFAULT_STAGING_BYTES
-        if isinstance(staging_bytes, bool) or not isinstance(staging_bytes, int) or staging_bytes <= 0:
-            raise StoreError(f"staging_bytes must be a positive int, got {staging_bytes!r}")
-        if round_bytes is None:
-            round_bytes = DEFAULT_ROUND_BYTES
-        if isinstance(round_bytes, bool) or not isinstance(round_bytes, int) or round_bytes <= 0:
-            raise StoreError(f"round_bytes must be a positive int, got {round_bytes!r}")
-        if not alive_t[self.rank]:
-            raise StoreError(f"rank {self.rank} is marked dead in `alive` but called rebalance")
-        if self._empty and self.rank not in fresh_t:
-            raise StoreError(f"rank {self.rank} was joined (holds nothing) but is not listed in fresh")
-        mine, new = self._placement, new_placement
-        dims = (new.num_layers, new.num_experts, new.num_ranks, new.slots_per_rank)
-        if dims != (mine.num_layers, mine.num_experts, mine.num_ranks, mine.slots_per_rank):
-            raise PlacementError(
-                f"new placement (L, E, R, S) = {dims} differs from the store's "
-                f"{(mine.num_layers, mine.num_experts, R, mine.slots_per_rank)}"
-            )
-        for r in fresh_t:
-            if not 0 <= r < R or not alive_t[r]:
-                raise StoreError(f"fresh rank {r} is not a live rank")
-        new_placement.check_servable(torch.tensor(alive_t))
-        return alive_t, fresh_t, staging_bytes, round_bytes
+    # ------------------------------------------------------------------ manifests
+    def _next_manifest(self, call: _Call, run: RebalanceRun, created: float, version: int) -> Manifest:
+        plan: RebalancePlan = run.plan
+        totals = {
+            k: sum(getattr(a, k) for a in plan.accounts.values()) for k in ("bytes_p2p", "bytes_local", "bytes_disk")
+        }
+        stats = {
+            **totals,
+            "moves": len(plan.moves),
+            "disk_reads": len(plan.disk_reads),
+            "post_copies": len(plan.post_copies),
+            "rounds": run.rounds.rounds,
+            "staging_bytes": call.staging_bytes,
+            "round_bytes": call.round_bytes,
+            "live_ranks": len(call.live),
+            "fresh_ranks": len(call.fresh),
+        }
+        return self._manifest_for(
+            version=version, parent=self.version, reason="rebalance", created=created, placement=call.new,
+            alive=torch.tensor(call.alive, dtype=torch.bool), checksums=self._manifest.checksums, stats=stats,
+        )  # fmt: skip
 
-    def _prepare_rounds(self, new_placement: Placement, alive_t, fresh_t, staging_bytes: int, round_bytes: int):
-        """A ChunkedRun with its first chunk planned and its staging taken, or the StoreError
-        that stopped it (returned, not raised: the store shares it through the agreement).
-
-        Plans are identical on every live rank that has the same inputs."""
-        chunks = plan_chunks(
-            self._placement,
-            new_placement,
-            expert_bytes=self.spec.nbytes,
-            record_bytes=self.spec.record_bytes,
-            staging_bytes=staging_bytes,
-            round_bytes=round_bytes,
-            old_alive=self._alive,
-            alive=alive_t,
-            fresh=fresh_t,
-            ranks_per_node=self.ranks_per_node,
-        )
-        try:
-            return ChunkedRun(
-                chunks,
-                rank=self.rank,
-                slabs=self.slabs,
-                comm=self.comm,
-                staging_bytes=staging_bytes,
-                arena=self._arena(staging_bytes),
-            )
-        except StoreError as e:
-            return e
-
-    def _sync_fresh(self, ref: int, behind: list[int]) -> None:
-        """Fresh ranks whose manifest is older than the live ranks' (a rejoining rank with its own
-        root) receive the current manifest from rank ``ref`` and adopt it before anything moves."""
-        what = "current manifest for a fresh rank"
-        if self.rank == ref:
-            data = self.log.path_of(self._version).read_bytes()
-            for r in behind:
-                self.comm.send_blob(r, data, what=what)
-            return
-        if self.rank not in behind:
-            return
-        data = self.comm.recv_blob(ref, what=what)
-        m = decode_manifest(data, source=f"current manifest received from rank {ref}")
-        if m.spec != self.spec or (m.num_layers, m.num_experts, m.num_ranks, m.slots_per_rank) != (
-            self._placement.num_layers,
-            self._placement.num_experts,
-            self.world_size,
-            self._placement.slots_per_rank,
-        ):
-            raise ManifestError(f"rank {self.rank}: the manifest from rank {ref} describes another store")
-        if (self.log.latest() or 0) < m.version:
-            self.log.commit(m, adopt=True)
-        self._version = m.version
-        self._placement = m.placement()
-        self._alive = m.alive.clone()
-        self._checksums = m.checksums.clone()
-
-    # ------------------------------------------------------------------ commit
-    def _manifest(
-        self,
-        *,
-        version: int,
-        parent: int | None,
-        reason: str,
-        stats: dict,
-        created: float,
-        placement: Placement | None = None,
-        alive: torch.Tensor | None = None,
-    ) -> Manifest:
-        placement = self._placement if placement is None else placement
+    def _manifest_for(self, *, version, parent, reason, created, placement, alive, checksums, stats) -> Manifest:
         return Manifest(
             version=version,
             parent=parent,
@@ -846,61 +872,21 @@ class ExpertStore:
             slots_per_rank=placement.slots_per_rank,
             ranks_per_node=self.ranks_per_node,
             phy2log=placement.phy2log,
-            alive=(self._alive if alive is None else alive).clone(),
+            alive=alive.clone(),
             checkpoint=self.checkpoint.to_dict(),
-            checksums=self._checksums.clone(),
-            stats={k: v for k, v in sorted(stats.items())},
+            checksums=checksums.clone(),
+            stats=dict(sorted(stats.items())),
         )
-
-    def _commit(self, *, version: int, parent: int | None, reason: str, stats: dict, created: float | None = None):
-        m = self._manifest(
-            version=version,
-            parent=parent,
-            reason=reason,
-            stats=stats,
-            created=time.time() if created is None else created,
-        )
-        try:
-            self.log.commit(m)
-        except BaseException:
-            self._broken = f"commit of version {version} under {self.root} failed"
-            raise
-        self._version = version
 
     def __repr__(self) -> str:
         L, S = self.layout.num_layers, self.layout.slots
         return (
-            f"ExpertStore(root={os.fspath(self.root)!r}, rank={self.rank}/{self.world_size}, version={self._version}, "
+            f"ExpertStore(root={os.fspath(self.root)!r}, rank={self.rank}/{self.world_size}, version={self.version}, "
             f"L={L}, S={S}, E={self._placement.num_experts}, device={self.device})"
         )
 
 
 _PRIVATE = object()
-_REFUSED = 1  # agreement status of a rank whose arguments were bad
-_NOT_PREPARED = 2  # agreement status of a rank that could not plan or take the staging
-_VERIFY_FAILED = 2  # completion status of a rank whose changed slots failed their checksums
-_MANIFEST_FAILED = 3  # completion status of a rank that could not write the new manifest
-
-
-def _discard(prepared: list[PreparedManifest]) -> None:
-    """Remove the temporary file of a prepared manifest that will not be published."""
-    for p in prepared:
-        p.discard()
-
-
-def _read_after(previous: BackgroundCall | None, reads, entry: torch.cuda.Event | None, **disk) -> int:
-    """Checkpoint reads after those of ``previous`` (one reader at a time) and, on the GPU, after
-    the caller's work queued before the rebalance (``entry``); returns bytes read.
-
-    This runs in its own thread, whose current stream is not the caller's: without the event,
-    a read could land in a slot before a kernel the caller queued earlier has used it."""
-    done = previous.result() if previous is not None else 0
-    if entry is None:
-        return done + run_disk_reads(reads, **disk)
-    stream = torch.cuda.Stream(disk["slabs"].device)
-    stream.wait_event(entry)
-    with torch.cuda.stream(stream):
-        return done + run_disk_reads(reads, **disk)
 
 
 def _warm_kernels(slabs: ResidentSlabs) -> None:
@@ -916,23 +902,42 @@ def _warm_kernels(slabs: ResidentSlabs) -> None:
     torch.cuda.synchronize(slabs.device)  # before anything else (checkpoint reads) writes slot 0
 
 
-def _mask_or_all(alive, n: int) -> tuple[bool, ...]:
-    """_mask, or every rank alive when ``alive`` itself is malformed (the error is reported elsewhere)."""
-    try:
-        return _mask(alive, n)
-    except StoreError:
-        return (True,) * n
-
-
 def _mask(alive, n: int) -> tuple[bool, ...]:
+    """``alive`` as n bools: None (all), a bool tensor, or a sequence of bools (0 / 1 allowed)."""
     if alive is None:
         return (True,) * n
     if isinstance(alive, torch.Tensor):
+        if alive.dtype != torch.bool or alive.dim() != 1:
+            raise StoreError(f"alive as a tensor must be bool [{n}], got {alive.dtype} {list(alive.shape)}")
         alive = alive.tolist()
-    try:
-        values = tuple(bool(v) for v in alive)
-    except TypeError:
-        raise StoreError(f"alive must be a sequence of {n} bools, got {type(alive).__name__}") from None
-    if len(values) != n:
-        raise StoreError(f"alive must have one entry per rank ({n}), got {len(values)}")
-    return values
+    if isinstance(alive, (str, bytes)) or not isinstance(alive, Sequence):
+        raise StoreError(f"alive must be a sequence of {n} bools, got {type(alive).__name__}")
+    if len(alive) != n:
+        raise StoreError(f"alive must have one entry per rank ({n}), got {len(alive)}")
+    for r, v in enumerate(alive):
+        if not (isinstance(v, bool) or (is_int(v) and int(v) in (0, 1))):
+            raise StoreError(f"alive[{r}] must be True or False, got {type(v).__name__} {v!r}")
+    return tuple(bool(v) for v in alive)
+
+
+def _ranks(fresh, n: int) -> tuple[int, ...]:
+    """``fresh`` as sorted distinct ranks in 0..n-1."""
+    if isinstance(fresh, (str, bytes)) or not isinstance(fresh, Iterable):
+        raise StoreError(f"fresh must be an iterable of rank numbers, got {fresh!r}")
+    return tuple(sorted({check_int(r, "fresh rank", low=0, high=n - 1) for r in fresh}))
+
+
+def _slot_pairs(slots, num_layers: int, num_slots: int) -> list[tuple[int, int]]:
+    if isinstance(slots, (str, bytes)) or not isinstance(slots, Iterable):
+        raise StoreError(f"slots must be an iterable of (layer, local slot) pairs, got {slots!r}")
+    pairs = []
+    for i, pair in enumerate(slots):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise StoreError(f"slots[{i}] must be a (layer, local slot) pair, got {pair!r}")
+        pairs.append(
+            (
+                check_int(pair[0], f"slots[{i}] layer", low=0, high=num_layers - 1),
+                check_int(pair[1], f"slots[{i}] slot", low=0, high=num_slots - 1),
+            )
+        )
+    return pairs

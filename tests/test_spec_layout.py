@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import expert_store as es
-from expert_store.layout import REGION_ALIGN
+from expert_store.layout import REGION_ALIGN, ResidentSlabs, SlabLayout
 from expert_store.spec import RECORD_ALIGN
 
 ALL_DTYPES = [
@@ -82,8 +82,8 @@ def test_resident_views_are_contiguous_zero_copy_and_stable():
     """weights(name, layer) is a contiguous [S, *shape] view into the one allocation, aligned, and
     writing through it changes exactly the bytes the layout says."""
     spec = _spec(("w13", (6, 5), torch.bfloat16), ("scale", (1,), torch.float32), ("w2", (3, 3), torch.float8_e5m2))
-    layout = es.SlabLayout.build(spec, num_layers=3, slots=4)
-    slabs = es.ResidentSlabs(layout, "cpu", fill=0)
+    layout = SlabLayout.build(spec, num_layers=3, slots=4)
+    slabs = ResidentSlabs(layout, "cpu", fill=0)
     base = slabs.storage.data_ptr()
     for layer in range(3):
         for i, t in enumerate(spec.tensors):

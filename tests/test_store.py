@@ -123,9 +123,9 @@ def test_bad_rebalance_input_moves_nothing(tmp_path, ds):
         store.rebalance(p, staging_bytes=0)
     with pytest.raises(es.StoreError, match="round_bytes"):
         store.rebalance(p, round_bytes=-1)
-    with pytest.raises(es.StoreError, match="fresh must be"):
+    with pytest.raises(es.StoreError, match="fresh rank must be an int"):
         store.rebalance(p, fresh=["a"])
-    with pytest.raises(es.StoreError, match="fresh rank 3"):
+    with pytest.raises(es.StoreError, match="fresh rank must be in 0..0, got 3"):
         store.rebalance(p, fresh=(3,))
     with pytest.raises(es.PlacementError, match=r"es\.Placement"):
         store.rebalance(p.phy2log)
@@ -145,23 +145,6 @@ def test_retention_keeps_the_newest_versions(tmp_path, ds):
     again = es.ExpertStore.open(tmp_path / "store", checkpoint=ds.checkpoint())
     assert again.version == 5
     assert_slots_exact(again, ds, what="after pruning")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
-def test_kernels_are_ready_before_the_first_rebalance(tmp_path, ds):
-    """create() compiles the pack, unpack and checksum kernels of the store's layout, so the first
-    rebalance launches cached kernels instead of paying for Triton's compilation; the slots are untouched."""
-    from expert_store.kernels import records
-
-    p = es.Placement.contiguous(num_layers=2, num_experts=8, num_ranks=1, slots_per_rank=8)
-    store = _create(tmp_path, ds, p, device="cuda")
-    plans = [pl for pl in records._PLANS.values() if pl.owner is store.layout]
-    assert {k for pl in plans for k in pl.compiled} >= {
-        (id(records._pack_records_kernel), True),
-        (id(records._unpack_records_kernel), True),
-    }
-    assert_slots_exact(store, ds, what="after create with warm-up")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -229,5 +212,5 @@ def test_reserved_staging_is_used_instead_of_allocating(tmp_path, ds, device, ch
         else:
             assert big, "a budget above the reservation allocates its own staging"
         assert_slots_exact(store, ds, what=f"reserved staging, step {step}")
-    with pytest.raises(es.StoreError, match="positive int"):
+    with pytest.raises(es.StoreError, match="nbytes must be in 1.."):
         store.reserve_staging(0)

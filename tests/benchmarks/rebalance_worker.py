@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 import expert_store as es
+from expert_store.layout import ResidentSlabs
 
 
 def _sync(device):
@@ -74,7 +75,7 @@ def bench_worker(rank, world, info, root, cfg):
 
     # (b) one op per tensor, from and into resident views (what engines do today)
     sends = [store.weights(t.name, layer)[s] for layer in range(L) for s in range(S) for t in spec.tensors]
-    scratch = es.ResidentSlabs(store.layout, device)
+    scratch = ResidentSlabs(store.layout, device)
     recvs = [scratch.weights(t.name, layer)[s] for layer in range(L) for s in range(S) for t in spec.tensors]
 
     def per_tensor():
