@@ -115,7 +115,7 @@ class PostCopy(NamedTuple):
 
 @dataclass
 class RankAccount:
-    """Exact accounting of one rank (DESIGN.md section 3)."""
+    """Exact accounting of one rank: bytes brought from peers, copied locally, read from disk."""
 
     bytes_p2p: int = 0
     bytes_local: int = 0

@@ -47,7 +47,6 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    os.environ.setdefault("EXPERT_STORE_TIMELINE", "1")  # per-round GPU milestones in the JSON
     configs = [tuple(int(v) << 20 for v in c.split(":")) for c in args.configs.split(",")]
     print(f"torch {torch.__version__}; {torch.cuda.device_count()} GPUs: {torch.cuda.get_device_name(0)}", flush=True)
     report = {}

@@ -120,7 +120,6 @@ def bench_worker(rank, world, info, root, cfg):
             "device_extra_peak": extra,
             "rounds": max(rounds),
             "phases_last": rep.phase_seconds,
-            "timeline_last": rep.timeline,
         }
     if cfg.get("profile") and rank == 0:
         import cProfile
