@@ -141,11 +141,8 @@ def _open_log(root: str | os.PathLike) -> ManifestLog:
         raise ManifestError(f"{path}: no such directory")
     if not path.is_dir():
         raise ManifestError(f"{path}: not a directory (give the store's root)")
-    if (
-        not (path / "manifests").is_dir()
-        and path.name == "manifests"
-        and any(_FILE_RE.match(n) for n in os.listdir(path))
-    ):
+    named_manifests = path.name == "manifests" and not (path / "manifests").is_dir()
+    if named_manifests and any(_FILE_RE.match(n) for n in os.listdir(path)):
         path = path.parent
     log = ManifestLog(path)
     if not log.versions():
@@ -283,6 +280,10 @@ def summarize(root: str | os.PathLike, *, version: int | None = None) -> dict[st
 
 def _render_summary(d: dict[str, Any]) -> list[str]:
     rep, spec, ck, last = d["replicas"], d["spec"], d["checkpoint"], d["last_rebalance"]
+    tensors = [
+        [t["name"], "x".join(map(str, t["shape"])), *(t[k] for k in ("dtype", "nbytes", "record_offset"))]
+        for t in spec["tensors"]
+    ]
     out = [
         f"store      {d['root']}",
         f"version    {d['version']} of {d['oldest_version']}..{d['latest_version']} "
@@ -294,14 +295,7 @@ def _render_summary(d: dict[str, Any]) -> list[str]:
         + (f"  (dead: {_ranks_text(d['dead'])})" if d["dead"] else ""),
         f"expert     {spec['nbytes']} B ({_human(spec['nbytes'])}), record {spec['record_bytes']} B, "
         f"word {spec['word_bytes']} B",
-        *_table(
-            ["tensor", "shape", "dtype", "nbytes", "offset"],
-            [
-                [t["name"], "x".join(map(str, t["shape"])), t["dtype"], t["nbytes"], t["record_offset"]]
-                for t in spec["tensors"]
-            ],
-            indent="  ",
-        ),
+        *_table(["tensor", "shape", "dtype", "nbytes", "offset"], tensors, indent="  "),
         f"replicas   min {rep['min']} max {rep['max']} mean {rep['mean']:.2f}; {rep['replicated']} of "
         f"{rep['pairs']} (layer, expert) with >1 replica; {rep['redundant_slots_per_layer']} redundant slots/layer",
         f"live       min {rep['min_live']} live replica(s); {rep['single_live']} (layer, expert) on one live rank only"
@@ -371,7 +365,8 @@ def _checksum_summary(sums: torch.Tensor) -> dict[str, Any]:
 
 
 def show_placement(root: str | os.PathLike, *, version: int | None = None, layer: int | None = None) -> dict[str, Any]:
-    """The placement of one version: per layer and rank, the logical expert in each slot."""
+    """The placement of one version: per layer and rank, the logical expert in each slot
+    (``layer``: only that one, and its checksums one by one in the text)."""
     log = _open_log(root)
     m = _read(log, version)
     if layer is not None and not 0 <= layer < m.num_layers:
@@ -387,13 +382,14 @@ def show_placement(root: str | os.PathLike, *, version: int | None = None, layer
         "root": str(log.root),
         **_header_json(m),
         **_dims_json(m),
+        "layer": layer,
         "layers": out_layers,
         "replicated": [{"layer": lay, "experts": (logcnt[lay] > 1).nonzero().view(-1).tolist()} for lay in layers],
         "checksum_summary": _checksum_summary(m.checksums[layers]),
     }
 
 
-def _render_show(d: dict[str, Any], *, one_layer: bool) -> list[str]:
+def _render_show(d: dict[str, Any]) -> list[str]:
     out = [
         f"version {d['version']} (parent {_or_dash(d['parent'])}, {d['reason']}, {d['created_iso']})  "
         f"L={d['num_layers']} E={d['num_experts']} R={d['num_ranks']} S={d['slots_per_rank']}"
@@ -410,7 +406,7 @@ def _render_show(d: dict[str, Any], *, one_layer: bool) -> list[str]:
         f"checksums {cs['shape'][0]} x {cs['shape'][1]} (layer, expert): sha256 {cs['sha256'][:16]}, "
         f"{cs['zero']} zero, {cs['duplicated']} sharing a value"
     )
-    if one_layer:
+    if d["layer"] is not None:
         cells = [f"e{str(e).rjust(w)} {_hex(c)}" for e, c in enumerate(d["layers"][0]["checksums"])]
         out += ["  " + "  ".join(cells[i : i + 4]) for i in range(0, len(cells), 4)]
     return out
@@ -810,16 +806,15 @@ def _render_verify(d: dict[str, Any]) -> list[str]:
 
 # --------------------------------------------------------------------------- command line
 
-_COMMANDS: dict[str, Callable[..., dict[str, Any]]] = {
-    "summary": summarize,
-    "versions": list_versions,
-    "show": show_placement,
-    "diff": diff_versions,
-    "plan": plan_between,
-    "verify": verify_store,
+# command: (its library function, the text rendering of that function's dict)
+_COMMANDS: dict[str, tuple[Callable[..., dict[str, Any]], Callable[[dict[str, Any]], list[str]]]] = {
+    "summary": (summarize, _render_summary),
+    "versions": (list_versions, _render_versions),
+    "show": (show_placement, _render_show),
+    "diff": (diff_versions, _render_diff),
+    "plan": (plan_between, _render_plan),
+    "verify": (verify_store, _render_verify),
 }
-_RENDER = {"summary": _render_summary, "versions": _render_versions, "diff": _render_diff}
-_RENDER.update(plan=_render_plan, verify=_render_verify)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -914,14 +909,11 @@ def _say(message: object) -> None:
 def _run(args: argparse.Namespace) -> int:
     # Every option's dest is the keyword of the library function of its command.
     options = {k: v for k, v in vars(args).items() if k not in ("command", "root", "json")}
-    d = _COMMANDS[args.command](args.root, **options)
-    if getattr(args, "json", False):
-        text = json.dumps(d, indent=2)
-    elif args.command == "show":
-        text = "\n".join(_render_show(d, one_layer=args.layer is not None))
-    else:
-        text = "\n".join(_RENDER[args.command](d))
-    sys.stdout.write(_printable(text) + "\n")
+    build, render = _COMMANDS[args.command]
+    d = build(args.root, **options)
+    sys.stdout.write(
+        _printable(json.dumps(d, indent=2) if getattr(args, "json", False) else "\n".join(render(d))) + "\n"
+    )
     if args.command == "versions" and d["errors"]:
         for e in d["errors"]:
             _say(e["error"])

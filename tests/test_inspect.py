@@ -165,7 +165,7 @@ def test_show_prints_each_ranks_slots_and_checksums(capsys, built):
     root, placements, _ = built
     m3 = es.ManifestLog(root).read(3)
     rc, d = run_json(capsys, "show", root)
-    assert rc == 0 and d["version"] == 3 and [x["layer"] for x in d["layers"]] == [0, 1]
+    assert rc == 0 and d["version"] == 3 and [x["layer"] for x in d["layers"]] == [0, 1] and d["layer"] is None
     for entry in d["layers"]:
         lay = entry["layer"]
         assert entry["ranks"] == [{"rank": 0, "alive": True, "experts": placements[2].rank_experts(0)[lay].tolist()}]
@@ -173,7 +173,7 @@ def test_show_prints_each_ranks_slots_and_checksums(capsys, built):
     assert d["checksum_summary"]["shape"] == [L, E] and d["checksum_summary"]["zero"] == 0
 
     rc, d = run_json(capsys, "show", root, "--version", "1", "--layer", "1")
-    assert rc == 0 and d["version"] == 1 and len(d["layers"]) == 1
+    assert rc == 0 and d["version"] == 1 and len(d["layers"]) == 1 and d["layer"] == 1
     assert d["layers"][0]["ranks"][0]["experts"] == [p % E for p in range(S)]
     assert d["replicated"] == [{"layer": 1, "experts": [0, 1]}]
 
