@@ -29,11 +29,10 @@ vectors (ld/st.global.v4 in the sm_90a PTX; without the hints 4-byte
 accesses, several times slower, which no production spec needs). Pointers are
 not specialized on alignment, so one compiled kernel serves every buffer.
 
-Bandwidth (H200, results/bench_kernels_h200_20261129.txt): pack and unpack
-reach 93-98 % of torch's device copy of the same bytes (72-294 MiB) when the
-host keeps up; the rest is each program's L2 round trip for its index and
-table rows, and the grid's tail. Checksums mix every word with three 64-bit
-multiplies and are bound by integer throughput (1.2-2.4 TB/s read).
+Bandwidth (H200, results/bench_kernels_*): pack and unpack reach 93-98 % of
+torch's device copy of the same bytes when the host keeps up (the rest: each
+program's L2 round trip for its rows, the grid's tail). Checksums mix each
+word with three 64-bit multiplies: integer bound, 1.2-2.4 TB/s read.
 
 Host side. A 64 MiB pack is ~32-45 us of GPU time: the host work of a call
 must stay below that or back-to-back calls are host bound. A call validates
@@ -168,19 +167,9 @@ def _chunk_addresses(idx_ptr, table_ptr, layer_words, record_words, C, ALIGNED: 
 
 @triton.jit(do_not_specialize_on_alignment=_POINTERS)
 def _copy_kernel(
-    a_ptr,  # storage words
-    b_ptr,  # slab words
-    idx_ptr,
-    table_ptr,
-    layer_words,
-    record_words,
-    C,
-    BLOCK: tl.constexpr,
-    CHUNK_BLOCKS: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    VEC: tl.constexpr,
-    PACK: tl.constexpr,
-):
+    a_ptr, b_ptr, idx_ptr, table_ptr, layer_words, record_words, C,  # a: storage words, b: slab words
+    BLOCK: tl.constexpr, CHUNK_BLOCKS: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr, PACK: tl.constexpr,
+):  # fmt: skip
     """PACK: storage -> slab, else slab -> storage; chunk pid % C of item pid // C."""
     _, res_base, rec_base, _, length = _chunk_addresses(idx_ptr, table_ptr, layer_words, record_words, C, ALIGNED, VEC)
     if PACK:
@@ -200,20 +189,10 @@ def _copy_kernel(
 
 @triton.jit(do_not_specialize_on_alignment=_POINTERS)
 def _checksum_kernel(
-    a_ptr,  # storage or slab words
-    b_ptr,  # int64 [n] sums, zeroed
-    idx_ptr,
-    table_ptr,
-    layer_words,
-    record_words,
-    C,
-    BLOCK: tl.constexpr,
-    CHUNK_BLOCKS: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    VEC: tl.constexpr,
-    FROM_SLAB: tl.constexpr,
-    WORD_BYTES: tl.constexpr,
-):
+    a_ptr, b_ptr, idx_ptr, table_ptr, layer_words, record_words, C,  # a: storage or slab words, b: int64 [n] sums
+    BLOCK: tl.constexpr, CHUNK_BLOCKS: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
+    FROM_SLAB: tl.constexpr, WORD_BYTES: tl.constexpr,
+):  # fmt: skip
     """out[item] += mixed words of chunk pid % C of item pid // C (integer atomic adds commute: order-free)."""
     item, res_base, rec_base, rec_off, length = _chunk_addresses(
         idx_ptr, table_ptr, layer_words, record_words, C, ALIGNED, VEC
@@ -272,9 +251,8 @@ class _Plan:
         self.chunks = len(rows)
         sums = mode.startswith("sum")
         self.kernel = _checksum_kernel if sums else _copy_kernel
-        block, self.num_warps = (
-            (tuning.sum_block_bytes, tuning.sum_warps) if sums else (tuning.block_bytes, tuning.num_warps)
-        )
+        block = tuning.sum_block_bytes if sums else tuning.block_bytes
+        self.num_warps = tuning.sum_warps if sums else tuning.num_warps
         layer_words = 0 if slab_only else owner.layer_bytes // w
         head = (layer_words, spec.record_bytes // w, self.chunks, block // w, -(-chunk // block))
         tail = (slab_only, w) if sums else (mode == "pack",)
