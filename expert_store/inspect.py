@@ -643,47 +643,32 @@ def _render_plan(d: dict[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------- verify
 
 
-def _expert_record(expert: dict[str, torch.Tensor], spec: ExpertSpec, out: torch.Tensor, layer: int, e: int) -> str:
-    """Pack one expert read from the checkpoint into the record ``out`` (uint8 [record_bytes]);
-    returns "" or why it does not match the spec."""
-    for t, off in zip(spec.tensors, spec.record_offsets):
-        x = expert.get(t.name)
-        if x is None:
-            return f"layer {layer} expert {e}: the checkpoint gives no tensor {t.name!r}"
-        if x.dtype != t.dtype or tuple(x.shape) != t.shape:
-            return (
-                f"layer {layer} expert {e} tensor {t.name!r}: the checkpoint gives {x.dtype} {list(x.shape)}, "
-                f"the spec says {t.dtype} {list(t.shape)}"
-            )
-        out[off : off + t.nbytes] = x.contiguous().reshape(-1).view(torch.uint8)
-    return ""
-
-
 def _check_checkpoint_bytes(m: Manifest, path_override: str | None) -> dict[str, Any]:
-    """Read every (layer, expert) of ``m``'s checkpoint on the CPU and compare its checksum
-    (torch reference of the checksum kernel) with ``m.checksums``."""
+    """Read every (layer, expert) of ``m``'s checkpoint into one record on the CPU, as the store
+    loads it (:meth:`Checkpoint.read_into`), and compare its checksum (torch reference of the
+    checksum kernel) with ``m.checksums``."""
     ck = {**m.checkpoint, "path": m.checkpoint["path"] if path_override is None else path_override}
     out: dict[str, Any] = {"path": ck["path"], "checked": 0, "mismatches": [], "errors": []}
+    spec = m.spec
     try:
-        record = torch.zeros(m.spec.record_bytes, dtype=torch.uint8)  # padding between tensors stays 0
+        record = torch.zeros(spec.record_bytes, dtype=torch.uint8)  # padding between tensors stays 0
         ckpt = Checkpoint.from_dict(ck)
     except (RuntimeError, MemoryError) as e:  # a spec whose record is beyond this host's memory
-        out["errors"].append(f"cannot allocate an expert record of {m.spec.record_bytes} bytes: {e}")
+        out["errors"].append(f"cannot allocate an expert record of {spec.record_bytes} bytes: {e}")
         return out
     except StoreError as e:
         out["errors"].append(f"cannot open the checkpoint: {e}")
         return out
+    views = {t.name: record[o : o + t.nbytes].view(t.dtype).view(t.shape) for t, o in zip(spec, spec.record_offsets)}
     with ckpt:
         for layer in range(m.num_layers):
             for e in range(m.num_experts):
                 try:
-                    why = _expert_record(ckpt.read_expert(layer, e), m.spec, record, layer, e)
+                    ckpt.read_into(spec, [(layer, e, views)])
                 except StoreError as err:
-                    why = f"layer {layer} expert {e}: {err}"
-                if why:
-                    out["errors"].append(why)
+                    out["errors"].append(f"layer {layer} expert {e}: {err}")
                     continue
-                got, want = int(slab_checksums_reference(record, m.spec, 1)[0]), int(m.checksums[layer, e])
+                got, want = int(slab_checksums_reference(record, spec, 1)[0]), int(m.checksums[layer, e])
                 out["checked"] += 1
                 if got != want:
                     out["mismatches"].append({"layer": layer, "expert": e, "manifest": want, "checkpoint": got})
