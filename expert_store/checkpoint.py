@@ -328,7 +328,7 @@ class Checkpoint:
         if not isinstance(wm, dict):
             raise CheckpointError(f"{index}: the index has no 'weight_map' object")
         out: dict[str, str] = {}
-        isfile = functools.cache(os.path.isfile)  # DeepSeek-V3's index: 91k tensors in 163 shards
+        isfile = functools.cache(os.path.isfile)  # DeepSeek-V3's index: ~90k tensors, 163 shards
         for name, shard in wm.items():
             rel = os.path.normpath(shard) if isinstance(shard, str) and shard and "\0" not in shard else ""
             if not rel or os.path.isabs(rel) or rel == os.pardir or rel.startswith(os.pardir + os.sep):
