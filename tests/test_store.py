@@ -125,7 +125,7 @@ def test_bad_rebalance_input_moves_nothing(tmp_path, ds):
         store.rebalance(p, round_bytes=-1)
     with pytest.raises(es.StoreError, match="fresh rank must be an int"):
         store.rebalance(p, fresh=["a"])
-    with pytest.raises(es.StoreError, match="fresh rank must be in 0..0, got 3"):
+    with pytest.raises(es.StoreError, match=r"fresh rank must be in 0\.\.0, got 3"):
         store.rebalance(p, fresh=(3,))
     with pytest.raises(es.PlacementError, match=r"es\.Placement"):
         store.rebalance(p.phy2log)
@@ -212,5 +212,5 @@ def test_reserved_staging_is_used_instead_of_allocating(tmp_path, ds, device, ch
         else:
             assert big, "a budget above the reservation allocates its own staging"
         assert_slots_exact(store, ds, what=f"reserved staging, step {step}")
-    with pytest.raises(es.StoreError, match="nbytes must be in 1.."):
+    with pytest.raises(es.StoreError, match=r"nbytes must be in 1\.\."):
         store.reserve_staging(0)
