@@ -1,17 +1,7 @@
 """``python -m expert_store demo``: the store's main job, end to end, on this machine.
 
-1. writes a synthetic DeepSeek-style fp8 checkpoint (or uses ``--checkpoint``);
-2. creates a store on R ranks (processes; NCCL on GPUs when there are R of
-   them, gloo on the CPU otherwise) with a contiguous placement plus spare slots;
-3. measures a skewed routing load with ``eplb.LoadCounter`` and moves to the
-   placement ``eplb.rebalance_experts`` computes (minimal movement from the
-   current one), verifying checksums before the commit;
-4. with R > 1: the last rank dies, the survivors rebalance without it (its
-   unique experts come from the checkpoint), then it rejoins empty and is
-   filled from its peers;
-5. reopens the committed version as a restarted process would and verifies it.
-
-Prints one line per step and rank: bytes from peers / local copies / disk, time.
+The steps (create, EPLB rebalance, rank lost, rank rejoined, reopen+verify) are described in the
+README's Demo section. Prints one line per step and rank: bytes from peers / local copies / disk, time.
 """
 
 from __future__ import annotations
@@ -46,11 +36,6 @@ def _skewed_load(counter: eplb.LoadCounter, *, L: int, E: int, device, seed: int
         counter.step()
 
 
-def _eplb_placement(load: torch.Tensor, *, ranks: int, slots: int, previous: torch.Tensor | None) -> torch.Tensor:
-    phy2log, _, _ = eplb.rebalance_experts(load, ranks * slots, 1, 1, ranks, previous=previous)
-    return phy2log
-
-
 def _row(step: str, rank: int, rep) -> dict:
     return {
         "step": step,
@@ -65,6 +50,13 @@ def _row(step: str, rank: int, rep) -> dict:
     }
 
 
+def _loaded_row(step: str, rank: int, store: ExpertStore, seconds: float = 0.0) -> dict:
+    """The row of a store whose every distinct expert came from the checkpoint (create, reopen)."""
+    distinct = sum(len(set(row.tolist())) for row in store.local_experts())
+    return {"step": step, "rank": rank, "version": store.version, "p2p_mb": 0.0, "local_mb": 0.0,
+            "disk_mb": distinct * store.spec.nbytes / 1e6, "missing": 0, "seconds": seconds, "rounds": 0}  # fmt: skip
+
+
 def demo_rank(rank: int, world: int, ck: SyntheticCheckpoint, root: Path, use_cuda: bool, spare: int) -> list[dict]:
     device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
     L, E = ck.num_layers, ck.num_experts
@@ -75,24 +67,22 @@ def demo_rank(rank: int, world: int, ck: SyntheticCheckpoint, root: Path, use_cu
     kw = dict(rank=rank, world_size=world, device=device)
     p0 = Placement.contiguous(num_layers=L, num_experts=E, num_ranks=world, slots_per_rank=S)
     store = ExpertStore.create(root, spec=ck.spec, placement=p0, checkpoint=checkpoint, **kw)
-    distinct = sum(len(set(row.tolist())) for row in store.local_experts())
-    rows = [{"step": "create", "rank": rank, "version": store.version, "p2p_mb": 0.0, "local_mb": 0.0,
-             "disk_mb": distinct * ck.spec.nbytes / 1e6, "missing": 0, "seconds": 0.0, "rounds": 0}]  # fmt: skip
-    # 1. EPLB from a skewed load
+    rows = [_loaded_row("create", rank, store)]
     counter = eplb.LoadCounter(num_layers=L, num_experts=E, window=8, device=device)
+
+    def eplb_phy2log(ranks: int, previous: torch.Tensor) -> torch.Tensor:
+        """EPLB's placement of the measured load over ``ranks`` ranks, close to ``previous``."""
+        return eplb.rebalance_experts(counter.load().cpu(), ranks * S, 1, 1, ranks, previous=previous)[0]
+
+    # 1. EPLB from a skewed load
     _skewed_load(counter, L=L, E=E, device=device, seed=0)
-    target = Placement(
-        _eplb_placement(counter.load().cpu(), ranks=world, slots=S, previous=store.placement.phy2log),
-        num_ranks=world,
-        num_experts=E,
-    )
+    target = Placement(eplb_phy2log(world, store.placement.phy2log), num_ranks=world, num_experts=E)
     rows.append(_row("eplb", rank, store.rebalance(target, verify=True)))
     if world > 1:
         # 2. the last rank dies; the survivors rebalance over their own slots
         dead = world - 1
         alive = [r != dead for r in range(world)]
-        live_prev = store.placement.phy2log[:, : dead * S]
-        live = _eplb_placement(counter.load().cpu(), ranks=dead, slots=S, previous=live_prev)
+        live = eplb_phy2log(dead, store.placement.phy2log[:, : dead * S])
         without = Placement(torch.cat([live, live[:, :S]], dim=1), num_ranks=world, num_experts=E)
         if rank != dead:
             rows.append(_row("rank lost", rank, store.rebalance(without, alive=alive, verify=True)))
@@ -106,19 +96,12 @@ def demo_rank(rank: int, world: int, ck: SyntheticCheckpoint, root: Path, use_cu
             store = ExpertStore.join(root, checkpoint=checkpoint, **kw)
         # 3. it comes back fresh and is filled from its peers
         _skewed_load(counter, L=L, E=E, device=device, seed=1)
-        back = Placement(
-            _eplb_placement(counter.load().cpu(), ranks=world, slots=S, previous=without.phy2log),
-            num_ranks=world,
-            num_experts=E,
-        )
+        back = Placement(eplb_phy2log(world, without.phy2log), num_ranks=world, num_experts=E)
         rows.append(_row("rank rejoined", rank, store.rebalance(back, fresh=(dead,), verify=True)))
     # 4. a restarted process reopens the committed version and verifies every slot
     t0 = time.perf_counter()
     again = ExpertStore.open(root, checkpoint=checkpoint, **kw)
-    distinct = sum(len(set(row.tolist())) for row in again.local_experts())
-    rows.append({"step": "reopen+verify", "rank": rank, "version": again.version, "p2p_mb": 0.0, "local_mb": 0.0,
-                 "disk_mb": distinct * ck.spec.nbytes / 1e6, "missing": 0, "seconds": time.perf_counter() - t0,
-                 "rounds": 0})  # fmt: skip
+    rows.append(_loaded_row("reopen+verify", rank, again, time.perf_counter() - t0))
     return rows
 
 
@@ -127,8 +110,7 @@ def _print(rows_by_rank: list[list[dict]]) -> None:
     head += f"{'rounds':>7}{'seconds':>9}"
     print(head)
     print("-" * len(head))
-    steps = [r["step"] for r in rows_by_rank[0]]
-    for step in dict.fromkeys(steps + [r["step"] for rows in rows_by_rank for r in rows]):
+    for step in dict.fromkeys(r["step"] for rows in rows_by_rank for r in rows):
         for rows in rows_by_rank:
             for r in rows:
                 if r["step"] == step:

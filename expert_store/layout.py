@@ -12,9 +12,6 @@ One rank keeps all its experts in a single ``uint8`` allocation::
 so ``storage[region].view(dtype).view(S, *shape)`` is a contiguous, zero-copy
 ``[S, *shape]`` view per (layer, tensor) whose address never changes while the
 store lives: CUDA graphs captured against it stay valid.
-
-A *transfer slab* is ``uint8 [n * spec.record_bytes]``: n expert records, each
-with tensor t at ``spec.record_offsets[t]``.
 """
 
 from __future__ import annotations
@@ -25,7 +22,7 @@ import torch
 
 from .checks import check_index
 from .errors import SpecError, StoreError
-from .spec import ExpertSpec
+from .spec import ExpertSpec, _packed
 
 __all__ = ["REGION_ALIGN", "ResidentSlabs", "SlabLayout"]
 
@@ -33,10 +30,6 @@ __all__ = ["REGION_ALIGN", "ResidentSlabs", "SlabLayout"]
 # satisfies any dtype's view alignment and the widest (16-byte) vector access,
 # and keeps regions on separate L2 sectors.
 REGION_ALIGN = 256
-
-
-def _align(n: int, a: int) -> int:
-    return (n + a - 1) // a * a
 
 
 @dataclass(frozen=True)
@@ -55,12 +48,8 @@ class SlabLayout:
             raise SpecError(f"spec must be an ExpertSpec, got {type(spec).__name__}")
         if num_layers <= 0 or slots <= 0:
             raise SpecError(f"need num_layers > 0 and slots > 0, got num_layers={num_layers}, slots={slots}")
-        offsets = []
-        off = 0
-        for t in spec.tensors:
-            offsets.append(off)
-            off = _align(off + slots * t.nbytes, REGION_ALIGN)
-        return cls(spec=spec, num_layers=num_layers, slots=slots, region_offsets=tuple(offsets), layer_bytes=off)
+        offsets, layer_bytes = _packed((slots * t.nbytes for t in spec.tensors), REGION_ALIGN)
+        return cls(spec=spec, num_layers=num_layers, slots=slots, region_offsets=offsets, layer_bytes=layer_bytes)
 
     @property
     def total_bytes(self) -> int:
@@ -70,13 +59,6 @@ class SlabLayout:
         """Byte offset of (layer, slot, tensor) in the storage."""
         t = self.spec.tensors[tensor]
         return layer * self.layer_bytes + self.region_offsets[tensor] + slot * t.nbytes
-
-    def tensor_table(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """int64 [T, 3]: (tensor nbytes, resident region offset, record offset) per tensor."""
-        rows = [
-            [t.nbytes, self.region_offsets[i], self.spec.record_offsets[i]] for i, t in enumerate(self.spec.tensors)
-        ]
-        return torch.tensor(rows, dtype=torch.int64, device=device)
 
 
 class ResidentSlabs:
@@ -99,15 +81,12 @@ class ResidentSlabs:
             raise StoreError(
                 f"cannot allocate {layout.total_bytes} bytes of resident slabs on {self.device}: {e}"
             ) from None
-        spec = layout.spec
-        self._views: list[list[torch.Tensor]] = []
-        for layer in range(layout.num_layers):
-            row = []
-            for i, t in enumerate(spec.tensors):
-                start = layer * layout.layer_bytes + layout.region_offsets[i]
-                raw = self.storage[start : start + layout.slots * t.nbytes]
-                row.append(raw.view(t.dtype).view(layout.slots, *t.shape))
-            self._views.append(row)
+        S = layout.slots
+        self._views: list[list[torch.Tensor]] = [[] for _ in range(layout.num_layers)]
+        for layer, row in enumerate(self._views):
+            for i, t in enumerate(layout.spec.tensors):
+                start = layout.slot_offset(layer, 0, i)
+                row.append(self.storage[start : start + S * t.nbytes].view(t.dtype).view(S, *t.shape))
 
     @property
     def spec(self) -> ExpertSpec:

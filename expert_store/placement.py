@@ -1,19 +1,10 @@
 """Placement: which logical expert sits in which physical slot, per layer.
 
-Symbols: L MoE layers, E logical experts per layer, R ranks, S slots per rank,
-P = R * S physical slots (P >= E; the P - E extra slots hold redundant copies).
-Slot p lives on rank ``p // S``.
-
-The three views use the names DeepSeek's EPLB and the engines already use:
-
-* ``phy2log``: int64 ``[L, P]``, the logical expert held by each physical slot;
-* ``log2phy``: int64 ``[L, E, max_replicas]``, the physical slots of each
-  logical expert in increasing order, padded with -1;
-* ``logcnt``: int64 ``[L, E]``, the number of replicas of each logical expert.
-
-Everything here is pure CPU int64 arithmetic. A :class:`Placement` is
-immutable: it keeps a private copy of ``phy2log`` and hands out copies, so no
-caller can change a placement that another part of the store relies on.
+Symbols: L layers, E logical experts, R ranks, S slots per rank, P = R * S slots (slot p lives on
+rank p // S). The views (``phy2log``, ``log2phy``, ``logcnt``) are named as in DeepSeek's EPLB and
+the engines. Everything here is pure CPU int64 arithmetic. A :class:`Placement` is immutable: it
+keeps a private copy of ``phy2log`` and hands out copies, so no caller can change a placement that
+another part of the store relies on.
 """
 
 from __future__ import annotations
@@ -26,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checks import is_int
 from .errors import PlacementError
 
 __all__ = ["Placement"]
@@ -36,8 +28,14 @@ _DIGEST_TAG = b"expert-store/placement/v1\0"
 
 
 def _positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+    if not is_int(value) or value <= 0:
         raise PlacementError(f"{what} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _index(value: Any, what: str, size: int) -> int:
+    if not is_int(value) or not 0 <= value < size:
+        raise PlacementError(f"{what} {value!r} is outside [0, {size})")
     return int(value)
 
 
@@ -196,41 +194,24 @@ class Placement:
         return self._logcnt.clone()
 
     # -- queries --------------------------------------------------------------
-    def _check_layer(self, layer: int) -> int:
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < self._L:
-            raise PlacementError(f"layer {layer!r} is outside [0, {self._L})")
-        return int(layer)
-
-    def _check_rank(self, rank: int) -> int:
-        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < self._R:
-            raise PlacementError(f"rank {rank!r} is outside [0, {self._R})")
-        return int(rank)
-
     def rank_of_slot(self, p: int) -> int:
         """Rank that holds physical slot ``p``."""
-        if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not 0 <= p < self._P:
-            raise PlacementError(f"slot {p!r} is outside [0, {self._P})")
-        return int(p) // self._S
+        return _index(p, "slot", self._P) // self._S
 
     def rank_experts(self, rank: int) -> torch.Tensor:
         """int64 ``[L, S]``: logical expert in each of ``rank``'s slots (a copy)."""
-        r = self._check_rank(rank)
+        r = _index(rank, "rank", self._R)
         return self._phy2log[:, r * self._S : (r + 1) * self._S].clone()
 
     def slots(self, layer: int, expert: int) -> list[int]:
         """Physical slots holding ``expert`` in ``layer``, increasing."""
-        lay = self._check_layer(layer)
-        e = self._check_expert(expert)
+        lay = _index(layer, "layer", self._L)
+        e = _index(expert, "logical expert", self._E)
         return self._log2phy[lay, e, : int(self._logcnt[lay, e])].tolist()
 
     def holders(self, layer: int, expert: int) -> list[int]:
         """Ranks holding ``expert`` in ``layer``, increasing, each listed once."""
         return sorted({p // self._S for p in self.slots(layer, expert)})
-
-    def _check_expert(self, expert: int) -> int:
-        if isinstance(expert, bool) or not isinstance(expert, (int, np.integer)) or not 0 <= expert < self._E:
-            raise PlacementError(f"logical expert {expert!r} is outside [0, {self._E})")
-        return int(expert)
 
     def check_servable(self, alive: Any) -> None:
         """Raise unless every (layer, logical expert) has a slot on a live rank.

@@ -19,9 +19,7 @@ fresh or was dead in the old version) and the slots whose expert changes:
   :class:`PostCopy` after all moves, from a slot that holds e by then;
 * unchanged slots cost nothing.
 
-Moves are then scheduled into rounds (:func:`schedule_rounds`) so that each
-rank's staging per round stays within a budget and no slot is overwritten
-before every move reading its old content has been packed.
+:func:`schedule_rounds` then splits the moves into rounds.
 """
 
 from __future__ import annotations
@@ -174,17 +172,9 @@ def plan_rebalance(
         load: int [R], bytes each rank already sends (updated in place): planning layers in
             pieces with one ``load`` gives the same moves as planning them at once.
     """
-    if (old.num_layers, old.num_experts, old.num_ranks, old.slots_per_rank) != (
-        new.num_layers,
-        new.num_experts,
-        new.num_ranks,
-        new.slots_per_rank,
-    ):
-        raise PlacementError(
-            "new placement has (L, E, R, S) = "
-            f"{(new.num_layers, new.num_experts, new.num_ranks, new.slots_per_rank)}, the store has "
-            f"{(old.num_layers, old.num_experts, old.num_ranks, old.slots_per_rank)}"
-        )
+    dims = [(p.num_layers, p.num_experts, p.num_ranks, p.slots_per_rank) for p in (old, new)]
+    if dims[0] != dims[1]:
+        raise PlacementError(f"new placement has (L, E, R, S) = {dims[1]}, the store has {dims[0]}")
     R, S, L = new.num_ranks, new.slots_per_rank, new.num_layers
     alive_t = _as_mask(alive, R, "alive")
     old_alive_t = _as_mask(old_alive, R, "old alive mask")
@@ -239,14 +229,13 @@ def plan_rebalance(
                 changed_slots = [s for s in range(S) if not same[s]]
                 if not changed_slots:
                     continue
-                held = set(orow)
                 unchanged_home = {nrow[s]: s for s in range(S) if same[s]}
-                old_home: dict[int, int] = {}
+                old_home: dict[int, int] = {}  # expert -> its first old slot
                 for s in range(S):
                     old_home.setdefault(orow[s], s)
             else:
                 changed_slots = list(range(S))
-                held, unchanged_home, old_home = set(), {}, {}
+                unchanged_home, old_home = {}, {}
             filled: dict[int, int] = {}  # expert -> slot that holds it once moves/reads are done
             for s in changed_slots:
                 e = nrow[s]
@@ -255,7 +244,7 @@ def plan_rebalance(
                     src = filled.get(e, unchanged_home.get(e))
                     post.append(PostCopy(r, layer, e, src, s))
                     acct.bytes_local += expert_bytes
-                elif e in held:
+                elif e in old_home:
                     moves.append(Move(layer, e, r, old_home[e], r, s))
                     filled[e] = s
                     acct.bytes_local += expert_bytes
@@ -419,15 +408,15 @@ def schedule_rounds(plan: RebalancePlan, *, record_bytes: int, budget_bytes: int
             f"({2 * record_bytes} bytes); raise staging_bytes"
         )
     cap = budget_bytes // record_bytes
-    per_rank: dict[int, int] = defaultdict(int)
+    records = [0] * plan.num_ranks  # per rank, to send, receive or move locally
     for m in moves:
-        per_rank[m.src_rank] += 1
+        records[m.src_rank] += 1
         if m.dst_rank != m.src_rank:
-            per_rank[m.dst_rank] += 1
-    if max(per_rank.values()) <= cap:
+            records[m.dst_rank] += 1
+    if max(records) <= cap:
         # Everything fits one round: all packs precede all unpacks, so any order is safe.
         return [Round(parks=[], moves=moves)]
-    return _Scheduler(moves, slots_per_rank=plan.slots_per_rank, cap=cap).run(budget_bytes)
+    return _Scheduler(moves, records, cap=cap).run(budget_bytes)
 
 
 class _Scheduler:
@@ -437,13 +426,13 @@ class _Scheduler:
     thousands of moves, small containers cost more in garbage-collector passes
     than in the work itself."""
 
-    def __init__(self, moves: list[Move], *, slots_per_rank: int, cap: int) -> None:
+    def __init__(self, moves: list[Move], records: list[int], *, cap: int) -> None:
         n = len(moves)
         self.moves = moves
         self.cap = cap  # records per rank per round
         self.src = [m.src_rank for m in moves]
         self.dst = [m.dst_rank for m in moves]
-        self.num_ranks = max(max(self.src), max(self.dst)) + 1
+        self.num_ranks = len(records)
         writer_of = {(m.dst_rank, m.layer, m.dst_slot): i for i, m in enumerate(moves)}  # one writer per slot
         get = writer_of.get
         # source_writer[j]: the move writing the slot j reads (j must not run after it), or -1.
@@ -470,11 +459,7 @@ class _Scheduler:
         self.multi_need: dict[int, tuple[tuple[int, int], ...]] = {}  # (rank, records) of components > 1 move
         self.pending: list[int] = []  # readers outside the component, not yet scheduled
         self.dead: list[bool] = []  # split by a park
-        self.work_left = [0] * self.num_ranks  # records per rank still to schedule
-        for a, b in zip(self.src, self.dst):
-            self.work_left[a] += 1
-            if a != b:
-                self.work_left[b] += 1
+        self.work_left = records  # records per rank still to schedule
         self.park_refs: dict[tuple[int, int], int] = {}  # (rank, park id) -> moves still reading it
         self.free_parks: dict[int, list[int]] = defaultdict(list)
         self.next_park: dict[int, int] = defaultdict(int)

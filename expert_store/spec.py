@@ -1,18 +1,8 @@
-"""What one expert is made of, and how its bytes are laid out.
+"""What one expert is made of (an ordered list of tensors), and its record layout.
 
-An expert is an ordered list of tensors (weights, quantization scales, ...).
-Two layouts of the same bytes exist:
-
-* the **record** (transfer slabs, checkpoint staging): the tensors one after
-  another, each starting at an offset aligned to ``RECORD_ALIGN`` bytes so that
-  kernels can use 16-byte accesses; ``record_bytes`` is the padded size of one
-  record, itself a multiple of ``RECORD_ALIGN``;
-* the **resident** layout (see :mod:`expert_store.layout`): per layer and
-  tensor, the S slots side by side, so that the engine gets a contiguous
-  ``[S, *shape]`` view per tensor.
-
-``word_bytes`` is the widest integer word (1, 2 or 4 bytes) that divides every
-tensor's size; kernels and checksums see each tensor as a stream of such words.
+The **record** (transfer slabs, checkpoint staging) holds the tensors one after another, each at
+an offset aligned to ``RECORD_ALIGN``; the resident layout is in :mod:`expert_store.layout`.
+Kernels and checksums see each tensor as a stream of ``word_bytes`` words.
 """
 
 from __future__ import annotations
@@ -31,24 +21,13 @@ __all__ = ["RECORD_ALIGN", "ExpertSpec", "TensorSpec", "dtype_from_name", "dtype
 # 16 bytes: the widest global load/store a GPU thread issues (ld.global.v4.b32).
 RECORD_ALIGN = 16
 
-# Every dtype an expert tensor may have, by the name used in manifests.
-_DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-for _name in ("float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu", "uint16", "uint32", "uint64"):
-    if hasattr(torch, _name):
-        _DTYPES[_name] = getattr(torch, _name)
+# Every dtype an expert tensor may have, by the name used in manifests (torch's own name; the
+# newer float8 and unsigned types only where this torch has them).
+_DTYPE_NAMES = (
+    "float64 float32 float16 bfloat16 float8_e4m3fn float8_e5m2 int64 int32 int16 int8 uint8 bool "
+    "float8_e4m3fnuz float8_e5m2fnuz float8_e8m0fnu uint16 uint32 uint64"
+)
+_DTYPES: dict[str, torch.dtype] = {n: getattr(torch, n) for n in _DTYPE_NAMES.split() if hasattr(torch, n)}
 _NAMES = {dt: name for name, dt in _DTYPES.items()}
 
 
@@ -85,9 +64,8 @@ class TensorSpec:
             raise SpecError(f"tensor {name!r}: shape must be a sequence of ints, got {shape!r}") from None
         if not shape_t:
             raise SpecError(f"tensor {name!r}: shape must have at least one dimension")
-        for d in shape_t:
-            if isinstance(d, bool) or not isinstance(d, int) or d <= 0:
-                raise SpecError(f"tensor {name!r}: every dimension must be a positive int, got shape {shape_t}")
+        if any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in shape_t):
+            raise SpecError(f"tensor {name!r}: every dimension must be a positive int, got shape {shape_t}")
         if not isinstance(dtype, torch.dtype):
             raise SpecError(f"tensor {name!r}: dtype must be a torch.dtype, got {dtype!r}")
         dtype_name(dtype)  # raises for unsupported dtypes
@@ -118,8 +96,13 @@ class TensorSpec:
             raise SpecError(f"malformed tensor spec {d!r}: {e}") from None
 
 
-def _align(n: int, a: int) -> int:
-    return (n + a - 1) // a * a
+def _packed(sizes: Iterable[int], align: int) -> tuple[tuple[int, ...], int]:
+    """(offset of each block, total) for blocks laid one after another, each start aligned to ``align``."""
+    offsets, off = [], 0
+    for n in sizes:
+        offsets.append(off)
+        off = (off + n + align - 1) // align * align
+    return tuple(offsets), off
 
 
 class ExpertSpec:
@@ -139,26 +122,19 @@ class ExpertSpec:
         tensors = list(tensors)
         if not tensors:
             raise SpecError("an ExpertSpec needs at least one TensorSpec")
-        for t in tensors:
-            if not isinstance(t, TensorSpec):
-                raise SpecError(f"ExpertSpec takes TensorSpec items, got {t!r}")
         index: dict[str, int] = {}
         for i, t in enumerate(tensors):
+            if not isinstance(t, TensorSpec):
+                raise SpecError(f"ExpertSpec takes TensorSpec items, got {t!r}")
             if t.name in index:
                 raise SpecError(f"duplicate tensor name {t.name!r} in ExpertSpec")
             index[t.name] = i
-        offsets = []
-        off = 0
-        for t in tensors:
-            offsets.append(off)
-            off = _align(off + t.nbytes, RECORD_ALIGN)
         word = 4
         while any(t.nbytes % word for t in tensors):
             word //= 2
         self.tensors: tuple[TensorSpec, ...] = tuple(tensors)
         self.nbytes: int = sum(t.nbytes for t in tensors)
-        self.record_bytes: int = off
-        self.record_offsets: tuple[int, ...] = tuple(offsets)
+        self.record_offsets, self.record_bytes = _packed((t.nbytes for t in tensors), RECORD_ALIGN)
         self.word_bytes: int = word
         self._index = index
 
