@@ -69,7 +69,6 @@ PROG = "inspect-store"
 # Stats a rebalance records: its byte accounting, and what `plan` can recompute and compare.
 _BYTES = ("bytes_p2p", "bytes_local", "bytes_disk")
 _PLAN_STATS = (*_BYTES, "moves", "disk_reads", "post_copies", "rounds")
-_U64 = (1 << 64) - 1
 # Characters escaped in what is printed: controls (a terminal would act on them) but newline
 # and tab on stdout; on stderr also every line break, so that an error stays one line.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
@@ -80,16 +79,9 @@ class UsageError(StoreError):
     """A command line that names something the store does not have (exit code 2)."""
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
 def _hex(v: int) -> str:
     """A checksum (int64 bits) as 16 hex digits."""
-    return f"{int(v) & _U64:016x}"
+    return f"{int(v) % (1 << 64):016x}"
 
 
 def _human(n: Any) -> str:
@@ -119,10 +111,6 @@ def _table(
 
 def _ranks_text(ranks: Sequence[int]) -> str:
     return ",".join(map(str, ranks)) if ranks else "none"
-
-
-def _or_dash(v: Any) -> Any:
-    return "-" if v is None else v
 
 
 def _span(versions: Sequence[int]) -> str:
@@ -202,11 +190,8 @@ def _spec_json(spec: ExpertSpec) -> dict[str, Any]:
 
 
 def _checkpoint_json(ck: dict) -> dict[str, Any]:
-    return {
-        "path": ck["path"],
-        "names": {k: (v if isinstance(v, str) else list(v)) for k, v in sorted(ck["names"].items())},
-        "layers": None if ck["layers"] is None else list(ck["layers"]),
-    }
+    names = {k: (v if isinstance(v, str) else list(v)) for k, v in sorted(ck["names"].items())}
+    return {"path": ck["path"], "names": names, "layers": None if ck["layers"] is None else list(ck["layers"])}
 
 
 def _fields(obj: object, *names: str) -> dict[str, Any]:
@@ -214,7 +199,8 @@ def _fields(obj: object, *names: str) -> dict[str, Any]:
 
 
 def _header_json(m: Manifest) -> dict[str, Any]:
-    return {**_fields(m, "version", "parent", "created"), "created_iso": _iso(m.created), "reason": m.reason}
+    created_iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.created))
+    return {**_fields(m, "version", "parent", "created"), "created_iso": created_iso, "reason": m.reason}
 
 
 def _dims_json(m: Manifest) -> dict[str, Any]:
@@ -240,9 +226,6 @@ def _replica_stats(m: Manifest) -> dict[str, Any]:
         "single_live": int((live == 1).sum()),
         "no_live": int((live == 0).sum()),
     }
-
-
-# --------------------------------------------------------------------------- summary
 
 
 def summarize(root: str | os.PathLike, *, version: int | None = None) -> dict[str, Any]:
@@ -287,7 +270,7 @@ def _render_summary(d: dict[str, Any]) -> list[str]:
     out = [
         f"store      {d['root']}",
         f"version    {d['version']} of {d['oldest_version']}..{d['latest_version']} "
-        f"({d['versions_kept']} kept), parent {_or_dash(d['parent'])}",
+        f"({d['versions_kept']} kept), parent {d['parent'] or '-'}",
         f"created    {d['created_iso']}  reason {d['reason']}",
         f"shape      L={d['num_layers']} E={d['num_experts']} R={d['num_ranks']} S={d['slots_per_rank']} "
         f"P={d['num_physical']} ranks/node={d['ranks_per_node'] or '-'}",
@@ -320,9 +303,6 @@ def _render_summary(d: dict[str, Any]) -> list[str]:
     return out
 
 
-# --------------------------------------------------------------------------- versions
-
-
 def list_versions(root: str | os.PathLike) -> dict[str, Any]:
     """One row per committed version; unreadable versions are listed under ``errors``."""
     log = _open_log(root)
@@ -346,9 +326,6 @@ def _render_versions(d: dict[str, Any]) -> list[str]:
     rows += [[e["version"], None, "UNREADABLE", "", "", None, None, None, None, None] for e in d["errors"]]
     rows.sort(key=lambda r: r[0])
     return _table(["version", "parent", "created", "reason", "alive", "p2p", "local", "disk", "moves", "rounds"], rows)
-
-
-# --------------------------------------------------------------------------- show
 
 
 def _checksum_summary(sums: torch.Tensor) -> dict[str, Any]:
@@ -391,7 +368,7 @@ def show_placement(root: str | os.PathLike, *, version: int | None = None, layer
 
 def _render_show(d: dict[str, Any]) -> list[str]:
     out = [
-        f"version {d['version']} (parent {_or_dash(d['parent'])}, {d['reason']}, {d['created_iso']})  "
+        f"version {d['version']} (parent {d['parent'] or '-'}, {d['reason']}, {d['created_iso']})  "
         f"L={d['num_layers']} E={d['num_experts']} R={d['num_ranks']} S={d['slots_per_rank']}"
     ]
     w, rw = len(str(d["num_experts"] - 1)), len(str(d["num_ranks"] - 1))
@@ -410,9 +387,6 @@ def _render_show(d: dict[str, Any]) -> list[str]:
         cells = [f"e{str(e).rjust(w)} {_hex(c)}" for e, c in enumerate(d["layers"][0]["checksums"])]
         out += ["  " + "  ".join(cells[i : i + 4]) for i in range(0, len(cells), 4)]
     return out
-
-
-# --------------------------------------------------------------------------- diff
 
 
 def diff_versions(root: str | os.PathLike, a: int | None, b: int | None) -> dict[str, Any]:
@@ -485,9 +459,6 @@ def _render_diff(d: dict[str, Any]) -> list[str]:
     return out
 
 
-# --------------------------------------------------------------------------- plan
-
-
 def _budget(given: int | None, mb: Manifest, where: Path, key: str, default: int) -> int:
     """The byte budget ``key`` of a plan: ``given``, else as recorded in ``mb``'s stats, else ``default``."""
     if given is not None:
@@ -550,9 +521,7 @@ def plan_between(
     except StoreError as e:
         raise type(e)(f"{where}: plan {ma.version} -> {mb.version} under {log.root}: {e}") from None
     links = Counter((mv.src_rank, mv.dst_rank) for rnd in rounds for mv in rnd.moves if not mv.is_local)
-    sent: Counter[int] = Counter()
-    for (src, _), n in links.items():
-        sent[src] += n * spec.nbytes
+    sent = Counter(src for src, _ in links.elements())  # records each rank sends
     round_rows = []
     for rnd in rounds:
         n, p2p = len(rnd.moves), sum(not mv.is_local for mv in rnd.moves)
@@ -564,7 +533,10 @@ def plan_between(
         row = {"rank": r, "alive": acct is not None, "fresh": fresh_r}
         row |= _fields(acct, *_BYTES) if acct else dict.fromkeys(_BYTES, 0)
         missing = sorted(acct.missing.items()) if acct else []
-        ranks.append(row | {"bytes_sent": sent[r], "missing": [{"layer": la, "experts": list(e)} for la, e in missing]})
+        ranks.append(
+            row
+            | {"bytes_sent": sent[r] * spec.nbytes, "missing": [{"layer": la, "experts": list(e)} for la, e in missing]}
+        )
     n_p2p = sum(not mv.is_local for mv in plan.moves)
     totals = {k: sum(x[k] for x in ranks) for k in _BYTES} | {"moves": len(plan.moves)}
     totals |= {"disk_reads": len(plan.disk_reads), "post_copies": len(plan.post_copies), "rounds": len(rounds)}
@@ -629,18 +601,13 @@ def _render_plan(d: dict[str, Any]) -> list[str]:
         link_rows = [[x["src"], x["dst"], x["records"], x["bytes"], _human(x["bytes"])] for x in d["links"]]
         out += _table(["src", "dst", "records", "bytes", ""], link_rows, indent="  ")
     if rec is not None:
-        extra = ""
-        if not rec["matches"] and rec["fresh_ranks"]:
-            extra = f" ({rec['fresh_ranks']} rank(s) were fresh in that rebalance: pass --fresh)"
+        hint = not rec["matches"] and rec["fresh_ranks"]
         out.append(
             f"{'matches' if rec['matches'] else 'DIFFERS FROM'} the stats recorded in version {d['b']['version']}: "
             + " ".join(f"{k}={v}" for k, v in rec["stats"].items() if v is not None)
-            + extra
+            + (f" ({rec['fresh_ranks']} rank(s) were fresh in that rebalance: pass --fresh)" if hint else "")
         )
     return out
-
-
-# --------------------------------------------------------------------------- verify
 
 
 def _check_checkpoint_bytes(m: Manifest, path_override: str | None) -> dict[str, Any]:
@@ -789,8 +756,6 @@ def _render_verify(d: dict[str, Any]) -> list[str]:
     return out
 
 
-# --------------------------------------------------------------------------- command line
-
 # command: (its library function, the text rendering of that function's dict)
 _COMMANDS: dict[str, tuple[Callable[..., dict[str, Any]], Callable[[dict[str, Any]], list[str]]]] = {
     "summary": (summarize, _render_summary),
@@ -854,13 +819,13 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument(v, type=_VERSION, metavar=v.upper(), help="a version number, or 'latest'")
         return sp
 
-    version_help = "another version than the latest"
+    version = {"type": _VERSION, "default": None, "metavar": "N", "help": "another version than the latest"}
     add("summary", "current version, spec, shape, alive ranks, checkpoint, replicas, last rebalance").add_argument(
-        "--version", type=_VERSION, default=None, metavar="N", help=version_help
+        "--version", **version
     )
     add("versions", "one line per committed version")
     sp = add("show", "the placement: per layer and rank the logical expert in each slot, and the checksums")
-    sp.add_argument("--version", type=_VERSION, default=None, metavar="N", help=version_help)
+    sp.add_argument("--version", **version)
     layer = _arg("an int >= 0", lambda t: check_int(int(t), "layer", low=0))
     sp.add_argument("--layer", type=layer, default=None, metavar="L", help="only this layer")
     add("diff", "what changed between versions A and B", pair=True)

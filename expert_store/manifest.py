@@ -100,21 +100,12 @@ _TMP_RE = re.compile(r"^\.v\d{8,}\..*\.tmp$", re.ASCII | re.DOTALL)
 class Manifest:
     """One version of a store: its placement, live ranks, checkpoint and checksums.
 
-    Attributes:
-        version: this version (>= 1).
-        parent: the version it was derived from; None for the first.
-        created: creation time, unix seconds.
-        reason: why this version exists ("create", "rebalance", ...).
-        spec: what one expert is made of.
-        num_layers, num_experts, num_ranks, slots_per_rank: L, E, R, S.
-        ranks_per_node: ranks per host, or None when unknown.
-        phy2log: int64 ``[L, P]``.
-        alive: bool ``[R]``, the live ranks.
-        checkpoint: ``Checkpoint.to_dict()``: ``{"path": str, "names": {str: str | [str]},
-            "layers": [int] | None}``.
-        checksums: int64 ``[L, E]``, the checksum of each (layer, logical expert).
-        stats: rebalance statistics (str keys; int, finite float, str or bool values).
-        format_version: the file format; only :data:`FORMAT_VERSION` can be written.
+    The fields are those of the file (types and ranges in the module docstring), arrays as torch
+    tensors. ``parent`` is the version this one was derived from (None for the first), ``reason``
+    why it exists ("create", "rebalance", ...), ``ranks_per_node`` None when unknown, ``phy2log``
+    the logical expert in each physical slot, ``alive`` the live ranks, ``checkpoint`` a
+    ``Checkpoint.to_dict()``, ``checksums`` the checksum of each (layer, logical expert),
+    ``stats`` the rebalance statistics. Only :data:`FORMAT_VERSION` can be written.
     """
 
     version: int
@@ -335,11 +326,9 @@ def _decode_array(d: dict, key: str, source: str) -> torch.Tensor:
         )
     # astype copies into native byte order and gives torch a writable array.
     arr = np.frombuffer(data, dtype=np_dtype).astype(np_dtype.newbyteorder("="))
-    if name == "bool":
-        if arr.size and int(arr.max()) > 1:
-            raise ManifestError(f"{source}: array {key!r} (bool) holds a byte other than 0 or 1")
-        return torch.from_numpy(arr.view(np.bool_)).reshape(shape)
-    return torch.from_numpy(arr).reshape(shape)
+    if name == "bool" and arr.size and int(arr.max()) > 1:
+        raise ManifestError(f"{source}: array {key!r} (bool) holds a byte other than 0 or 1")
+    return torch.from_numpy(arr.view(np.bool_) if name == "bool" else arr).reshape(shape)
 
 
 _SURROGATES = re.compile("[\udc80-\udcff]")
@@ -435,12 +424,8 @@ def manifest_to_json(m: Manifest) -> dict[str, Any]:
         "names": names,
         "layers": None if ck["layers"] is None else list(ck["layers"]),
     }
-    created_iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.created))
-    return j | {
-        "created_iso": created_iso,
-        "expert_nbytes": m.spec.nbytes,
-        "placement_digest": m.placement().digest().hex(),
-    }
+    j["created_iso"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.created))
+    return j | {"expert_nbytes": m.spec.nbytes, "placement_digest": m.placement().digest().hex()}
 
 
 # --------------------------------------------------------------------------- the log
@@ -681,8 +666,7 @@ class ManifestLog:
         removed at the same time), ascending.
         """
         keep = check_int(keep, "keep", low=1, where=f"{self.dir}: prune")
-        versions = self.versions()
-        doomed = versions[:-keep] if len(versions) > keep else []
+        doomed = self.versions()[:-keep]
         for v in doomed:
             try:
                 self.path_of(v).unlink()
@@ -711,19 +695,16 @@ class PreparedManifest:
         final = log.path_of(m.version)
         if self.tmp is None:
             raise ManifestError(f"{final}: this prepared manifest was already published or discarded")
+        # Listed first, so that a rank sharing this root that commits this version meanwhile is seen below.
+        latest = log.latest()
         if log._same_as_committed(final, data, m.version):
             _fsync_dir(log.dir)  # the first writer may have crashed before its own directory fsync
             return final
-        latest = log.latest()
         if adopt and latest is not None and m.version <= latest:
             raise ManifestError(
                 f"{final}: cannot adopt version {m.version}: this log already has version {latest} of another history"
             )
         if not adopt and m.parent != latest:
-            # Another rank sharing this root may have committed the same version since the check above.
-            if log._same_as_committed(final, data, m.version):
-                _fsync_dir(log.dir)
-                return final
             raise ManifestError(
                 f"{final}: parent {m.parent} is not the latest committed version ({latest}) of {log.dir}"
             )
