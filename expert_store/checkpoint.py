@@ -1,22 +1,11 @@
 """Read experts out of safetensors checkpoints, only the bytes that are needed.
 
-Symbols: H hidden size, I expert intermediate size.
-
-A :class:`Checkpoint` maps each spec tensor (``"w13"``) to one or more
-checkpoint tensor names built from templates with ``{layer}`` and ``{expert}``
-(``"model.layers.{layer}.mlp.experts.{expert}.gate_proj.weight"``). Several
-templates are concatenated along dim 0, in order: gate_proj + up_proj give
-``w13 [2I, H]``. Store layer ``i`` is checkpoint layer ``layers[i]`` when
-``layers`` is given (DeepSeek-V3's MoE layers start at checkpoint layer 3).
-
-Reads never touch bytes of experts that were not asked for. The byte ranges
-come from headers parsed by :mod:`expert_store.safetensors_file`; the data
-moves by ``preadv`` only, straight into CPU destinations, or for CUDA
-destinations into pinned host staging (``staging_bytes`` in total) from which
-``non_blocking`` copies on a side stream fill the destination views; an event
-per staging buffer says when it may be refilled, so reading the next chunk
-overlaps the host-to-device copy of the previous ones. No device memory other
-than the destinations is used.
+Tensor names come from templates (see :class:`Checkpoint`); the byte ranges from headers parsed
+by :mod:`expert_store.safetensors_file`. The data moves by ``preadv`` only, straight into CPU
+destinations, or for CUDA destinations into pinned host staging (``staging_bytes`` in total) from
+which ``non_blocking`` copies on a side stream fill the destination views; an event per staging
+buffer says when it may be refilled, so reading the next chunk overlaps the host-to-device copy of
+the previous ones. No device memory other than the destinations is used.
 
 **Warm and cold reads are scheduled apart.** Ranges are sorted by (file,
 offset) and cut into reads, each classified *warm* (a few of its pages are in

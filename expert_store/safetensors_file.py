@@ -7,17 +7,10 @@ A safetensors file is::
                                        "__metadata__": {str: str} (optional)}
     bytes [8 + N, size)   data section; tensor ``name`` is bytes [8 + N + begin, 8 + N + end)
 
-:func:`parse_header` reads only the first ``8 + N`` bytes and checks every
-entry against the file size, so that later reads can trust the byte ranges; it
-also records which file it parsed (device, inode, size, mtime).
-:class:`ShardFile` reads byte ranges of that file with ``preadv`` and refuses,
-with CheckpointError, a file that is no longer the one parsed (truncated,
-rewritten or replaced): its header would point at the wrong bytes. Nothing
-here reads through a memory map, where a truncated file raises SIGBUS instead
-of a short read.
-
-Every problem is a :class:`~expert_store.errors.CheckpointError` whose message
-names the file (and the tensor, where there is one).
+:func:`parse_header` checks every entry against the file size, so that later reads can trust the
+byte ranges; :class:`ShardFile` reads them with ``preadv``, never through a memory map (where a
+truncated file raises SIGBUS instead of a short read). Every problem is a
+:class:`~expert_store.errors.CheckpointError` naming the file (and the tensor, where there is one).
 """
 
 from __future__ import annotations
@@ -27,6 +20,7 @@ import ctypes
 import ctypes.util
 import itertools
 import json
+import math
 import mmap
 import os
 import struct
@@ -48,34 +42,18 @@ __all__ = [
     "parse_header",
 ]
 
-# safetensors dtype string -> torch dtype. The packed sub-byte formats (F4,
-# F6_*) are left out on purpose: their "shape" counts values, not bytes of a
-# torch dtype, so numel * itemsize would not give their size.
+# safetensors dtype string -> torch dtype (safetensors name=torch name; the newer float8 and
+# unsigned types only where this torch has them). The packed sub-byte formats (F4, F6_*) are left
+# out on purpose: their "shape" counts values, not bytes of a torch dtype, so numel * itemsize
+# would not give their size.
+_ST_TORCH_NAMES = (
+    "F64=float64 F32=float32 F16=float16 BF16=bfloat16 F8_E4M3=float8_e4m3fn F8_E5M2=float8_e5m2 I64=int64 "
+    "I32=int32 I16=int16 I8=int8 U8=uint8 BOOL=bool C64=complex64 F8_E4M3FNUZ=float8_e4m3fnuz "
+    "F8_E5M2FNUZ=float8_e5m2fnuz F8_E8M0=float8_e8m0fnu U16=uint16 U32=uint32 U64=uint64"
+)
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "C64": torch.complex64,
+    st: getattr(torch, name) for st, name in (p.split("=") for p in _ST_TORCH_NAMES.split()) if hasattr(torch, name)
 }
-for _st_name, _torch_name in (
-    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
-    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
-    ("F8_E8M0", "float8_e8m0fnu"),
-    ("U16", "uint16"),
-    ("U32", "uint32"),
-    ("U64", "uint64"),
-):
-    if hasattr(torch, _torch_name):
-        SAFETENSORS_DTYPES[_st_name] = getattr(torch, _torch_name)
 
 _ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in SAFETENSORS_DTYPES.values()}
 
@@ -152,10 +130,7 @@ def _parse_entry(path: str, name: str, raw: object, data_size: int, data_offset:
             f"{where}: data_offsets [{begin}, {end}] run past the data section ({data_size} bytes; "
             f"file truncated or header corrupt)"
         )
-    numel = 1
-    for d in shape:
-        numel *= d
-    expected = numel * _ITEMSIZE[dtype]
+    expected = math.prod(shape) * _ITEMSIZE[dtype]
     if end - begin != expected:
         raise CheckpointError(
             f"{where}: data_offsets [{begin}, {end}] hold {end - begin} bytes but shape {shape} of {st_dtype} "
