@@ -490,8 +490,7 @@ class ManifestLog:
 
     def latest(self) -> int | None:
         """The newest committed version, or None if there is none."""
-        vs = self.versions()
-        return vs[-1] if vs else None
+        return max(self.versions(), default=None)
 
     def read(self, version: int | None = None) -> Manifest:
         """Read and check one version (None: the latest committed).
