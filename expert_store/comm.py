@@ -213,7 +213,7 @@ class Comm:
             return
         deadline = timedelta(seconds=self.timeout_s)
 
-        def wait_one(w) -> float:
+        def wait_one(w) -> tuple[float, RuntimeError | None]:
             try:
                 w.wait(timeout=deadline)
             except RuntimeError as e:
@@ -231,9 +231,9 @@ class Comm:
                 results.append((f.result(), futures[f]))
                 if results[-1][0][1] is not None:
                     break  # the first failure names the peer; the other waits end at their deadline
-        failed = sorted((t, p, e) for (t, e), p in results if e is not None)
+        failed = [(t, p, e) for (t, e), p in results if e is not None]
         if failed:
-            t, p, e = failed[0]
+            t, p, e = min(failed, key=lambda f: f[0])  # the earliest failure
             raise self._failure(p, e, t - t0, what)
 
     def _messages_on(self):
@@ -385,13 +385,13 @@ class Gather:
 
     def __init__(self, comm: Comm, live: list[int], row: torch.Tensor, kind: Kind, what: str) -> None:
         self.comm, self.live, self.kind, self.what = comm, live, kind, what
+        self.table: torch.Tensor | None = None
+        if len(live) == 1:  # nobody to talk to (150 us of header building saved per message)
+            self.table = row.unsqueeze(0).clone()
+            return
         self.view = call_id(struct.pack(f"<{len(live)}q", *live))
         k = row.numel()
         self.mine = torch.cat([torch.tensor(comm._header(kind, self.view, 8 * k), dtype=torch.int64), row])
-        self.table: torch.Tensor | None = None
-        if len(live) == 1:
-            self.table = row.unsqueeze(0).clone()
-            return
         dev, n = comm.transport_device, HEADER_WORDS + k
         self.row_tag = _tag(comm.call, kind, 0, 0)
         self.hdr_tag = _tag(comm.call, Kind.TABLE, int(kind), 0)

@@ -37,7 +37,7 @@ from .checkpoint import Checkpoint
 from .comm import Comm
 from .errors import IntegrityError, PeerTimeoutError, StoreError
 from .layout import ResidentSlabs
-from .plan import DiskRead, Move, PostCopy, RebalancePlan, Round, merge_plans
+from .plan import DiskRead, Move, RebalancePlan, Round, merge_plans
 
 __all__ = [
     "BackgroundCall",
@@ -47,7 +47,6 @@ __all__ = [
     "RoundRunner",
     "copy_slots",
     "run_disk_reads",
-    "run_post_copies",
 ]
 
 
@@ -236,39 +235,28 @@ class RoundRunner:
         stats.staging_peak = max(stats.staging_peak, self.staging_peak)
         if not self.ios:
             return
-        n, nbuf = len(self.ios), len(self.bufs)
+        n, ahead = len(self.ios), len(self.bufs) == 2
         t_pack = t_wait = t_unpack = 0.0
         self.prepack()
-        if nbuf == 1:
-            # One buffer: each round is packed, exchanged and unpacked before the next.
-            for k in range(n):
-                t0 = time.perf_counter()
-                if self.packed <= k:
-                    self._pack(k)
-                works = self._issue(k)
-                t1 = time.perf_counter()
-                self.comm.finish_exchange(works)
-                t2 = time.perf_counter()
-                self._unpack(k)
-                t_pack += t1 - t0
-                t_wait += t2 - t1
-                t_unpack += time.perf_counter() - t2
-        else:
-            # Two buffers: pack(k+1) is queued before round k's transfer is waited for, and the
-            # transfer of round k+1 is issued before round k is unpacked.
-            works = self._issue(0)
-            for k in range(n):
-                t0 = time.perf_counter()
-                if k + 1 < n:
-                    self._pack(k + 1)
-                t1 = time.perf_counter()
-                self.comm.finish_exchange(works)
-                t2 = time.perf_counter()
-                works = self._issue(k + 1) if k + 1 < n else []
-                self._unpack(k)
-                t_pack += t1 - t0
-                t_wait += t2 - t1
-                t_unpack += time.perf_counter() - t2
+        # One buffer: each round is packed, exchanged and unpacked before the next. Two: pack(k+1)
+        # is queued before round k's transfer is waited for, and the transfer of round k+1 is
+        # issued before round k is unpacked.
+        works = None
+        for k in range(n):
+            t0 = time.perf_counter()
+            if self.packed <= k:
+                self._pack(k)
+            works = works or self._issue(k)
+            if ahead and k + 1 < n:
+                self._pack(k + 1)
+            t1 = time.perf_counter()
+            self.comm.finish_exchange(works)
+            t2 = time.perf_counter()
+            works = self._issue(k + 1) if ahead and k + 1 < n else None
+            self._unpack(k)
+            t_pack += t1 - t0
+            t_wait += t2 - t1
+            t_unpack += time.perf_counter() - t2
         for key, t in (("host_pack", t_pack), ("host_wait", t_wait), ("host_unpack", t_unpack)):
             stats.seconds[key] = stats.seconds.get(key, 0.0) + t
 
@@ -465,19 +453,6 @@ def copy_slots(
     return buf.numel()
 
 
-def run_post_copies(
-    copies: Sequence[PostCopy], *, slabs: ResidentSlabs, budget: int, scratch: torch.Tensor | None = None
-) -> int:
-    return copy_slots(
-        slabs,
-        [c.layer for c in copies],
-        [c.src_slot for c in copies],
-        [c.dst_slot for c in copies],
-        budget=budget,
-        scratch=scratch,
-    )
-
-
 class RebalanceRun:
     """Everything this rank does to put its bytes in place for one rebalance, in one object:
     the rounds of every chunk (:class:`ChunkedRun`), the checkpoint reads, the post copies,
@@ -547,7 +522,14 @@ class RebalanceRun:
             t0 = time.perf_counter()
             mine = [c for c in plan.post_copies if c.rank == self.rank]
             scratch = self.arena if self.arena is not None and self.arena.numel() >= self.staging_bytes else None
-            used = run_post_copies(mine, slabs=self.slabs, budget=self.staging_bytes // 2, scratch=scratch)
+            used = copy_slots(
+                self.slabs,
+                [c.layer for c in mine],
+                [c.src_slot for c in mine],
+                [c.dst_slot for c in mine],
+                budget=self.staging_bytes // 2,
+                scratch=scratch,
+            )
             self.stats.staging_peak = max(self.stats.staging_peak, used)
             self.comm.sync_device(self.slabs.device, what="post copies")
             phases["local_copy"] = time.perf_counter() - t0

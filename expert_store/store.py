@@ -23,6 +23,7 @@ used by one thread at a time: a call made while another runs raises at once.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 import threading
@@ -43,7 +44,7 @@ from .comm import DEFAULT_TIMEOUT_S, Comm, Kind, call_id
 from .errors import AgreementError, IntegrityError, ManifestError, PlacementError, StoreError
 from .execute import RebalanceRun, copy_slots
 from .layout import ResidentSlabs, SlabLayout
-from .manifest import Manifest, ManifestLog, PreparedManifest, check_keep_versions, decode_manifest
+from .manifest import Manifest, ManifestLog, PreparedManifest, check_keep_versions, decode_manifest, store_difference
 from .messages import Agreement, Completion, Outcome, Status, digest_words, new_nonce
 from .placement import Placement
 from .plan import RebalancePlan, plan_chunks
@@ -78,6 +79,16 @@ class RebalanceReport:
     staging_peak: int = 0
     rounds: int = 0
     verified: bool = True
+
+
+class _Where(NamedTuple):
+    """Where a store lives: its rank in which group, on which device, with which deadline."""
+
+    rank: int | None
+    world_size: int | None
+    device: object
+    group: object
+    timeout_s: float
 
 
 class _Call(NamedTuple):
@@ -130,7 +141,7 @@ class ExpertStore:
 
     # ------------------------------------------------------------------ setup
     @classmethod
-    def _new(cls, root, *, spec, placement, checkpoint, rank, world_size, device, group, ranks_per_node, timeout_s):
+    def _new(cls, root, spec, placement, checkpoint, ranks_per_node, where: _Where) -> ExpertStore:
         self = cls(_token=_PRIVATE)
         self._lock = threading.Lock()
         self._running: str | None = None
@@ -145,7 +156,7 @@ class ExpertStore:
             raise StoreError(f"checkpoint must be an es.Checkpoint, got {type(checkpoint).__name__}")
         if not isinstance(root, (str, os.PathLike)):
             raise StoreError(f"root must be a path, got {type(root).__name__} {root!r}")
-        rank, world_size = _resolve_ranks(rank, world_size, group)
+        rank, world_size = _resolve_ranks(where.rank, where.world_size, where.group)
         if placement.num_ranks != world_size:
             raise StoreError(
                 f"rank {rank}: the placement is for {placement.num_ranks} ranks, world_size is {world_size}"
@@ -157,7 +168,7 @@ class ExpertStore:
         self.checkpoint = checkpoint
         self.rank = rank
         self.world_size = world_size
-        self.device = check_device(device, where=f"rank {rank}")
+        self.device = check_device(where.device, where=f"rank {rank}")
         self.ranks_per_node = ranks_per_node
         self._placement = placement  # the current manifest's (set with it in _adopt)
         self._empty = False  # joined: this rank's memory holds nothing yet
@@ -165,16 +176,16 @@ class ExpertStore:
         self._staging: torch.Tensor | None = None  # reserve_staging()
         self.layout = SlabLayout.build(spec, num_layers=placement.num_layers, slots=placement.slots_per_rank)
         self.log = ManifestLog(self.root)
-        self._comm = Comm(
-            group, rank=rank, world_size=world_size, device=self.device, timeout_s=check_timeout(timeout_s)
-        )
+        timeout_s = check_timeout(where.timeout_s)
+        self._comm = Comm(where.group, rank=rank, world_size=world_size, device=self.device, timeout_s=timeout_s)
         self.slabs = ResidentSlabs(self.layout, self.device)
         _warm_kernels(self.slabs)
         return self
 
-    def _adopt(self, manifest: Manifest) -> None:
-        """Make ``manifest`` the store's current version (the one place its state changes)."""
-        self._placement = manifest.placement()
+    def _adopt(self, manifest: Manifest, placement: Placement | None = None) -> None:
+        """Make ``manifest`` the store's current version (the one place its state changes);
+        ``placement``: its placement when the caller holds it already validated."""
+        self._placement = manifest.placement() if placement is None else placement
         self._manifest = manifest
 
     @classmethod
@@ -197,16 +208,7 @@ class ExpertStore:
         Collective over all R ranks (all are alive at creation). ``rank`` and
         ``world_size`` default to the process group's (one process: 0 and 1)."""
         self = cls._new(
-            root,
-            spec=spec,
-            placement=placement,
-            checkpoint=checkpoint,
-            rank=rank,
-            world_size=world_size,
-            device=device,
-            group=group,
-            ranks_per_node=ranks_per_node,
-            timeout_s=timeout_s,
+            root, spec, placement, checkpoint, ranks_per_node, _Where(rank, world_size, device, group, timeout_s)
         )
         live = list(range(self.world_size))
         existing = self.log.latest()
@@ -236,16 +238,18 @@ class ExpertStore:
         checksums = self._gather_checksums(self._own_checksums(), live)
         # Every rank commits the same bytes (a shared root accepts identical commits): the
         # creation time is the leader's.
-        m = self._manifest_for(
-            version=1, parent=None, reason="create", created=rows[0].clock_ns / 1e9, placement=placement,
-            alive=torch.ones(self.world_size, dtype=torch.bool), checksums=checksums, stats={},
+        m = Manifest(
+            version=1, parent=None, created=rows[0].clock_ns / 1e9, reason="create", spec=spec,
+            num_layers=placement.num_layers, num_experts=placement.num_experts, num_ranks=self.world_size,
+            slots_per_rank=placement.slots_per_rank, ranks_per_node=self.ranks_per_node, phy2log=placement.phy2log,
+            alive=torch.ones(self.world_size, dtype=torch.bool), checkpoint=checkpoint.to_dict(), checksums=checksums,
         )  # fmt: skip
         self.log.commit(m)
-        self._adopt(m)
+        self._adopt(m, placement)
         return self
 
     @classmethod
-    def _from_manifest(cls, root, *, checkpoint, rank, world_size, device, group, timeout_s):
+    def _from_manifest(cls, root, checkpoint, where: _Where) -> ExpertStore:
         if not isinstance(root, (str, os.PathLike)):
             raise StoreError(f"root must be a path, got {type(root).__name__} {root!r}")
         log = ManifestLog(Path(root))
@@ -261,19 +265,9 @@ class ExpertStore:
                 raise StoreError(
                     f"checkpoint name mapping/layers differ from those recorded in {log.path_of(m.version)}"
                 )
-        self = cls._new(
-            root,
-            spec=m.spec,
-            placement=m.placement(),
-            checkpoint=checkpoint,
-            rank=rank,
-            world_size=world_size,
-            device=device,
-            group=group,
-            ranks_per_node=m.ranks_per_node,
-            timeout_s=timeout_s,
-        )
-        self._adopt(m)
+        placement = m.placement()
+        self = cls._new(root, m.spec, placement, checkpoint, m.ranks_per_node, where)
+        self._adopt(m, placement)
         return self
 
     @classmethod
@@ -292,15 +286,7 @@ class ExpertStore:
 
         Not collective: each rank reopens on its own. ``checkpoint=None`` uses the checkpoint
         recorded in the manifest. The way back after a failed call: see the README."""
-        self = cls._from_manifest(
-            root,
-            checkpoint=checkpoint,
-            rank=rank,
-            world_size=world_size,
-            device=device,
-            group=group,
-            timeout_s=timeout_s,
-        )
+        self = cls._from_manifest(root, checkpoint, _Where(rank, world_size, device, group, timeout_s))
         m = self._manifest
         if not bool(m.alive[self.rank]):
             raise StoreError(
@@ -326,15 +312,7 @@ class ExpertStore:
     ) -> ExpertStore:
         """A restarted rank: an empty store at the current version; fill it with
         ``rebalance(..., fresh=(rank,))`` called by every live rank."""
-        self = cls._from_manifest(
-            root,
-            checkpoint=checkpoint,
-            rank=rank,
-            world_size=world_size,
-            device=device,
-            group=group,
-            timeout_s=timeout_s,
-        )
+        self = cls._from_manifest(root, checkpoint, _Where(rank, world_size, device, group, timeout_s))
         self._empty = True
         return self
 
@@ -746,14 +724,9 @@ class ExpertStore:
             return
         data = self._comm.recv_blob(ref, what=what)
         m = decode_manifest(data, source=f"current manifest received from rank {ref}")
-        mine = self._manifest
-        if m.spec != self.spec or (m.num_layers, m.num_experts, m.num_ranks, m.slots_per_rank) != (
-            mine.num_layers,
-            mine.num_experts,
-            mine.num_ranks,
-            mine.slots_per_rank,
-        ):
-            raise ManifestError(f"rank {self.rank}: the manifest from rank {ref} describes another store")
+        differs = store_difference(m, self._manifest)
+        if differs is not None:
+            raise ManifestError(f"rank {self.rank}: the manifest from rank {ref} describes another store ({differs})")
         if (self.log.latest() or 0) < m.version:
             self.log.commit(m, adopt=True)
         self._adopt(m)
@@ -819,7 +792,7 @@ class ExpertStore:
         except BaseException:
             fail(f"commit under {self.root} failed")
             raise
-        self._adopt(prepared[0].manifest)
+        self._adopt(prepared[0].manifest, call.new)
         if self._keep_versions is not None:
             self.log.prune(keep=self._keep_versions)
         phases["commit"] = time.perf_counter() - t0
@@ -839,44 +812,19 @@ class ExpertStore:
 
     # ------------------------------------------------------------------ manifests
     def _next_manifest(self, call: _Call, run: RebalanceRun, created: float, version: int) -> Manifest:
+        """The current manifest moved to ``call.new``, with the rebalance's statistics."""
         plan: RebalancePlan = run.plan
-        totals = {
+        stats = {
             k: sum(getattr(a, k) for a in plan.accounts.values()) for k in ("bytes_p2p", "bytes_local", "bytes_disk")
         }
-        stats = {
-            **totals,
-            "moves": len(plan.moves),
-            "disk_reads": len(plan.disk_reads),
-            "post_copies": len(plan.post_copies),
-            "rounds": run.rounds.rounds,
-            "staging_bytes": call.staging_bytes,
-            "round_bytes": call.round_bytes,
-            "live_ranks": len(call.live),
-            "fresh_ranks": len(call.fresh),
-        }
-        return self._manifest_for(
-            version=version, parent=self.version, reason="rebalance", created=created, placement=call.new,
-            alive=torch.tensor(call.alive, dtype=torch.bool), checksums=self._manifest.checksums, stats=stats,
+        stats.update(moves=len(plan.moves), disk_reads=len(plan.disk_reads), post_copies=len(plan.post_copies),
+                     rounds=run.rounds.rounds, staging_bytes=call.staging_bytes, round_bytes=call.round_bytes,
+                     live_ranks=len(call.live), fresh_ranks=len(call.fresh))  # fmt: skip
+        return dataclasses.replace(
+            self._manifest, version=version, parent=self.version, created=created, reason="rebalance",
+            phy2log=call.new.phy2log, alive=torch.tensor(call.alive, dtype=torch.bool),
+            checkpoint=self.checkpoint.to_dict(), stats=dict(sorted(stats.items())),
         )  # fmt: skip
-
-    def _manifest_for(self, *, version, parent, reason, created, placement, alive, checksums, stats) -> Manifest:
-        return Manifest(
-            version=version,
-            parent=parent,
-            created=created,
-            reason=reason,
-            spec=self.spec,
-            num_layers=placement.num_layers,
-            num_experts=placement.num_experts,
-            num_ranks=self.world_size,
-            slots_per_rank=placement.slots_per_rank,
-            ranks_per_node=self.ranks_per_node,
-            phy2log=placement.phy2log,
-            alive=alive.clone(),
-            checkpoint=self.checkpoint.to_dict(),
-            checksums=checksums.clone(),
-            stats=dict(sorted(stats.items())),
-        )
 
     def __repr__(self) -> str:
         L, S = self.layout.num_layers, self.layout.slots

@@ -113,13 +113,21 @@ def other_view_of_alive(rank, world, info, root):
     rep = store.rebalance(_rotation(p0))
     assert rep.version == 2
     assert_slots_exact(store, info, what="after the retry")
+    # The README's recovery for a group that may hold stale messages: a new group, then open.
+    store.close()
+    group = torch.distributed.new_group(list(range(world)))
+    again = es.ExpertStore.open(root, checkpoint=info.checkpoint(), group=group, timeout_s=20.0)
+    assert (again.rank, again.version) == (rank, 2)
+    assert again.rebalance(p0).version == 3
+    assert_slots_exact(again, info, what="on a new group")
     return "ok"
 
 
 @pytest.mark.timeout(180)
 def test_ranks_with_another_view_of_alive_all_raise(tmp_path, qwen):
     """Ranks that disagree on `alive` all raise AgreementError at once (no process dies, nothing is
-    committed), and an agreeing retry on the same process group commits."""
+    committed); an agreeing retry on the same process group commits, and so does a store reopened
+    on a new group (the README's recovery)."""
     assert run_ranks(other_view_of_alive, 3, qwen, tmp_path / "store", timeout_s=150) == ["ok"] * 3
 
 
