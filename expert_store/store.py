@@ -679,7 +679,10 @@ class ExpertStore:
             raise run
         refused = {r: a.status for r, a in zip(live, rows) if a.status != Status.READY}
         if refused:
-            why = {Status.REFUSED: "bad arguments", Status.NOT_PREPARED: "no plan or no staging memory for it"}
+            why = {
+                Status.REFUSED: "bad arguments, or a store to reopen",
+                Status.NOT_PREPARED: "no plan or no staging memory for it",
+            }
             raise StoreError(
                 f"rank {self.rank}: rebalance refused before anything moved by "
                 + ", ".join(f"rank {r} ({why.get(s, s.name)})" for r, s in sorted(refused.items()))
