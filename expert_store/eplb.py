@@ -1,25 +1,16 @@
 """Placement policy: expert-parallel load balancing (EPLB) and load measurement.
 
-Symbols:
+Symbols: L MoE layers; E logical experts per layer; G expert groups (group-limited routing),
+E % G == 0; N nodes; R GPUs (ranks), R % N == 0; S slots per GPU; P = R * S physical slots, P >= E.
+Slot p lives on GPU ``p // S`` and node ``p // (P // N)``.
 
-* L: MoE layers; E: logical experts per layer;
-* G: expert groups (group-limited routing), E % G == 0, each group E // G experts;
-* N: nodes; R: GPUs (ranks), R % N == 0, R // N GPUs per node;
-* S: slots per GPU; P = R * S physical slots, P >= E. Slot p lives on GPU
-  ``p // S`` and node ``p // (P // N)``.
-
-:func:`rebalance_experts` has the signature and output meaning of DeepSeek's
-open-source ``eplb.rebalance_experts`` (this is an independent implementation)
-and adds ``previous=``: given the placement in service, it returns a placement
-with the same load balance that leaves as many (slot -> expert) entries
-unchanged as it can, because every changed slot is weight bytes the store must
-move. :class:`LoadCounter` measures the load it needs, on the device, without
-host synchronization.
-
-Planning is pure CPU tensor arithmetic, vectorized over layers (and over nodes
-inside a layer): the greedy loops run once per item of one node, not once per
-(layer, item), which is what keeps a DeepSeek-V3-sized plan well under a
-millisecond per layer.
+:func:`rebalance_experts` has the signature and output meaning of DeepSeek's open-source
+``eplb.rebalance_experts`` (an independent implementation) and adds ``previous=``: the same balance,
+keeping as many (slot -> expert) entries of the placement in service as it can, since every changed
+slot is weight bytes to move. :class:`LoadCounter` measures the load on the device without host
+syncs. Planning is CPU tensor arithmetic vectorized over layers (and over nodes inside a layer): the
+greedy loops run once per item of one node, not per (layer, item), which keeps a DeepSeek-V3-sized
+plan well under a millisecond per layer.
 """
 
 from __future__ import annotations
@@ -33,10 +24,9 @@ from .errors import PlacementError
 
 __all__ = ["LoadCounter", "rebalance_experts"]
 
-# Local search after the greedy GPU matching stops after this many rounds per
-# matched item. Each round gains at least one kept slot; on zipf loads at
-# DeepSeek-V3 sizes (L = 58, E = 256, R = 32 and 64, the benchmark's inputs) it
-# settled within 4 rounds, so the cap only bounds the worst case.
+# Rounds of local search per matched item after the greedy GPU matching. Each round keeps at least one
+# more slot; on zipf loads at DeepSeek-V3 sizes (L = 58, E = 256, R = 32 and 64, the benchmark's inputs)
+# it settled within 4 rounds, so the cap only bounds the worst case.
 _SWAP_ROUNDS_PER_ITEM = 4
 
 
@@ -61,11 +51,10 @@ def _check_weight(weight: Any) -> torch.Tensor:
         raise PlacementError(f"weight must be 2-D [L, E] (layers, logical experts), got shape {list(weight.shape)}")
     if weight.dtype == torch.bool or weight.is_complex():
         raise PlacementError(f"weight must hold real loads (a float or integer dtype), got {weight.dtype}")
-    L, E = weight.shape
-    if L == 0 or E == 0:
+    if 0 in weight.shape:
         raise PlacementError(f"weight must have at least one layer and one expert, got shape {list(weight.shape)}")
-    # float64 holds every integer count below 2**53 exactly and keeps the greedy
-    # sums order-independent in practice; planning runs on the CPU by design.
+    # float64 holds every integer count below 2**53 exactly and keeps the greedy sums order-independent
+    # in practice; planning runs on the CPU by design.
     w = weight.detach().to(device="cpu", dtype=torch.float64)
     bad = ~torch.isfinite(w) | (w < 0)
     if bool(bad.any()):
@@ -100,18 +89,11 @@ def _check_previous(previous: Any, L: int, E: int, P: int) -> torch.Tensor:
 
 
 def _pack_equal(load: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy balanced packing of n items into ``num_packs`` packs of exactly n / num_packs items.
+    """Greedy balanced packing of the n items of each row of ``load`` (float64 [B, n], n a multiple
+    of num_packs) into ``num_packs`` packs of n / num_packs items: heaviest first, each to the
+    lightest pack with room (longest-processing-time first with a cardinality limit).
 
-    Items are taken heaviest first and each goes to the lightest pack that still
-    has room (longest-processing-time first with a cardinality limit), for all B
-    rows at once.
-
-    Args:
-        load: float64 [B, n], n a multiple of num_packs.
-
-    Returns:
-        pack: int64 [B, n], the pack of each item;
-        pos: int64 [B, n], the item's place inside its pack, in [0, n / num_packs).
+    Returns int64 [B, n] twice: the pack of each item, and its place in the pack.
     """
     B, n = load.shape
     per_pack = n // num_packs
@@ -141,16 +123,13 @@ def _pack_equal(load: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch
 
 
 def _replicate(load: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Give n experts ``num_slots`` >= n replicas: one each, then each extra one to the expert
-    with the highest load per replica (ties: fewest replicas, then lowest id, so an idle layer
-    spreads its extra replicas instead of piling them on expert 0).
+    """Give the n experts of each row of ``load`` (float64 [B, n]) ``num_slots`` >= n replicas: one
+    each, then each extra one to the expert with the highest load per replica (ties: fewest
+    replicas, then lowest id, so an idle layer spreads its extra replicas instead of piling them
+    on expert 0).
 
-    Args:
-        load: float64 [B, n].
-
-    Returns:
-        slot_item: int64 [B, num_slots], the expert of each replica (the first n are 0..n-1);
-        count: int64 [B, n], replicas per expert.
+    Returns slot_item int64 [B, num_slots], the expert of each replica (the first n are 0..n-1),
+    and count int64 [B, n], replicas per expert.
     """
     B, n = load.shape
     rows = torch.arange(B)
@@ -186,8 +165,7 @@ def _plan(w: torch.Tensor, P: int, G: int, N: int, R: int) -> torch.Tensor:
         meta_of_log = group_start.repeat_interleave(group_size, dim=1) + torch.arange(E) % group_size
         log_of_meta = torch.empty_like(meta_of_log).scatter_(1, meta_of_log, torch.arange(E).expand(L, E))
 
-    # 2. Inside each node, replicate its experts to fill the node's slots; all
-    # (layer, node) pairs are independent rows.
+    # 2. Inside each node, replicate its experts to fill its slots; (layer, node) pairs are independent rows.
     node_load = w.gather(1, log_of_meta).reshape(L * N, experts_per_node)
     slot_item, count = _replicate(node_load, slots_per_node)  # local meta ids
 
@@ -203,9 +181,8 @@ def _plan(w: torch.Tensor, P: int, G: int, N: int, R: int) -> torch.Tensor:
 def _occurrence(x: torch.Tensor) -> torch.Tensor:
     """int64 [..., S]: k where ``x[..., s]`` is the k-th occurrence (from 0) of its value in its row.
 
-    (expert, occurrence) pairs name expert copies: two GPUs share a pair once for
-    every copy of an expert both hold, so equal pairs count the slots that can
-    stay put (multiset intersection).
+    (expert, occurrence) pairs name expert copies: two GPUs share a pair once for every copy of an
+    expert both hold, so equal pairs count the slots that can stay put (multiset intersection).
     """
     S = x.shape[-1]
     earlier = torch.ones(S, S, dtype=torch.bool).tril(diagonal=-1)  # [k, j]: j < k
@@ -215,26 +192,19 @@ def _occurrence(x: torch.Tensor) -> torch.Tensor:
 def _match(score: torch.Tensor) -> torch.Tensor:
     """Assignment maximizing the total score, approximately: greedy then pairwise swaps.
 
-    The start is the better of the greedy assignment and the identity, and swaps
-    only ever raise the total, so the result is never worse than the identity
-    (the "do not renumber" choice). Exact Hungarian would need scipy or a Python
-    loop per layer; this runs for all B problems at once. Measured on 64 x 64
-    overlaps (R = 64 global policy, zipf load drifting 5-30%), it kept 97-98% of
-    the slots an optimal assignment keeps.
-
-    Args:
-        score: int64 [B, n, n] >= 0, score[b, i, j] for giving new item i the old place j.
-
-    Returns:
-        int64 [B, n]: the old place of each new item (a permutation per row).
+    score: int64 [B, n, n] >= 0, score[b, i, j] for giving new item i the old place j. Returns
+    int64 [B, n], the old place of each new item (a permutation per row). The start is the better
+    of the greedy assignment and the identity, and swaps only raise the total, so the result is
+    never worse than not renumbering. Exact Hungarian would need scipy or a Python loop per layer;
+    this solves all B at once and, on 64 x 64 overlaps (R = 64 global policy, zipf load drifting
+    5-30%), kept 97-98% of the slots an optimal assignment keeps.
     """
     B, n, _ = score.shape
     rows = torch.arange(B)
     if n == 1:
         return torch.zeros(B, 1, dtype=torch.int64)
-    # Greedy: the best remaining (i, j) pair, n times; argmax takes the first
-    # maximum, so ties prefer low i, then low j: contents that match their old
-    # GPU exactly stay there.
+    # Greedy: the best remaining (i, j) pair, n times; argmax takes the first maximum, so ties prefer
+    # low i, then low j: contents that match their old GPU exactly stay there.
     avail = score.clone()
     greedy = torch.empty(B, n, dtype=torch.int64)
     for _ in range(n):
@@ -258,31 +228,26 @@ def _match(score: torch.Tensor) -> torch.Tensor:
         if better.numel() == 0:
             break
         i, j = best.indices[better] // n, best.indices[better] % n
-        pi, pj = perm[better, i], perm[better, j]
-        perm[better, i] = pj
-        perm[better, j] = pi
+        perm[better, i], perm[better, j] = perm[better, j], perm[better, i]
     return perm
 
 
 def _follow_previous(phy2log: torch.Tensor, previous: torch.Tensor, E: int, N: int, R: int) -> torch.Tensor:
     """Renumber ``phy2log`` [L, P] to keep as many slots of ``previous`` [L, P] as possible.
 
-    The GPU contents (multisets of experts) stay the same, so the load balance is
-    unchanged; only which GPU gets which contents, and the slot order inside a
-    GPU, change. Contents move as whole nodes (a node's GPUs stay together, so
-    group-limited routing keeps its node-local groups), then as GPUs within the
-    node pair; inside a GPU every expert that was already there keeps its slot.
+    The GPU contents (multisets of experts), hence the load balance, stay the same; only which GPU
+    gets which contents and the slot order inside a GPU change. Contents move as whole nodes (so
+    group-limited routing keeps its node-local groups), then as GPUs within the node pair; inside
+    a GPU every expert that was already there keeps its slot.
     """
     L, P = phy2log.shape
     S = P // R
     gpn = R // N
-    new = phy2log.view(L, R, S)
-    old = previous.view(L, R, S)
+    new, old = phy2log.view(L, R, S), previous.view(L, R, S)
     occ_new = _occurrence(new)
-    # overlap[l, i, j]: slots that stay if new GPU contents i go to old GPU j (the
-    # multiset intersection): the k-th copy of expert e in i can stay iff old GPU j
-    # held more than k copies of e. Gathering j's counts costs L * P * R, where
-    # comparing all pairs of copies would cost L * P * P.
+    # overlap[l, i, j]: slots that stay if new GPU contents i go to old GPU j (the multiset intersection):
+    # the k-th copy of expert e in i can stay iff old GPU j held more than k copies of e. Gathering j's
+    # counts costs L * P * R, where comparing all pairs of copies would cost L * P * P.
     old_count = torch.zeros(L, E * R, dtype=torch.int64)
     old_count.scatter_add_(1, (old * R + torch.arange(R).view(1, R, 1)).view(L, P), torch.ones(L, P, dtype=torch.int64))
     held = old_count.view(L, E, R).gather(1, new.view(L, P, 1).expand(L, P, R))  # [l, new copy, j]
@@ -302,8 +267,8 @@ def _follow_previous(phy2log: torch.Tensor, previous: torch.Tensor, E: int, N: i
     key_old = old * S + _occurrence(old)
     keys = torch.empty_like(new).scatter_(1, index, new * S + occ_new)
 
-    # Inside each GPU: an expert copy whose key was in the old slots keeps that
-    # slot; the rest fill the freed slots in increasing slot order.
+    # Inside each GPU: an expert copy whose key was in the old slots keeps that slot; the rest fill the
+    # freed slots in increasing slot order.
     same = keys.unsqueeze(3) == key_old.unsqueeze(2)  # [L, R, S(new item), S(old slot)]
     kept = same.any(dim=3)
     kept_slot = same.to(torch.int64).argmax(dim=3)
@@ -338,38 +303,34 @@ def rebalance_experts(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Place E logical experts in P physical slots on R GPUs so that GPU loads are balanced.
 
-    When G % N == 0 the policy is hierarchical: whole expert groups go to nodes
-    (balancing node load, so group-limited routing stays inside a node), each
-    node replicates its experts to fill its P / N slots (each extra replica goes
-    to the expert with the highest load per replica), and the node's replicas are
-    packed onto its GPUs, S each, balancing GPU load. Otherwise the same is done
-    with all experts and GPUs treated as one node.
+    When G % N == 0 the policy is hierarchical: whole expert groups go to nodes (balancing node
+    load, so group-limited routing stays inside a node), each node replicates its experts to fill
+    its P / N slots (each extra replica goes to the expert with the highest load per replica), and
+    the node's replicas are packed onto its GPUs, S each, balancing GPU load. Otherwise the same is
+    done with all experts and GPUs treated as one node.
 
     Args:
-        weight: [L, E] measured load per logical expert (any real dtype, any
-            device; it is copied to the CPU as float64). Finite and >= 0.
+        weight: [L, E] measured load per logical expert, finite and >= 0 (any real dtype, any
+            device; it is copied to the CPU as float64).
         num_replicas: P, a multiple of num_gpus and >= E.
         num_groups: G, E % G == 0.
         num_nodes: N, num_gpus % N == 0.
         num_gpus: R.
-        previous: optional int64 [L, P], the phy2log in service. The result then
-            has the same GPU contents (hence the same balance) as without it, but
-            GPUs and slots are renumbered to keep as many (slot -> expert) entries
-            of ``previous`` as possible, never fewer than without it; when the
-            contents did not change, ``previous`` is returned unchanged.
+        previous: optional int64 [L, P], the phy2log in service. The result then has the same GPU
+            contents (hence the same balance) as without it, but GPUs and slots are renumbered to
+            keep as many (slot -> expert) entries of ``previous`` as possible, never fewer than
+            without it; when the contents did not change, ``previous`` is returned unchanged.
 
     Returns:
         phy2log: int64 [L, P], the logical expert in each slot;
-        log2phy: int64 [L, E, P - E + 1], each expert's slots in increasing order,
-            padded with -1 (P - E + 1, the most replicas any expert can get, as in
-            DeepSeek's EPLB: the width does not depend on the load, so an engine's
-            buffer for it never changes shape);
+        log2phy: int64 [L, E, P - E + 1], each expert's slots in increasing order, padded with -1
+            (P - E + 1, the most replicas any expert can get, as in DeepSeek's EPLB: the width does
+            not depend on the load, so an engine's buffer for it never changes shape);
         logcnt: int64 [L, E], replicas per expert (>= 1).
 
-    The result is deterministic: ties go to the lowest index everywhere. With
-    integer loads (token counts, as :class:`LoadCounter` gives) the only sums
-    over many values (group loads) are exact in float64, and every other sum
-    runs in a fixed order, so every machine computes the same placement.
+    The result is deterministic: ties go to the lowest index everywhere. With integer loads (token
+    counts, as :class:`LoadCounter` gives) the only sums over many values (group loads) are exact in
+    float64, and every other sum runs in a fixed order, so every machine computes the same placement.
 
     Raises:
         PlacementError: on malformed arguments, naming the argument and value at fault.
@@ -398,24 +359,18 @@ def rebalance_experts(
     phy2log = _plan(w, P, G, N, R)
     if prev is not None:
         phy2log = _follow_previous(phy2log, prev, E, N, R)
-    log2phy, logcnt = _logical_tables(phy2log, E, P - E + 1)
-    return phy2log, log2phy, logcnt
+    return (phy2log, *_logical_tables(phy2log, E, P - E + 1))
 
 
 class LoadCounter:
     """Tokens routed to each (layer, logical expert), summed over a sliding window of steps.
 
-    A step is one forward pass: :meth:`record` adds routed ids on the device
-    with a scatter-add (no host synchronization: bincount would read the largest
-    id back to size its output), and :meth:`step` closes the step. :meth:`load`
-    sums the last ``window`` closed steps; counts recorded since the last
-    :meth:`step` are not in it yet. :meth:`step` keeps the ring position on the
-    host, so call it outside captured CUDA graphs.
-
-    Memory: a ring buffer int32 [window, L, E] (L = 58, E = 256 and the default
-    window of 1000: 59 MB) plus two int64 [L, E] tensors (open step, window sum).
-    int32 suffices per step: a step routes each token to an expert at most once
-    per layer, and no forward pass has 2**31 tokens.
+    A step is one forward pass: :meth:`record` adds routed ids on the device with a scatter-add
+    (no host sync: bincount would read the largest id back), :meth:`step` closes the step (it keeps
+    the ring position on the host: call it outside captured CUDA graphs), and :meth:`load` sums the
+    last ``window`` closed steps. Memory: a ring int32 [window, L, E] (59 MB at L = 58, E = 256 and
+    the default window) plus two int64 [L, E] (open step, window sum). int32 suffices per step: it
+    routes each token to an expert at most once per layer, and no forward pass has 2**31 tokens.
 
     Args:
         num_layers: L.
@@ -432,11 +387,10 @@ class LoadCounter:
         self.window = _count(window, "window")
         self.device = torch.device(device)
         L, E = self.num_layers, self.num_experts
-        self._ring = torch.zeros(self.window, L, E, dtype=torch.int32, device=self.device)
-        self._current = torch.zeros(L, E, dtype=torch.int64, device=self.device)
-        self._total = torch.zeros(L, E, dtype=torch.int64, device=self.device)
-        self._next = 0  # ring row the next closed step goes to
-        self._filled = 0  # closed steps in the ring (<= window)
+        self._ring = torch.empty(self.window, L, E, dtype=torch.int32, device=self.device)
+        self._current = torch.empty(L, E, dtype=torch.int64, device=self.device)
+        self._total = torch.empty(L, E, dtype=torch.int64, device=self.device)
+        self.reset()
 
     @property
     def num_steps(self) -> int:
@@ -448,16 +402,15 @@ class LoadCounter:
 
         Args:
             layer: in [0, L).
-            topk_ids: integer [tokens, k] (any integer dtype; any shape is
-                flattened) of logical expert ids in [0, E), on the counter's
-                device. Ids are not range-checked (that would need a host sync):
-                an out-of-range id fails inside scatter_add_.
+            topk_ids: integer [tokens, k] (any integer dtype; any shape is flattened) of logical
+                expert ids in [0, E), on the counter's device. Ids are not range-checked (that would
+                need a host sync): an out-of-range id fails inside scatter_add_.
         """
         try:
-            index = None if isinstance(layer, bool) else operator.index(layer)
+            index = -1 if isinstance(layer, bool) else operator.index(layer)
         except TypeError:
-            index = None
-        if index is None or not 0 <= index < self.num_layers:
+            index = -1
+        if not 0 <= index < self.num_layers:
             raise PlacementError(f"LoadCounter.record: layer {layer!r} is outside [0, {self.num_layers})")
         if not isinstance(topk_ids, torch.Tensor):
             raise PlacementError(f"LoadCounter.record (layer {layer}): topk_ids must be a tensor, got {type(topk_ids)}")
@@ -467,9 +420,7 @@ class LoadCounter:
             raise PlacementError(
                 f"LoadCounter.record (layer {layer}): topk_ids is on {topk_ids.device}, the counter on {self.device}"
             )
-        ids = topk_ids.reshape(-1)
-        if ids.dtype != torch.int64:
-            ids = ids.to(torch.int64)  # scatter_add_ indexes with int64; widening is exact
+        ids = topk_ids.reshape(-1).to(torch.int64)  # scatter_add_ indexes with int64; widening is exact
         self._current[index].scatter_add_(0, ids, torch.ones_like(ids))
 
     def step(self) -> None:
@@ -487,8 +438,7 @@ class LoadCounter:
     def load(self) -> torch.Tensor:
         """float64 [L, E] on the counter's device: tokens per (layer, expert) over the window's closed steps.
 
-        float64 keeps sums exact up to 2**53 (float32 would round past 2**24
-        tokens, a few seconds of serving).
+        float64 keeps sums exact up to 2**53 (float32 would round past 2**24 tokens, seconds of serving).
         """
         return self._total.to(torch.float64)
 
@@ -497,5 +447,5 @@ class LoadCounter:
         self._ring.zero_()
         self._current.zero_()
         self._total.zero_()
-        self._next = 0
-        self._filled = 0
+        self._next = 0  # ring row the next closed step goes to
+        self._filled = 0  # closed steps in the ring (<= window)

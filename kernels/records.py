@@ -1,56 +1,36 @@
 """Pack, unpack and checksum expert records: one Triton launch per call.
 
-Symbols: L layers, S slots per layer, T tensors per expert, n experts in one
-call, K records a slab holds, C chunks per expert, W = ``spec.word_bytes``.
+Symbols: L layers, S slots per layer, T tensors per expert, n experts in one call, K records a slab
+holds, C chunks per expert, W = ``spec.word_bytes``.
 
 Byte layouts (:mod:`expert_store.layout`, :mod:`expert_store.spec`)::
 
     storage: uint8 [L * layer_bytes]   tensor t of (l, s) at l*layer_bytes + region_offsets[t] + s*nbytes_t
     slab:    uint8 [K * record_bytes]  tensor t of record r at r*record_bytes + record_offsets[t]
 
-Work decomposition. Each tensor of an expert is cut into chunks of
-``chunk_bytes`` (the last one shorter), described once per layout by an int64
-[C, 4] table on the device: (region offset in a layer, slot stride, record
-offset, length), in words. The n items of a call are int64 [n, 3] rows
-(layer, slot, record). A call launches n * C programs; program k moves chunk
-k % C of item k // C, so programs do equal work whatever the shapes (a 29 MB
-DeepSeek-V3 w13 beside 3.5 KB scales balances like bf16 experts). The
-resident address of a chunk is formed in one place (``_chunk_addresses``):
-for layers and tensors in separate allocations it becomes a load from an
-[L, T] table of base addresses, and nothing else changes.
+Work decomposition: tensors are cut into chunks of ``chunk_bytes``, one row each of an int64 [C, 4]
+device table per layout (region offset, slot stride, record offset, length; in words); a call's
+items are int64 [n, 3] rows (layer, slot, record). Program k of the n * C moves chunk k % C of item
+k // C, so programs do equal work whatever the shapes (a 29 MB DeepSeek-V3 w13 beside 3.5 KB scales
+balances like bf16 experts). Only ``_chunk_addresses`` forms resident addresses: separately
+allocated layers would change only it.
 
-Words and 16-byte vectors. Both buffers are viewed as W-byte words, so every
-dtype (fp8 and scales included) takes the same path. When every tensor size
-is a multiple of 16 bytes and both buffers start on a 16-byte boundary
-(checked per call), every chunk starts on a 16-byte boundary in both layouts
-(regions 256-aligned, records 16-aligned, chunks multiples of 16): ALIGNED
-then passes that on through ``tl.multiple_of`` and each thread moves 16-byte
-vectors (ld/st.global.v4 in the sm_90a PTX; without the hints 4-byte
-accesses, several times slower, which no production spec needs). Pointers are
-not specialized on alignment, so one compiled kernel serves every buffer.
+16-byte vectors: both buffers are viewed as W-byte words, one path for every dtype. When every
+tensor size is a multiple of 16 bytes and both buffers are 16-byte aligned (checked per call), so is
+every chunk (regions 256-aligned, records 16-aligned, chunks multiples of 16), and ALIGNED's
+``tl.multiple_of`` hints make each thread move 16-byte vectors (ld/st.global.v4 in the sm_90a PTX;
+without them 4-byte accesses, several times slower). On the H200 (results/bench_kernels_*) pack and
+unpack reach 93-98 % of torch's device copy when the host keeps up; checksums (three 64-bit
+multiplies a word) are integer bound, 1.2-2.4 TB/s read.
 
-Bandwidth (H200, results/bench_kernels_*): pack and unpack reach 93-98 % of
-torch's device copy of the same bytes when the host keeps up (the rest: each
-program's L2 round trip for its rows, the grid's tail). Checksums mix each
-word with three 64-bit multiplies: integer bound, 1.2-2.4 TB/s read.
-
-Host side. A 64 MiB pack is ~32-45 us of GPU time: the host work of a call
-must stay below that or back-to-back calls are host bound. A call validates
-its indices in plain Python (device index tensors are fetched in one sync),
-so no out-of-range index reaches a kernel; memmoves the rows into the device's
-pinned ring and copies them to the device on a side stream
-(:class:`_IndexRing`: no allocation, no sync); and launches once, in
-:func:`_run`. Triton's public launch (``kernel[grid]``) binds, specializes and
-hashes the arguments at every call; ``_run`` calls the compiled kernel's
-launcher with raw addresses instead where :func:`launch_path` allows it. Pack
-of 72 MiB of bf16 experts on the H200 host, host us per call / ratio to the
-copy back to back: public launch 68-112 / 33-57 %, direct 35-64 / 63-93 %,
-:class:`PreparedCopies` (rows staged once) 17 / 93 %. Not meant for CUDA
-graph capture: index rows are staged per call.
-
-CPU tensors run the kernels in Triton's interpreter if it was on
-(``TRITON_INTERPRET=1``) when this module was imported (the tests), else the
-plain-torch reference (:mod:`expert_store.kernels.reference`).
+Host cost: a 64 MiB pack is ~32-45 us of GPU time, so a call's host work must stay below that. A
+call validates its indices in Python (device index tensors in one sync), stages its rows through the
+device's pinned ring (:class:`_IndexRing`: no allocation, no sync) and launches once in
+:func:`_run`, through the compiled kernel's launcher with raw addresses where :func:`launch_path`
+allows. Pack of 72 MiB bf16 experts, host us per call / ratio to the copy back to back:
+``kernel[grid]`` 68-112 / 33-57 %, direct 35-64 / 63-93 %, :class:`PreparedCopies` (rows staged
+once) 17 / 93 %. Rows are staged per call: not for CUDA graph capture. CPU tensors run in Triton's
+interpreter if ``TRITON_INTERPRET=1`` at import (the tests), else in the plain-torch reference.
 """
 
 from __future__ import annotations
@@ -119,27 +99,20 @@ class _Tuning:
 
 _TUNING = _Tuning()
 
-# Index ring of a device (_IndexRing): 2 MiB in 8 segments of 64 slots of 4 KiB. A call on up
-# to 170 experts (24 bytes each) takes one slot, up to 10922 a segment; larger ones stage through
-# torch's pinned allocator. A segment is reused after the 7 others: hundreds of calls can be
-# queued before the host waits.
+# Index ring of a device (_IndexRing): 2 MiB in 8 segments of 64 slots of 4 KiB. A call on up to 170
+# experts (24 bytes each) takes one slot, up to 10922 a segment; larger ones stage through torch's
+# pinned allocator. A segment is reused after the 7 others: hundreds of calls queue before the host waits.
 RING_SLOT_BYTES = 4096
 RING_SEGMENTS = 8
 RING_BYTES = RING_SEGMENTS * 64 * RING_SLOT_BYTES
 
-_WORD_DTYPE = {4: torch.int32, 2: torch.int16, 1: torch.uint8}
-
-
 # ---- kernels ----
-# Loops run CHUNK_BLOCKS (constexpr) iterations masked past the chunk's length:
-# a fully masked iteration issues no memory traffic, and Triton's interpreter
-# cannot take a loaded value as a range bound.
-#
-# No scalar argument differs per call (n is the grid, the items come through
-# idx_ptr), so none needs do_not_specialize. layer_words, record_words and C
-# differ per layout only: they stay specializable (their divisibility by 16
-# feeds Triton's alignment analysis), and the direct launch's cache is per
-# layout. Pointers are never specialized on alignment: ALIGNED says it.
+# Loops run CHUNK_BLOCKS (constexpr) iterations masked past the chunk's length: a fully masked
+# iteration issues no memory traffic, and Triton's interpreter cannot take a loaded value as a
+# range bound. No scalar argument differs per call (n is the grid, the items come through
+# idx_ptr), so none needs do_not_specialize; layer_words, record_words and C differ per layout
+# only and stay specializable (their divisibility by 16 feeds Triton's alignment analysis; the
+# direct launch's cache is per layout). Pointers are never specialized on alignment: ALIGNED says it.
 _POINTERS = ["a_ptr", "b_ptr", "idx_ptr", "table_ptr"]
 
 
@@ -227,12 +200,10 @@ _INTERPRET = isinstance(_copy_kernel, InterpretedFunction)
 
 # ---- host side: plans and the launch ----
 class _Plan:
-    """What launches of one mode over one layout (a spec for "sum-slab") on one device need, built once.
-
-    mode: "pack", "unpack", "sum-resident" or "sum-slab". ``args[aligned]``: the arguments after
-    the four pointers, in the kernel's order; all are functions of the plan's key, which the
-    direct launch relies on (its compiled kernels are cached here, per ``aligned``).
-    """
+    """What launches of one mode ("pack", "unpack", "sum-resident" or "sum-slab") over one layout
+    (a spec for "sum-slab") on one device need, built once. ``args[aligned]``: the arguments after
+    the four pointers, all functions of the plan's key, which the direct launch relies on (it caches
+    its compiled kernels here, per ``aligned``)."""
 
     def __init__(self, mode: str, owner: SlabLayout | ExpertSpec, device: torch.device, tuning: _Tuning) -> None:
         slab_only = mode == "sum-slab"  # records only: the resident columns are zero and unused
@@ -244,7 +215,8 @@ class _Plan:
             for t, ts in enumerate(spec.tensors)
             for s in range(0, ts.nbytes, chunk)
         ]
-        self.mode, self.owner, self.dtype = mode, owner, _WORD_DTYPE[w]  # owner held: its id (in the key) stays unique
+        self.mode, self.owner = mode, owner  # owner held: its id (in the key) stays unique
+        self.dtype = _ref._WORD_DTYPE[w]
         self.reference = device.type == "cpu" and not _INTERPRET
         self.table = torch.tensor(rows, dtype=torch.int64, device=device)
         self.table_ptr = self.table.data_ptr()
@@ -272,32 +244,25 @@ def _plan(mode: str, owner: SlabLayout | ExpertSpec, device: torch.device, tunin
     return plan
 
 
-# CompiledKernel.run(grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata,
-# enter_hook, exit_hook, *args) is how triton 3.6's JITFunction.run launches (runtime/jit.py),
-# and the launches measured above went through it on triton 3.6.0. Other versions take Triton's
-# public launch until their launcher has been read and measured too.
+# CompiledKernel.run(grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, enter_hook,
+# exit_hook, *args) is how triton 3.6's JITFunction.run launches (runtime/jit.py), measured above on 3.6.0.
+# Other versions take Triton's public launch until their launcher has been read and measured too.
 _DIRECT_VERSIONS = ("3.6",)
 
 
 def launch_path(triton_version: str, device_type: str, hooks_installed: bool) -> str:
     """How a launch reaches the device: "direct" or "triton".
 
-    "direct": the cached compiled kernel's launcher called with raw addresses, skipping
-    Triton's per-call binding, specialization and cache lookup (sound because nothing Triton
-    specializes on differs between two calls of one plan: see ``_Plan``). Only on CUDA, only
-    on the Triton versions it was verified on (3.6), and only while no Triton launch hook (a
-    profiler) is installed, so that hooks see every launch. Otherwise "triton": Triton's public
-    ``kernel[grid](...)`` (also the first launch of a plan, which compiles and fills the cache).
-    The cache does not follow Triton knobs changed after that first launch (instrumentation).
+    "direct": the cached compiled kernel's launcher called with raw addresses, skipping Triton's
+    per-call binding, specialization and cache lookup (sound: nothing Triton specializes on differs
+    between two calls of one plan). Only on CUDA, on the Triton versions it was verified on, and
+    while no launch hook (a profiler) is installed, so that hooks see every launch. Otherwise
+    "triton": ``kernel[grid](...)``, also the first launch of a plan, which compiles and fills the
+    cache; the cache does not follow Triton knobs changed after that (instrumentation).
     """
     verified = ".".join(triton_version.split(".")[:2]) in _DIRECT_VERSIONS
     direct = device_type == "cuda" and not hooks_installed and verified
     return "direct" if direct else "triton"
-
-
-def _hooks_installed() -> bool:
-    rt = triton.knobs.runtime
-    return any(bool(getattr(h, "calls", h)) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
 
 
 def _raw_stream(index: int) -> int:
@@ -312,15 +277,11 @@ def _words(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _run(plan: _Plan, n: int, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, start: int) -> None:
-    """The one launch of every call: plan's kernel over n items whose index rows are
-    ``idx[start : start + 3 * n]`` (int64, on a's device; CUDA: ``a.device`` is current).
-
-    a: the storage (copies, resident sums) or the slab (slab sums); b: the slab (copies) or
-    the int64 [n] sums. CPU without the interpreter: the torch reference instead.
-    """
+    """The one launch of every call: plan's kernel over n items, index rows ``idx[start : start + 3 * n]``
+    (int64 on a's device, which is current). a: the storage, or the slab for slab sums; b: the slab,
+    or the int64 [n] sums. CPU without the interpreter: the torch reference instead."""
     if plan.reference:
-        r = idx[start : start + 3 * n].view(n, 3)
-        layers, slots, records = r[:, 0], r[:, 1], r[:, 2]
+        layers, slots, records = idx[start : start + 3 * n].view(n, 3).unbind(1)
         if plan.mode == "pack":
             _ref.pack_records_reference(a, plan.owner, layers, slots, b, records)
         elif plan.mode == "unpack":
@@ -334,7 +295,9 @@ def _run(plan: _Plan, n: int, a: torch.Tensor, b: torch.Tensor, idx: torch.Tenso
     a_ptr, b_ptr = a.data_ptr(), b.data_ptr()
     aligned = (a_ptr | b_ptr) % 16 == 0
     args = plan.args[aligned]
-    direct = launch_path(triton.__version__, a.device.type, _hooks_installed()) == "direct"
+    rt = triton.knobs.runtime
+    hooks = any(bool(getattr(h, "calls", h)) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
+    direct = launch_path(triton.__version__, a.device.type, hooks) == "direct"
     compiled = plan.compiled.get(aligned) if direct else None
     if compiled is not None:
         compiled.run(
@@ -359,16 +322,13 @@ def _device_guard(device: torch.device):
 class _IndexRing:
     """Pinned host buffer and device buffer (RING_BYTES each) for the index rows of one device's launches.
 
-    A call takes the next ceil(bytes / RING_SLOT_BYTES) slots of the current segment, or starts
-    the next segment when they do not fit; one-slot calls copy a whole slot through views made
-    once (the bytes past the rows are never read). Leaving a segment records an event on every
-    stream that staged into it; entering it again waits for those events, so a slot is
-    rewritten only after every copy and kernel that used it finished. The copy runs on a side
-    stream, which the launching stream waits for: on the launching stream its few us of DMA
-    latency sat between the kernels of back-to-back calls (pack 72 MiB bf16: 75.7 % of the copy
-    there, 93.2 % on the side stream). Every kernel waits for its copy, so the segment events
-    cover the copies too. ``lock`` is held from staging to launch, so that no other thread
-    records a segment's event before this call's launch is enqueued.
+    A call takes the next ceil(bytes / RING_SLOT_BYTES) slots of the current segment, or starts the
+    next segment; one-slot calls copy a whole slot through views made once. Leaving a segment records
+    an event on every stream that staged into it and entering it again waits for them, so a slot is
+    rewritten only after every kernel that used it (and so its copy) finished. The copy runs on a
+    side stream: on the launching stream its few us of DMA latency sat between back-to-back kernels
+    (pack 72 MiB bf16: 75.7 % of the copy there, 93.2 % on the side stream). ``lock`` is held from
+    staging to launch, so that no other thread records a segment's event before the launch is queued.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -413,9 +373,7 @@ class _IndexRing:
 
     def _next_segment(self) -> None:
         j = self.cur
-        for stream in self.users[j].values():
-            self.guards[j].append(torch.cuda.Event())
-            self.guards[j][-1].record(stream)
+        self.guards[j] = [stream.record_event() for stream in self.users[j].values()]
         self.users[j] = {}
         j = (j + 1) % RING_SEGMENTS
         for ev in self.guards[j]:
@@ -514,7 +472,6 @@ def _index_values(name: str, value: object, device: torch.device, what: str) -> 
 
 
 def _check_range(name: str, values: list[int], upper: int, meaning: str, what: str) -> None:
-    """Raise unless 0 <= v < upper for every v in values."""
     if values and (min(values) < 0 or max(values) >= upper):
         bad = [i for i, v in enumerate(values) if not 0 <= v < upper]
         raise StoreError(
@@ -531,11 +488,20 @@ def _check_distinct(keys: Sequence[int], describe, what: str, why: str) -> None:
             raise StoreError(f"{what}: items {first[k]} and {i} both target {describe(i)}; {why}")
 
 
-def _items(
-    device: torch.device, layout: SlabLayout, layers: object, slots: object, records: object, what: str
-) -> tuple[list[int], list[int], list[int] | None]:
-    """Validated (layers, slots, records or None) as lists. Index tensors on the device are
-    fetched together (one sync), so that no out-of-range index ever reaches a kernel."""
+def _rows(layers: list[int], slots: list[int], records: Sequence[int]) -> array:
+    """The kernels' index rows: int64 [n, 3] (layer, slot, record), row-major."""
+    rows = array("q", bytes(24 * len(layers)))
+    rows[0::3], rows[1::3], rows[2::3] = array("q", layers), array("q", slots), array("q", records)
+    return rows
+
+
+def _entry(
+    pack: bool, storage: torch.Tensor, layout: SlabLayout, layers, slots, records, what: str
+) -> tuple[array, int, int]:
+    """One validated call: its index rows, n and the records it needs (max record + 1). Device index
+    tensors are fetched together (one sync), so no out-of-range index ever reaches a kernel.
+    pack: records distinct (each written once); unpack: (layer, slot) pairs distinct."""
+    device = storage.device
     cols = [_index_values("layers", layers, device, what), _index_values("slots", slots, device, what)]
     if records is not None:
         cols.append(_index_values("records", records, device, what))
@@ -547,34 +513,19 @@ def _items(
     if on_device:
         flat = iter(torch.cat(on_device).tolist())  # the one sync
         cols = [[next(flat) for _ in range(n)] if isinstance(c, torch.Tensor) else c for c in cols]
-    _check_range("layers", cols[0], layout.num_layers, "the layout's number of layers L", what)
-    _check_range("slots", cols[1], layout.slots, "the layout's slots per layer S", what)
-    rec = cols[2] if records is not None else None
-    if rec and min(rec) < 0:
-        i = next(i for i, r in enumerate(rec) if r < 0)
-        raise StoreError(f"{what}: records[{i}] = {rec[i]} is negative; record indices start at 0")
-    return cols[0], cols[1], rec
-
-
-def _rows(layers: list[int], slots: list[int], records: Sequence[int]) -> array:
-    """The kernels' index rows: int64 [n, 3] (layer, slot, record), row-major."""
-    rows = array("q", bytes(24 * len(layers)))
-    rows[0::3], rows[1::3], rows[2::3] = array("q", layers), array("q", slots), array("q", records)
-    return rows
-
-
-def _entry(
-    pack: bool, storage: torch.Tensor, layout: SlabLayout, layers, slots, records, what: str
-) -> tuple[array, int, int]:
-    """One validated copy: its index rows, n and the records it needs (max record + 1).
-
-    pack: records distinct (each written once); unpack: (layer, slot) pairs distinct."""
-    lay, slo, rec = _items(storage.device, layout, layers, slots, records, what)
-    n = len(lay)
-    if rec is None:
-        rec = range(n)
-    elif pack:
-        _check_distinct(rec, lambda i: f"record {rec[i]}", what, "each record may be written once per call")
+    lay, slo = cols[0], cols[1]
+    _check_range("layers", lay, layout.num_layers, "the layout's number of layers L", what)
+    _check_range("slots", slo, layout.slots, "the layout's slots per layer S", what)
+    if records is None:
+        rec, need = range(n), n
+    else:
+        rec = cols[2]
+        if rec and min(rec) < 0:
+            i = next(i for i, r in enumerate(rec) if r < 0)
+            raise StoreError(f"{what}: records[{i}] = {rec[i]} is negative; record indices start at 0")
+        if pack:
+            _check_distinct(rec, lambda i: f"record {rec[i]}", what, "each record may be written once per call")
+        need = max(rec) + 1 if n else 0
     if not pack:
         _check_distinct(
             [la * layout.slots + s for la, s in zip(lay, slo)],
@@ -582,7 +533,7 @@ def _entry(
             what,
             "each destination slot may be written once per call",
         )
-    return _rows(lay, slo, rec), n, max(rec) + 1 if n else 0
+    return _rows(lay, slo, rec), n, need
 
 
 def _copy(pack, storage, layout, layers, slots, records, buf, what: str, tuning: _Tuning = _TUNING) -> torch.Tensor:
@@ -662,10 +613,9 @@ def unpack_records(
 class PreparedCopies:
     """Many pack / unpack launches over one storage, validated and staged at once.
 
-    Each entry is checked as :func:`pack_records` / :func:`unpack_records` check theirs, and the
-    index rows of all entries go to the device in one copy, queued on the current stream; then
-    launching entry i costs only the launch. A rebalance prepares its rounds this way while the
-    ranks' agreement is in flight.
+    Each entry is checked as :func:`pack_records` / :func:`unpack_records` check theirs, and the index
+    rows of all entries go to the device in one copy on the current stream; launching entry i then
+    costs only the launch (a rebalance prepares its rounds while the ranks' agreement is in flight).
 
     Args:
         storage: uint8 [L * layout.layer_bytes], one rank's resident slabs.
@@ -707,12 +657,11 @@ class PreparedCopies:
 
     def launch(self, i: int, buffer: torch.Tensor) -> None:
         """Run entry i with ``buffer`` (uint8, storage's device) as the records' slab."""
-        what = f"PreparedCopies entry {i}"
         plan, first, n, need = self._entries[check_index(i, "i", len(self._entries), where="PreparedCopies.launch")]
-        buffer = _check_bytes("buffer", buffer, self.layout.spec, what, self.storage.device, need)
+        device = self.storage.device
+        buffer = _check_bytes("buffer", buffer, self.layout.spec, f"PreparedCopies entry {i}", device, need)
         if not n:
             return
-        device = self.storage.device
         with _device_guard(device):
             if device.type == "cuda" and _raw_stream(device.index) != self._stream:
                 torch.cuda.current_stream(device).wait_event(self._copied)  # the rows were copied on another stream
@@ -728,10 +677,10 @@ def resident_checksums(storage: torch.Tensor, layout: SlabLayout, layers: Indice
     """
     what = "resident_checksums"
     storage, layout = _check_storage(storage, layout, what)
-    lay, slo, _ = _items(storage.device, layout, layers, slots, None, what)
-    out = torch.zeros(len(lay), dtype=torch.int64, device=storage.device)
-    if lay:
-        _launch(_plan("sum-resident", layout, storage.device), len(lay), storage, out, _rows(lay, slo, range(len(lay))))
+    rows, n, _ = _entry(True, storage, layout, layers, slots, None, what)
+    out = torch.zeros(n, dtype=torch.int64, device=storage.device)
+    if n:
+        _launch(_plan("sum-resident", layout, storage.device), n, storage, out, rows)
     return out
 
 

@@ -1,16 +1,10 @@
 """Plain-torch reference of every kernel in :mod:`expert_store.kernels.records`.
 
-The reference is the test oracle of the Triton kernels and the CPU fallback of
-the public launchers (CPU tensors without ``TRITON_INTERPRET=1``), which the
-multi-process gloo tests of the store run on. It is vectorized per tensor of
-the spec (a Python loop over the T tensors, never over experts or bytes), so
-small CPU cases take milliseconds; it runs on CUDA tensors too.
-
-Symbols: L layers, S slots per rank, T tensors per expert, n experts in one
-call, K records a transfer slab can hold (``slab.numel() // record_bytes``).
-
-These functions trust their inputs: the launchers in ``records.py`` validate
-dtypes, devices, sizes and index ranges before calling them.
+The test oracle of the Triton kernels and the CPU fallback of the launchers (CPU tensors without
+``TRITON_INTERPRET=1``: the gloo tests of the store). It loops over the T tensors of the spec, never
+over experts or bytes, so small CPU cases take milliseconds; it runs on CUDA tensors too. Inputs are
+trusted: the launchers in ``records.py`` validate them. Symbols: L layers, S slots per rank, n
+experts in one call, K records a slab can hold (``slab.numel() // record_bytes``).
 
 Checksum of one expert (the definition the kernels implement bit for bit)::
 
@@ -25,9 +19,8 @@ Checksum of one expert (the definition the kernels implement bit for bit)::
         total += z
     result: int64 holding total's bits
 
-It hashes each word together with its position inside the record (a
-splitmix64 finalizer), so swapped words, a flipped bit or an expert placed in
-another tensor position change the sum; padding bytes are never read, so a
+Each word is hashed with its position in the record (a splitmix64 finalizer), so swapped words, a
+flipped bit or an expert in another tensor position change the sum; padding is never read, so a
 resident slot and a record holding the same expert have the same checksum.
 """
 
@@ -53,18 +46,13 @@ CHECKSUM_GOLDEN = 0x9E3779B97F4A7C15
 CHECKSUM_MIX1 = 0xBF58476D1CE4E5B9
 CHECKSUM_MIX2 = 0x94D049BB133111EB
 
-# The same constants as signed int64 (torch has no general uint64 arithmetic):
-# int64 multiplication and addition wrap, which gives the uint64 bits.
-_GOLDEN_S = CHECKSUM_GOLDEN - (1 << 64)
-_MIX1_S = CHECKSUM_MIX1 - (1 << 64)
-_MIX2_S = CHECKSUM_MIX2 - (1 << 64)
+# As signed int64 (torch has no general uint64 arithmetic): int64 products and sums wrap to the uint64 bits.
+_GOLDEN_S, _MIX1_S, _MIX2_S = (c - (1 << 64) for c in (CHECKSUM_GOLDEN, CHECKSUM_MIX1, CHECKSUM_MIX2))
 
-# Words hashed per torch op: bounds the int64 temporaries to ~32 MiB each,
-# whatever the expert size (a DeepSeek-V3 w13 is 7.3 M words).
+# Words hashed per torch op: int64 temporaries stay ~32 MiB whatever the expert (a DeepSeek-V3 w13 is 7.3 M words).
 _CHECKSUM_PIECE_WORDS = 1 << 22
 
 _WORD_DTYPE = {4: torch.int32, 2: torch.int16, 1: torch.uint8}
-_WORD_MASK = {4: 0xFFFFFFFF, 2: 0xFFFF, 1: 0xFF}
 
 
 def _resident_rows(storage: torch.Tensor, layout: SlabLayout, t: int) -> torch.Tensor:
@@ -88,10 +76,10 @@ def _record_rows(slab: torch.Tensor, spec: ExpertSpec, t: int) -> torch.Tensor:
     return records[:, start : start + spec.tensors[t].nbytes // w]
 
 
-def _default_records(records: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
-    if records is None:
-        return torch.arange(n, dtype=torch.int64, device=device)
-    return records.to(device)
+def _items(device: torch.device, layers: torch.Tensor, slots: torch.Tensor, records: torch.Tensor | None):
+    """layers, slots and records (None: arange(n)) on ``device``."""
+    records = torch.arange(layers.numel(), dtype=torch.int64, device=device) if records is None else records.to(device)
+    return layers.to(device), slots.to(device), records
 
 
 def pack_records_reference(
@@ -102,20 +90,13 @@ def pack_records_reference(
     out: torch.Tensor,
     records: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Copy expert (layers[i], slots[i]) into record records[i] (default i) of ``out``.
+    """Copy expert (layers[i], slots[i]) of ``storage`` (uint8 [L * layout.layer_bytes]) into record
+    records[i] of ``out`` (uint8 [>= K * record_bytes], written in place).
 
-    Args:
-        storage: uint8 [L * layout.layer_bytes], resident slabs.
-        layout: where each (layer, slot, tensor) lives in ``storage``.
-        layers, slots: int64 [n].
-        out: uint8 [>= K * record_bytes], the transfer slab written in place.
-        records: int64 [n] or None (= arange(n)).
-
-    Returns ``out``. Padding bytes of the records are left as they were.
+    layers, slots, records: int64 [n] (records None: arange(n)). Returns ``out``; padding bytes of
+    the records are left as they were.
     """
-    dev = storage.device
-    layers, slots = layers.to(dev), slots.to(dev)
-    records = _default_records(records, layers.numel(), dev)
+    layers, slots, records = _items(storage.device, layers, slots, records)
     for t in range(len(layout.spec)):
         _record_rows(out, layout.spec, t)[records] = _resident_rows(storage, layout, t)[layers, slots]
     return out
@@ -129,27 +110,19 @@ def unpack_records_reference(
     slots: torch.Tensor,
     records: torch.Tensor | None = None,
 ) -> None:
-    """Copy record records[i] (default i) of ``slab`` into (layers[i], slots[i]) of ``storage``.
+    """Copy record records[i] of ``slab`` (uint8 [>= K * record_bytes]; only tensor bytes are read)
+    into (layers[i], slots[i]) of ``storage`` (uint8 [L * layout.layer_bytes], written in place).
 
-    Args:
-        slab: uint8 [>= K * record_bytes], the transfer slab (only tensor bytes are read).
-        storage: uint8 [L * layout.layer_bytes], written in place.
-        layers, slots: int64 [n], distinct (layer, slot) pairs.
-        records: int64 [n] or None (= arange(n)); may repeat.
+    layers, slots: int64 [n], distinct (layer, slot) pairs; records: int64 [n] (None: arange(n)), may repeat.
     """
-    dev = storage.device
-    layers, slots = layers.to(dev), slots.to(dev)
-    records = _default_records(records, layers.numel(), dev)
+    layers, slots, records = _items(storage.device, layers, slots, records)
     for t in range(len(layout.spec)):
         _resident_rows(storage, layout, t)[layers, slots] = _record_rows(slab, layout.spec, t)[records]
 
 
 def _hash_words(words: torch.Tensor, first_position: int) -> torch.Tensor:
-    """int64 [m]: wrapping sum over columns of the mixed words.
-
-    words: int64 [m, k], zero-extended words at record positions
-    first_position .. first_position + k - 1.
-    """
+    """int64 [m]: wrapping row sums of the mixed ``words`` (int64 [m, k], zero-extended) at record
+    positions first_position .. first_position + k - 1."""
     k = words.shape[1]
     p1 = torch.arange(first_position + 1, first_position + 1 + k, dtype=torch.int64, device=words.device)
     z = words + p1 * _GOLDEN_S
@@ -173,7 +146,7 @@ def _checksum_rows(rows_of: list[torch.Tensor], spec: ExpertSpec) -> torch.Tenso
         for i0 in range(0, n, group):
             for c0 in range(0, nwords, piece):
                 c1 = min(nwords, c0 + piece)
-                words = rows[i0 : i0 + group, c0:c1].to(torch.int64) & _WORD_MASK[w]
+                words = rows[i0 : i0 + group, c0:c1].to(torch.int64) & ((1 << 8 * w) - 1)
                 total[i0 : i0 + group] += _hash_words(words, first + c0)
     return total
 
@@ -184,15 +157,11 @@ def resident_checksums_reference(
     """int64 [n]: checksum of expert (layers[i], slots[i]) of ``storage`` (uint8 [L * layer_bytes])."""
     dev = storage.device
     layers, slots = layers.to(dev), slots.to(dev)
-    if layers.numel() == 0:
-        return torch.zeros(0, dtype=torch.int64, device=dev)
     rows = [_resident_rows(storage, layout, t)[layers, slots] for t in range(len(layout.spec))]
     return _checksum_rows(rows, layout.spec)
 
 
 def slab_checksums_reference(slab: torch.Tensor, spec: ExpertSpec, n: int) -> torch.Tensor:
     """int64 [n]: checksum of records 0..n-1 of ``slab`` (uint8 [>= n * record_bytes])."""
-    if n == 0:
-        return torch.zeros(0, dtype=torch.int64, device=slab.device)
     rows = [_record_rows(slab, spec, t)[:n] for t in range(len(spec))]
     return _checksum_rows(rows, spec)
