@@ -24,7 +24,7 @@ round k+2. Two buffers are in use at a time, so staging never exceeds 2 B.
 
 from __future__ import annotations
 
-import threading
+import concurrent.futures
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +40,6 @@ from .layout import ResidentSlabs
 from .plan import DiskRead, Move, RebalancePlan, Round, merge_plans
 
 __all__ = [
-    "BackgroundCall",
     "ChunkedRun",
     "ExecutionStats",
     "RebalanceRun",
@@ -392,36 +391,6 @@ def run_disk_reads(
     return checkpoint.read_into(slabs.spec, targets, staging_bytes=staging_bytes).nbytes
 
 
-class BackgroundCall:
-    """Run ``fn(*args, **kwargs)`` in a daemon thread while the caller goes on.
-
-    ``result()`` joins and returns the value or re-raises the error; ``wait()`` joins and
-    returns the value, or None if the call failed (for clean-up paths)."""
-
-    def __init__(self, fn, *args, name: str = "expert-store-background", **kwargs) -> None:
-        self._value = None
-        self._error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                self._value = fn(*args, **kwargs)
-            except BaseException as e:  # re-raised by result()
-                self._error = e
-
-        self._thread = threading.Thread(target=run, name=name, daemon=True)
-        self._thread.start()
-
-    def result(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-    def wait(self):
-        self._thread.join()
-        return self._value
-
-
 def copy_slots(
     slabs: ResidentSlabs,
     layers: Sequence[int],
@@ -483,7 +452,8 @@ class RebalanceRun:
         self.staging_bytes, self.arena, self.entry = staging_bytes, arena, entry
         self.rounds = ChunkedRun(chunks, rank=rank, slabs=slabs, comm=comm, staging_bytes=staging_bytes, arena=arena)
         self.stats = ExecutionStats()
-        self._reader: BackgroundCall | None = None
+        self._reads: list[concurrent.futures.Future] = []  # checkpoint reads in the background
+        self._reader: concurrent.futures.ThreadPoolExecutor | None = None  # one thread: reads go in order
         self._late: list[DiskRead] = []
 
     def prepack(self) -> None:
@@ -502,9 +472,9 @@ class RebalanceRun:
         early = [d for d in mine if (d.layer, d.slot) not in read_first]
         self._late.extend(d for d in mine if (d.layer, d.slot) in read_first)
         if early:
-            self._reader = BackgroundCall(
-                _read_after, self._reader, early, self.entry, name="expert-store-disk", **self._disk()
-            )
+            if self._reader is None:
+                self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="expert-store-disk")
+            self._reads.append(self._reader.submit(_read_after, early, self.entry, **self._disk()))
 
     def run(self, phases: dict[str, float], *, while_in_flight: Callable[[], None]) -> RebalancePlan:
         """Move every byte; ``while_in_flight()`` runs once the last round is queued. Returns the
@@ -515,8 +485,8 @@ class RebalanceRun:
             phases["exchange"] = time.perf_counter() - t0
             phases.update(self.stats.seconds)
             t0 = time.perf_counter()
-            if self._reader is not None:
-                self._reader.result()
+            for f in self._reads:
+                f.result()
             run_disk_reads(self._late, **self._disk())  # slots whose old content the moves needed
             phases["disk_wait"] = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -533,10 +503,9 @@ class RebalanceRun:
             self.stats.staging_peak = max(self.stats.staging_peak, used)
             self.comm.sync_device(self.slabs.device, what="post copies")
             phases["local_copy"] = time.perf_counter() - t0
-        except BaseException:
-            if self._reader is not None:
-                self._reader.wait()
-            raise
+        finally:
+            if self._reader is not None:  # no thread of this run writes a slot once it returns
+                self._reader.shutdown(wait=True, cancel_futures=True)
         return plan
 
     def verify(self, checksums: torch.Tensor, experts: torch.Tensor, version: int) -> None:
@@ -574,13 +543,12 @@ class RebalanceRun:
         return "an unknown source"
 
 
-def _read_after(previous: BackgroundCall | None, reads, entry: torch.cuda.Event | None, **disk) -> int:
-    """Checkpoint reads after those of ``previous`` (one reader at a time) and, on the GPU, after
-    ``entry``; returns bytes read."""
-    done = previous.result() if previous is not None else 0
+def _read_after(reads, entry: torch.cuda.Event | None, **disk) -> int:
+    """Checkpoint reads in the reader thread, on the GPU after ``entry`` (the caller's earlier work;
+    this thread's current stream is not the caller's); returns bytes read."""
     if entry is None:
-        return done + run_disk_reads(reads, **disk)
+        return run_disk_reads(reads, **disk)
     stream = torch.cuda.Stream(disk["slabs"].device)
     stream.wait_event(entry)
     with torch.cuda.stream(stream):
-        return done + run_disk_reads(reads, **disk)
+        return run_disk_reads(reads, **disk)
