@@ -84,6 +84,7 @@ class Exchange:
     headers: list = field(default_factory=list)  # (received header, peer, expected payload bytes)
     copy_back: list = field(default_factory=list)  # (host buffer, device destination): gloo with device slabs
     seq: int = 0
+    sent_headers: torch.Tensor | None = None
 
 
 class Comm:
@@ -246,18 +247,23 @@ class Comm:
         return torch.cuda.stream(self._messages)
 
     def _sync_messages(self, what: str) -> None:
+        """Wait for the message stream (not for slab transfers, whose headers are checked later)."""
         if self._nccl:
-            self.sync_device(self.transport_device, what=what)
+            event = torch.cuda.Event()
+            event.record()
+            self.sync_device(self.transport_device, what=what, event=event)
 
-    def sync_device(self, device: torch.device, *, what: str) -> None:
-        """Wait, with the deadline, for the work queued on ``device``'s current stream; then check
-        the headers of the NCCL transfers it held."""
+    def sync_device(self, device: torch.device, *, what: str, event: torch.cuda.Event | None = None) -> None:
+        """Wait, with the deadline, for the work queued on ``device``'s current stream, then check
+        the headers of the NCCL transfers it held; or wait for ``event`` only."""
         if device.type != "cuda":
             return
-        ev = torch.cuda.Event()
-        ev.record()
+        everything = event is None
+        if everything:
+            event = torch.cuda.Event()
+            event.record()
         start = time.monotonic()
-        while not ev.query():
+        while not event.query():
             now = time.monotonic()
             if now - start > self.timeout_s:
                 raise PeerTimeoutError(
@@ -267,6 +273,8 @@ class Comm:
             # Spin for the first 20 ms (a round ends within microseconds of its transfer), then
             # back off so a stuck peer does not burn a core for minutes.
             time.sleep(0 if now - start < 0.02 else 0.001)
+        if not everything:
+            return  # later transfers may still be writing their headers
         deferred, self._deferred = self._deferred, []
         for hdr, peer, nbytes, where in deferred:
             self._check_header(hdr.tolist(), peer=peer, kind=Kind.SLAB, seq=where[0], nbytes=nbytes, what=where[1])
@@ -306,6 +314,7 @@ class Comm:
                     ops.append((is_send, hdr[i], p, _tag(self.call, Kind.SLAB, seq, 0)))
                     ops.append((is_send, table[p], p, _tag(self.call, Kind.SLAB, seq, 1)))
         ex.works = self._post(ops, what)
+        ex.sent_headers = send_hdr  # referenced until the transfers are done
         ex.headers = [(recv_hdr[i], p, recvs[p].numel()) for i, p in enumerate(inc)]
         return ex
 
@@ -402,7 +411,8 @@ class Gather:
                 ops = [(False, self.buf[i], p, self.row_tag) for i, p in enumerate(live) if i]
             else:
                 self.table_hdr = torch.empty(HEADER_WORDS, dtype=torch.int64, device=dev)
-                ops = [(True, self.mine.to(dev), live[0], self.row_tag), (False, self.table_hdr, live[0], self.hdr_tag)]
+                self.sent = self.mine.to(dev)  # referenced until the transfer is done
+                ops = [(True, self.sent, live[0], self.row_tag), (False, self.table_hdr, live[0], self.hdr_tag)]
             self.works = comm._post(ops, what)
 
     def result(self) -> torch.Tensor:

@@ -35,7 +35,7 @@ from expert_store.kernels import PreparedCopies, pack_records, resident_checksum
 
 from .checkpoint import Checkpoint
 from .comm import Comm
-from .errors import IntegrityError, PeerTimeoutError, StoreError
+from .errors import IntegrityError, StoreError
 from .layout import ResidentSlabs
 from .plan import DiskRead, Move, RebalancePlan, Round, merge_plans
 
@@ -360,7 +360,8 @@ class ChunkedRun:
                 break
             on_plan(self.plans[-1])
             if done_before is not None:
-                self._wait(done_before)  # chunk k-1 is off the GPU: its staging is free
+                # chunk k-1 is off the GPU: its staging is free
+                self.comm.sync_device(self.slabs.device, what="a chunk of rebalance rounds", event=done_before)
             following = self._runner_for(planned)
             stats.staging_peak = max(stats.staging_peak, runner.staging_peak + following.staging_peak)
             runner, done_before = following, done
@@ -370,15 +371,6 @@ class ChunkedRun:
         self.comm.sync_device(self.slabs.device, what="rebalance rounds")
         stats.rounds = self.rounds
         return self.plan
-
-    def _wait(self, event: torch.cuda.Event) -> None:
-        deadline = time.monotonic() + self.comm.timeout_s
-        while not event.query():
-            if time.monotonic() > deadline:
-                raise PeerTimeoutError(
-                    f"rank {self.rank}: a chunk of rebalance rounds did not finish within {self.comm.timeout_s:.0f} s"
-                )
-            time.sleep(0.0002)
 
 
 def run_disk_reads(
@@ -513,21 +505,14 @@ class RebalanceRun:
         ``experts`` int64 [L, S]: this rank's experts in the new placement. IntegrityError
         names layer, slot, expert and where the bytes came from; nothing is changed."""
         written = sorted((layer, s) for (r, layer, s) in self.plan.changed if r == self.rank)
-        if not written:
-            return
-        layers = torch.tensor([w[0] for w in written], dtype=torch.int64)
-        slots = torch.tensor([w[1] for w in written], dtype=torch.int64)
-        got = resident_checksums(self.slabs.storage, self.slabs.layout, layers, slots).cpu()
-        want = checksums[layers, experts[layers, slots]]
-        bad = (got != want).nonzero().flatten().tolist()
-        if not bad:
-            return
-        layer, s = written[bad[0]]
-        raise IntegrityError(
-            f"rank {self.rank}: layer {layer} expert {int(experts[layer, s])} arrived in slot {s} "
-            f"(physical {self.rank * self.slabs.layout.slots + s}) from {self._source(layer, s)} with a checksum "
-            f"other than version {version}'s ({len(bad)} of {len(written)} written slots differ)"
-        )
+        bad = mismatched_slots(self.slabs, written, experts, checksums)
+        if bad:
+            layer, s = written[bad[0]]
+            raise IntegrityError(
+                f"rank {self.rank}: layer {layer} expert {int(experts[layer, s])} arrived in slot {s} "
+                f"(physical {self.rank * self.slabs.layout.slots + s}) from {self._source(layer, s)} with a "
+                f"checksum other than version {version}'s ({len(bad)} of {len(written)} written slots differ)"
+            )
 
     def _source(self, layer: int, slot: int) -> str:
         """Where the plan fills (layer, slot) of this rank from."""
@@ -541,6 +526,17 @@ class RebalanceRun:
             if (c.rank, c.layer, c.dst_slot) == (me, layer, slot):
                 return f"local slot {c.src_slot}"
         return "an unknown source"
+
+
+def mismatched_slots(slabs: ResidentSlabs, pairs: list[tuple[int, int]], experts, checksums) -> list[int]:
+    """Indices i of the (layer, slot) ``pairs`` whose bytes' checksum (Triton kernel) is not
+    ``checksums[layer, experts[layer, slot]]`` (experts int64 [L, S], checksums int64 [L, E])."""
+    if not pairs:
+        return []
+    layers = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
+    slots = torch.tensor([p[1] for p in pairs], dtype=torch.int64)
+    got = resident_checksums(slabs.storage, slabs.layout, layers, slots).cpu()
+    return (got != checksums[layers, experts[layers, slots]]).nonzero().flatten().tolist()
 
 
 def _read_after(reads, entry: torch.cuda.Event | None, **disk) -> int:

@@ -42,7 +42,7 @@ from .checkpoint import Checkpoint
 from .checks import check_bool, check_bytes, check_device, check_int, check_timeout, is_int
 from .comm import DEFAULT_TIMEOUT_S, Comm, Kind, call_id
 from .errors import AgreementError, IntegrityError, ManifestError, PlacementError, StoreError
-from .execute import RebalanceRun, copy_slots
+from .execute import RebalanceRun, copy_slots, mismatched_slots
 from .layout import ResidentSlabs, SlabLayout
 from .manifest import Manifest, ManifestLog, PreparedManifest, check_keep_versions, decode_manifest, store_difference
 from .messages import Agreement, Completion, Outcome, Status, digest_words, new_nonce
@@ -510,20 +510,14 @@ class ExpertStore:
             pairs = [(layer, s) for layer in range(L) for s in range(S)]
         else:
             pairs = _slot_pairs(slots, L, S)
-        if not pairs:
-            return 0
         experts = self._placement.rank_experts(self.rank)
-        layers = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
-        sl = torch.tensor([p[1] for p in pairs], dtype=torch.int64)
-        got = resident_checksums(self.slabs.storage, self.layout, layers, sl).cpu()
-        want = self._manifest.checksums[layers, experts[layers, sl]]
-        bad = (got != want).nonzero()
-        if bad.numel():
-            layer, s = pairs[int(bad[0, 0])]
+        bad = mismatched_slots(self.slabs, pairs, experts, self._manifest.checksums)
+        if bad:
+            layer, s = pairs[bad[0]]
             raise IntegrityError(
                 f"rank {self.rank}: layer {layer} slot {s} (physical {self.rank * S + s}) should hold expert "
                 f"{int(experts[layer, s])} of version {self.version} but its checksum differs "
-                f"({int(bad.shape[0])} of {len(pairs)} slots differ)"
+                f"({len(bad)} of {len(pairs)} slots differ)"
             )
         return len(pairs)
 
