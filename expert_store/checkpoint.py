@@ -7,28 +7,21 @@ which ``non_blocking`` copies on a side stream fill the destination views; an ev
 buffer says when it may be refilled, so reading the next chunk overlaps the host-to-device copy of
 the previous ones. No device memory other than the destinations is used.
 
-**Warm and cold reads are scheduled apart.** Ranges are sorted by (file,
-offset) and cut into reads, each classified *warm* (a few of its pages are in
-the page cache: ``mincore``) or *cold* before anything moves. 8 readers copy
-the warm ones; 2 readers take the cold ones strictly in file order while a
-prefetch thread asks the kernel for the next 64 MiB of them
-(``POSIX_FADV_WILLNEED``), no further: the disk sees one near-sequential
-stream with a deep queue instead of many readers seeking. ``read_into``
-returns a :class:`ReadStats` saying how its bytes split; the measurements
-behind these settings are in :class:`_ReadSettings`.
+**Warm and cold reads are scheduled apart.** Ranges are sorted by (file, offset) and cut into
+reads, each classified *warm* (a few of its pages are in the page cache: ``mincore``) or *cold*
+before anything moves. Several readers copy the warm ones; a few take the cold ones strictly in
+file order behind a bounded ``POSIX_FADV_WILLNEED`` readahead, so the disk sees one
+near-sequential stream with a deep queue instead of many readers seeking (the numbers and their
+measurements: :class:`_ReadSettings`).
 
-**A changed file is an error, never a crash or stale bytes.** A Checkpoint
-reads each shard as it was when its header was parsed. A shard truncated,
-rewritten or replaced since then (other inode, size or mtime: checked when a
-read starts and when it ends; a short read in between) raises CheckpointError
-naming the file, also if it is replaced by a valid checkpoint file: its bytes
-would not match the header held. Open a new Checkpoint to read the new files.
-Nothing is read through a memory map, so a truncated file cannot SIGBUS.
+**A changed file is an error, never a crash or stale bytes.** A shard truncated, rewritten or
+replaced since its header was parsed (other inode, size or mtime: checked when a read starts and
+when it ends; a short read in between) raises CheckpointError naming the file, also if the new
+file is a valid checkpoint: its bytes would not match the header held. Open a new Checkpoint to
+read the new files.
 
-**Resources.** Shards are opened on first use; the reader threads are kept
-between calls; pinned staging lives for one call. :meth:`Checkpoint.close`
-(also on leaving ``with``) closes every descriptor and stops the threads; a
-later read opens what it needs again.
+**Resources.** Shards are opened on first use, the reader threads kept between calls (until
+:meth:`Checkpoint.close`), pinned staging allocated per call.
 """
 
 from __future__ import annotations
@@ -149,18 +142,6 @@ def _check_layers(layers: object) -> tuple[int, ...] | None:
     return out
 
 
-def _add_dest(
-    parts: list, dests: list[torch.Tensor], entries: list[tuple[str, TensorEntry]], dst: torch.Tensor
-) -> None:
-    """Queue checkpoint tensors ``entries`` ((path, entry), concatenated on dim 0) into ``dst``.
-    ``parts`` gets (path, file offset, nbytes, destination index, byte offset in it)."""
-    doff = 0
-    for path, e in entries:
-        parts.append((path, e.offset, e.nbytes, len(dests), doff))
-        doff += e.nbytes
-    dests.append(dst.detach().reshape(-1).view(torch.uint8))
-
-
 @dataclass
 class _Job:
     """One ``preadv``: ``nbytes`` file bytes at ``offset`` scattered into ``pieces`` (destination
@@ -203,11 +184,10 @@ def _make_jobs(parts: list[tuple[str, int, int, int, int]], max_bytes: int, *, s
 class ReadStats:
     """What one :meth:`Checkpoint.read_into` call did.
 
-    ``nbytes``: bytes read (``len(targets) * spec.nbytes``), split into
-    ``warm_bytes`` (reads whose sampled pages were in the page cache when the
-    call started) and ``cold_bytes`` (the others, read in file order behind the
-    readahead); ``warm_reads`` / ``cold_reads``: how many reads of each;
-    ``seconds``: wall time of the transfer, after the argument checks.
+    ``nbytes``: bytes read (``len(targets) * spec.nbytes``), split into ``warm_bytes`` (reads whose
+    sampled pages were in the page cache when the call started) and ``cold_bytes`` (the others,
+    read in file order behind the readahead); ``warm_reads`` / ``cold_reads``: how many reads of
+    each; ``seconds``: wall time of the transfer, after the argument checks.
     """
 
     nbytes: int
@@ -253,15 +233,13 @@ class Checkpoint:
     Args:
         path: a directory of ``*.safetensors`` files (with or without
             ``model.safetensors.index.json``) or one ``.safetensors`` file.
-        names: ``{spec tensor name: template or list of templates}``; templates
-            use ``{layer}`` (checkpoint layer) and ``{expert}``; a list is
-            concatenated along dim 0 in order.
+        names: ``{spec tensor name: template or list of templates}``; templates use ``{layer}``
+            (checkpoint layer) and ``{expert}``; a list is concatenated along dim 0 in order.
         layers: optional; store layer ``i`` reads checkpoint layer ``layers[i]``.
 
-    Opening parses the index (or, without one, every shard's header, and only
-    the header); shards named by an index are parsed on first use. Thread-safe:
-    concurrent reads run one after the other (each is bound by the host's
-    memory bus or the disk already).
+    Opening parses the index (or, without one, every shard's header, and only the header); shards
+    named by an index are parsed on first use. Thread-safe: concurrent reads run one after the
+    other (each is bound by the host's memory bus or the disk already).
     """
 
     def __init__(
@@ -450,9 +428,8 @@ class Checkpoint:
             raise CheckpointError(
                 f"{self.path}: num_layers={num_layers} but layers= maps only {len(self.layers)} store layers"
             )
-        for layer in range(num_layers):
-            for expert in range(num_experts):
-                self._spec_entries(spec, layer, expert)
+        for layer, expert in itertools.product(range(num_layers), range(num_experts)):
+            self._spec_entries(spec, layer, expert)
 
     def read_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """``{spec name: CPU tensor}`` of one expert, templates concatenated on dim 0.
@@ -460,13 +437,9 @@ class Checkpoint:
         The tensors own fresh memory; only this expert's bytes are read. dtypes
         and shapes are the checkpoint's.
         """
-        out: dict[str, torch.Tensor] = {}
-        parts: list = []
-        dests: list[torch.Tensor] = []
-        for name, (dtype, shape, entries) in self._expert_entries(layer, expert).items():
-            out[name] = torch.empty(shape, dtype=dtype)
-            _add_dest(parts, dests, entries, out[name])
-        self._execute(parts, dests, _SETTINGS.staging_bytes)
+        found = self._expert_entries(layer, expert)
+        out = {name: torch.empty(shape, dtype=dtype) for name, (dtype, shape, _) in found.items()}
+        self._execute([(found[name][2], t) for name, t in out.items()], _SETTINGS.staging_bytes)
         return out
 
     def read_into(
@@ -476,27 +449,21 @@ class Checkpoint:
         *,
         staging_bytes: int | None = None,
     ) -> ReadStats:
-        """Read experts straight into caller tensors.
+        """Read experts straight into caller tensors; returns what was read, a :class:`ReadStats`.
 
         Args:
             spec: the expert spec; its tensor names must equal ``names``' keys.
-            targets: ``(layer, expert, {spec name: destination})`` per expert.
-                Every destination is a contiguous tensor of the spec tensor's
-                shape and dtype, on CPU or CUDA (e.g. one slot of a resident
-                slab: ``ResidentSlabs.slot_tensors(layer, slot)``).
+            targets: ``(layer, expert, {spec name: destination})`` per expert. Every destination is
+                a contiguous tensor of the spec tensor's shape and dtype, on CPU or CUDA (e.g. one
+                slot of a resident slab: ``ResidentSlabs.slot_tensors(layer, slot)``).
             staging_bytes: pinned host staging in total, for CUDA destinations
                 (default 256 MiB; less than a page counts as one page).
 
-        Returns:
-            :class:`ReadStats`; its ``nbytes`` is ``len(targets) * spec.nbytes``.
-
-        Everything (names, shards, dtypes, shapes, destinations) is checked
-        before the first byte is written; a failure then leaves the
-        destinations untouched. An I/O error or a changed file during the
-        transfer raises CheckpointError and may leave destinations partly
-        written. With CUDA destinations, the copies start only after work
-        already queued on each destination device's current stream and are
-        complete on return.
+        Everything (names, shards, dtypes, shapes, destinations) is checked before the first byte
+        is written; a failure then leaves the destinations untouched. An I/O error or a changed
+        file during the transfer raises CheckpointError and may leave destinations partly
+        written. With CUDA destinations, the copies start only after work already queued on each
+        destination device's current stream and are complete on return.
         """
         self._check_spec_names(spec)
         if staging_bytes is None:
@@ -504,8 +471,7 @@ class Checkpoint:
         staging_bytes = check_bytes(staging_bytes, "staging_bytes", where=self.path, error=CheckpointError)
         if isinstance(targets, (str, bytes)) or not isinstance(targets, Sequence):
             raise CheckpointError(f"targets must be a sequence of (layer, expert, {{name: tensor}}), got {targets!r}")
-        dests: list[torch.Tensor] = []
-        parts: list = []
+        copies = []
         for i, target in enumerate(targets):
             if not isinstance(target, (tuple, list)) or len(target) != 3:
                 raise CheckpointError(f"targets[{i}] must be (layer, expert, {{name: tensor}}), got {target!r}")
@@ -529,17 +495,24 @@ class Checkpoint:
                     raise CheckpointError(f"{what} is not contiguous (strides {dst.stride()})")
                 if dst.device.type not in ("cpu", "cuda"):
                     raise CheckpointError(f"{what} is on {dst.device}; only cpu and cuda are supported")
-                _add_dest(parts, dests, entries, dst)
-        return self._execute(parts, dests, staging_bytes)
+                copies.append((entries, dst))
+        return self._execute(copies, staging_bytes)
 
     # -- the mover ----------------------------------------------------------
-    def _execute(
-        self, parts: list[tuple[str, int, int, int, int]], dests: list[torch.Tensor], staging: int
-    ) -> ReadStats:
-        """Copy ``parts`` (path, file offset, nbytes, dest index, dest byte offset) into ``dests``
-        (flat uint8 tensors). Everything has been validated by the caller."""
+    def _execute(self, copies: list[tuple[list[tuple[str, TensorEntry]], torch.Tensor]], staging: int) -> ReadStats:
+        """Fill each destination tensor of ``copies`` with its checkpoint tensors ((path, entry),
+        concatenated on dim 0). Everything has been validated by the caller."""
         s, ops, page = _SETTINGS, _DEVICE_OPS, PAGE_SIZE
-        parts = [p for p in parts if p[2] > 0]
+        # parts: (path, file offset, nbytes, destination index, byte offset in it); dests: flat bytes.
+        parts: list[tuple[str, int, int, int, int]] = []
+        dests: list[torch.Tensor] = []
+        for entries, dst in copies:
+            doff = 0
+            for path, e in entries:
+                if e.nbytes:
+                    parts.append((path, e.offset, e.nbytes, len(dests), doff))
+                doff += e.nbytes
+            dests.append(dst.detach().reshape(-1).view(torch.uint8))
         staged = [ops.is_device(d) for d in dests]
         with self._io_lock:
             t0 = time.perf_counter()
@@ -663,14 +636,9 @@ class Checkpoint:
                     f.check()  # changed during the transfer: the bytes read may mix two files
         if errors:
             raise errors[0]
-        return ReadStats(
-            nbytes=sum(p[2] for p in parts),
-            warm_bytes=sum(j.nbytes for j in warm),
-            cold_bytes=sum(j.nbytes for j in cold),
-            warm_reads=len(warm),
-            cold_reads=len(cold),
-            seconds=time.perf_counter() - t0,
-        )
+        warm_bytes, cold_bytes = (sum(j.nbytes for j in js) for js in (warm, cold))
+        seconds = time.perf_counter() - t0
+        return ReadStats(warm_bytes + cold_bytes, warm_bytes, cold_bytes, len(warm), len(cold), seconds)
 
     # -- resources ----------------------------------------------------------
     def _executor(self, workers: int) -> concurrent.futures.ThreadPoolExecutor:

@@ -50,7 +50,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -171,6 +171,10 @@ def _check(m: Manifest, where: str) -> None:
     def count(name: str, v: object, low: int = 1, high: int = _I64_MAX) -> int:
         return check_int(v, name, low=low, high=high, where=where, error=ManifestError)
 
+    def want(name: str, v: object, cls: type, what: str) -> None:
+        if not isinstance(v, cls):
+            raise bad(f"{name} must be {what}, got {type(v).__name__}")
+
     if not is_int(m.format_version) or m.format_version != FORMAT_VERSION:
         raise bad(f"format_version must be {FORMAT_VERSION}, got {m.format_version!r}")
     version = count("version", m.version)
@@ -179,10 +183,8 @@ def _check(m: Manifest, where: str) -> None:
     c = m.created
     if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c < _CREATED_MAX:  # NaN fails too
         raise bad(f"created must be unix seconds in [0, {_CREATED_MAX:.0f}) (years 1970..9999), got {c!r}")
-    if not isinstance(m.reason, str):
-        raise bad(f"reason must be a str, got {type(m.reason).__name__}")
-    if not isinstance(m.spec, ExpertSpec):
-        raise bad(f"spec must be an ExpertSpec, got {type(m.spec).__name__}")
+    want("reason", m.reason, str, "a str")
+    want("spec", m.spec, ExpertSpec, "an ExpertSpec")
     if m.spec.record_bytes > MAX_BYTES:
         raise bad(f"spec: an expert record of {m.spec.record_bytes} bytes is beyond {MAX_BYTES}: {m.spec!r:.200}")
     L, E, R, S = (count(n, getattr(m, n)) for n in ("num_layers", "num_experts", "num_ranks", "slots_per_rank"))
@@ -190,8 +192,7 @@ def _check(m: Manifest, where: str) -> None:
         count("ranks_per_node", m.ranks_per_node)
     for name, dtype, shape in zip(_ARRAYS, (torch.int64, torch.bool, torch.int64), ((L, R * S), (R,), (L, E))):
         t = getattr(m, name)
-        if not isinstance(t, torch.Tensor):
-            raise bad(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        want(name, t, torch.Tensor, "a torch.Tensor")
         if t.dtype != dtype or tuple(t.shape) != shape:
             raise bad(f"{name} must be {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
     if not bool(m.alive.any()):
@@ -200,9 +201,8 @@ def _check(m: Manifest, where: str) -> None:
         m.placement()
     except PlacementError as e:
         raise bad(f"phy2log is not a valid placement: {e}") from None
-    _check_checkpoint(m.checkpoint, L, bad)
-    if not isinstance(m.stats, dict):
-        raise bad(f"stats must be a dict, got {type(m.stats).__name__}")
+    _check_checkpoint(m.checkpoint, L, bad, want)
+    want("stats", m.stats, dict, "a dict")
     for k, v in m.stats.items():
         if not isinstance(k, str):
             raise bad(f"stats keys must be str, got {k!r:.80}")
@@ -212,16 +212,13 @@ def _check(m: Manifest, where: str) -> None:
             raise bad(f"stats[{k!r}] must be an int, a finite float, a str or a bool, got {v!r:.80}")
 
 
-def _check_checkpoint(ck: Any, num_layers: int, bad: Callable[[str], ManifestError]) -> None:
-    if not isinstance(ck, dict):
-        raise bad(f"checkpoint must be a dict, got {type(ck).__name__}")
+def _check_checkpoint(ck: Any, num_layers: int, bad: Callable[[str], ManifestError], want: Callable) -> None:
+    want("checkpoint", ck, dict, "a dict")
     if set(ck) != {"path", "names", "layers"}:
         raise bad(f"checkpoint must have exactly the keys ['layers', 'names', 'path'], got {sorted(map(str, ck))}")
-    if not isinstance(ck["path"], str):
-        raise bad(f"checkpoint['path'] must be a str, got {type(ck['path']).__name__}")
+    want("checkpoint['path']", ck["path"], str, "a str")
     names = ck["names"]
-    if not isinstance(names, dict):
-        raise bad(f"checkpoint['names'] must be a dict, got {type(names).__name__}")
+    want("checkpoint['names']", names, dict, "a dict")
     for k, v in names.items():
         if not isinstance(k, str):
             raise bad(f"checkpoint['names'] keys must be str, got {k!r:.80}")
@@ -419,11 +416,8 @@ def manifest_to_json(m: Manifest) -> dict[str, Any]:
     j |= {k: j[k].tolist() for k in _ARRAYS} | {"spec": m.spec.to_list(), "stats": dict(m.stats)}
     ck = m.checkpoint
     names = {k: (v if isinstance(v, str) else list(v)) for k, v in ck["names"].items()}
-    j["checkpoint"] = {
-        "path": ck["path"],
-        "names": names,
-        "layers": None if ck["layers"] is None else list(ck["layers"]),
-    }
+    layers = None if ck["layers"] is None else list(ck["layers"])
+    j["checkpoint"] = {"path": ck["path"], "names": names, "layers": layers}
     j["created_iso"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.created))
     return j | {"expert_nbytes": m.spec.nbytes, "placement_digest": m.placement().digest().hex()}
 
@@ -440,12 +434,26 @@ def _step(name: str) -> None:
         _after_step(name)
 
 
+@contextlib.contextmanager
+def _os_errors(message: str) -> Iterator[None]:
+    """Raise an OSError of the block as ``ManifestError(f"{message}: {error}")``."""
+    try:
+        yield
+    except OSError as e:
+        raise ManifestError(f"{message}: {e}") from None
+
+
+def _read_if_exists(path: Path, message: str) -> bytes | None:
+    """The bytes of ``path``, or None where it does not exist; other errors as :func:`_os_errors`."""
+    with _os_errors(message), contextlib.suppress(FileNotFoundError):
+        return path.read_bytes()
+    return None
+
+
 def _fsync_dir(path: Path) -> None:
     """fsync a directory so that a rename or unlink in it survives a crash."""
-    try:
+    with _os_errors(f"{path}: cannot open the directory to fsync it"):
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError as e:
-        raise ManifestError(f"{path}: cannot open the directory to fsync it: {e}") from None
     try:
         os.fsync(fd)
     except OSError as e:
@@ -459,8 +467,8 @@ def _fsync_dir(path: Path) -> None:
 class ManifestLog:
     """The versions of one store: ``<root>/manifests/v{version:08d}.msgpack``.
 
-    Several ranks may share one root (they commit the same bytes) or each keep
-    its own; both work. Methods raise :class:`ManifestError` naming the file.
+    Several ranks may share one root (they commit the same bytes) or each keep its own; both work.
+    Methods raise :class:`ManifestError` naming the file.
     """
 
     def __init__(self, root: str | os.PathLike) -> None:
@@ -481,12 +489,9 @@ class ManifestLog:
         return sorted(v for mt in matches if mt and mt.group(0) == f"v{(v := int(mt.group(1))):08d}.msgpack")
 
     def _names(self) -> list[str]:
-        try:
+        with _os_errors(f"{self.dir}: cannot list manifests"), contextlib.suppress(FileNotFoundError):
             return os.listdir(self.dir)
-        except FileNotFoundError:
-            return []
-        except OSError as e:
-            raise ManifestError(f"{self.dir}: cannot list manifests: {e}") from None
+        return []
 
     def latest(self) -> int | None:
         """The newest committed version, or None if there is none."""
@@ -495,9 +500,8 @@ class ManifestLog:
     def read(self, version: int | None = None) -> Manifest:
         """Read and check one version (None: the latest committed).
 
-        A corrupt file raises :class:`ManifestError` naming it; reading never
-        falls back to another version.
-        """
+        A corrupt file raises :class:`ManifestError` naming it; reading never falls back to another
+        version."""
         if version is None:
             version = self.latest()
             if version is None:
@@ -510,14 +514,11 @@ class ManifestLog:
     def _load(self, version: int) -> Manifest | None:
         """Version ``version``, or None where its file does not exist."""
         path = self.path_of(version)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+        data = _read_if_exists(path, f"{path}: cannot read")
+        if data is None:
             if path.is_symlink():
-                raise ManifestError(f"{path}: a link to a file that does not exist") from None
+                raise ManifestError(f"{path}: a link to a file that does not exist")
             return None
-        except OSError as e:
-            raise ManifestError(f"{path}: cannot read: {e}") from None
         m = decode_manifest(data, source=str(path))
         if m.version != version:
             raise ManifestError(f"{path}: the file holds version {m.version}, not {version}")
@@ -554,12 +555,9 @@ class ManifestLog:
         return m
 
     def _same_as_committed(self, path: Path, data: bytes, version: int) -> bool:
-        try:
-            existing = path.read_bytes()
-        except FileNotFoundError:
+        existing = _read_if_exists(path, f"{path}: cannot read the committed manifest")
+        if existing is None:
             return False
-        except OSError as e:
-            raise ManifestError(f"{path}: cannot read the committed manifest: {e}") from None
         if existing != data:
             raise ManifestError(
                 f"{path}: version {version} is already committed with different content (stale writer?)"
@@ -592,10 +590,8 @@ class ManifestLog:
         only the link and a directory fsync remain once they are in place."""
         data = encode_manifest(m)
         if not self.dir.is_dir():
-            try:
+            with _os_errors(f"{self.dir}: cannot create the manifest directory"):
                 self.dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ManifestError(f"{self.dir}: cannot create the manifest directory: {e}") from None
             _fsync_dir(self.dir.parent)
         tmp = self.dir / f".v{m.version:08d}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
@@ -617,12 +613,8 @@ class ManifestLog:
 
     @staticmethod
     def _publish(tmp: Path, final: Path) -> None:
-        """Make ``tmp`` visible as ``final``: the commit point.
-
-        A hard link fails if ``final`` exists, so a concurrent writer of the same
-        version is detected instead of overwritten. File systems without hard
-        links get an atomic rename instead, after an existence check.
-        """
+        """Make ``tmp`` visible as ``final``: the commit point, a hard link (FileExistsError where
+        ``final`` exists); file systems without hard links get an existence check and a rename."""
         try:
             os.link(tmp, final)
             return
@@ -633,27 +625,21 @@ class ManifestLog:
                 raise ManifestError(f"{final}: cannot commit the manifest: {e}") from None
         if final.exists():
             raise FileExistsError(errno.EEXIST, "exists", str(final))
-        try:
+        with _os_errors(f"{final}: cannot commit the manifest"):
             os.replace(tmp, final)
-        except OSError as e:
-            raise ManifestError(f"{final}: cannot commit the manifest: {e}") from None
 
     def clean_temporaries(self, *, older_than: float = 60.0) -> list[Path]:
         """Remove temporary files left by crashed commits, if older than ``older_than`` seconds.
 
-        The age guard keeps the in-flight commits of other ranks sharing the
-        root; a commit takes milliseconds. Returns the removed paths.
-        """
+        The age guard keeps the in-flight commits of other ranks sharing the root; a commit takes
+        milliseconds. Returns the removed paths."""
         now, removed = time.time(), []
         for p in (self.dir / n for n in self._names() if _TMP_RE.match(n)):
-            try:
+            # FileNotFoundError: another rank removed it.
+            with _os_errors(f"{p}: cannot remove the temporary file"), contextlib.suppress(FileNotFoundError):
                 if now - p.stat().st_mtime >= older_than:
                     p.unlink()
                     removed.append(p)
-            except FileNotFoundError:
-                continue  # another rank removed it
-            except OSError as e:
-                raise ManifestError(f"{p}: cannot remove the temporary file: {e}") from None
         return sorted(removed)
 
     def prune(self, *, keep: int) -> list[int]:
@@ -666,13 +652,9 @@ class ManifestLog:
         """
         keep = check_int(keep, "keep", low=1, where=f"{self.dir}: prune")
         doomed = self.versions()[:-keep]
-        for v in doomed:
-            try:
-                self.path_of(v).unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                raise ManifestError(f"{self.path_of(v)}: cannot delete: {e}") from None
+        for path in map(self.path_of, doomed):
+            with _os_errors(f"{path}: cannot delete"), contextlib.suppress(FileNotFoundError):
+                path.unlink()
         self.clean_temporaries()
         if doomed:
             _fsync_dir(self.dir)

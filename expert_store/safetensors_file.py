@@ -197,10 +197,9 @@ def parse_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
 class ShardFile:
     """The file a :class:`SafetensorsHeader` was parsed from, read with ``preadv``.
 
-    The descriptor is opened by the first :meth:`check` and held until
-    :meth:`close` (a later :meth:`check` opens it again). Not thread-safe for
-    :meth:`check` / :meth:`close`; :meth:`read`, :meth:`resident` and
-    :meth:`willneed` may run in several threads between them.
+    The descriptor is opened by the first :meth:`check` and held until :meth:`close` (a later
+    :meth:`check` opens it again). Not thread-safe for :meth:`check` / :meth:`close`; :meth:`read`,
+    :meth:`resident` and :meth:`willneed` may run in several threads between them.
     """
 
     def __init__(self, header: SafetensorsHeader) -> None:
