@@ -35,7 +35,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from itertools import groupby
+from itertools import groupby, product
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from .checkpoint import Checkpoint
 from .checks import MAX_BYTES, check_bytes, check_int, is_int
 from .errors import ManifestError, StoreError
 from .manifest import _FILE_RE, _TMP_RE, Manifest, ManifestLog, store_difference
-from .plan import merge_plans, plan_chunks, round_budget
+from .plan import RankAccount, merge_plans, plan_chunks, round_budget
 from .spec import ExpertSpec, dtype_name
 from .store import DEFAULT_ROUND_BYTES, DEFAULT_STAGING_BYTES
 
@@ -88,12 +88,8 @@ def _human(n: Any) -> str:
     """A byte count with a binary unit; anything that is not an int as it is ("-" for None)."""
     if not is_int(n):
         return "-" if n is None else str(n)
-    x, unit = float(n), "B"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(x) < 1024 or unit == "TiB":
-            break
-        x /= 1024
-    return f"{n} B" if unit == "B" else f"{x:.1f} {unit}"
+    k = min(4, max(0, (abs(n).bit_length() - 1) // 10))  # 1024**k <= |n| < 1024**(k + 1), TiB at most
+    return f"{n} B" if k == 0 else f"{n / 1024**k:.1f} {('KiB', 'MiB', 'GiB', 'TiB')[k - 1]}"
 
 
 def _table(
@@ -107,6 +103,11 @@ def _table(
         (indent + "  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(row, widths, numeric))).rstrip()
         for row in cells
     ]
+
+
+def _lines(*parts: str | Sequence[str] | None) -> list[str]:
+    """The lines of a text report from single lines, blocks of lines (tables) and None (a line left out)."""
+    return [line for p in parts if p is not None for line in ([p] if isinstance(p, str) else p)]
 
 
 def _ranks_text(ranks: Sequence[int]) -> str:
@@ -173,6 +174,11 @@ def _read_all(log: ManifestLog) -> tuple[dict[int, Manifest], list[dict[str, Any
     return manifests, unreadable
 
 
+def _minus(xs: Sequence[int], ys: Sequence[int]) -> list[int]:
+    """The sorted distinct elements of ``xs`` not in ``ys``."""
+    return sorted(set(xs) - set(ys))
+
+
 def _alive_ranks(m: Manifest) -> list[int]:
     return [r for r, a in enumerate(m.alive.tolist()) if a]
 
@@ -201,6 +207,10 @@ def _fields(obj: object, *names: str) -> dict[str, Any]:
 def _header_json(m: Manifest) -> dict[str, Any]:
     created_iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.created))
     return {**_fields(m, "version", "parent", "created"), "created_iso": created_iso, "reason": m.reason}
+
+
+def _pair_json(log: ManifestLog, ma: Manifest, mb: Manifest) -> dict[str, Any]:
+    return {"root": str(log.root), "a": _header_json(ma), "b": _header_json(mb)}
 
 
 def _dims_json(m: Manifest) -> dict[str, Any]:
@@ -267,7 +277,13 @@ def _render_summary(d: dict[str, Any]) -> list[str]:
         [t["name"], "x".join(map(str, t["shape"])), *(t[k] for k in ("dtype", "nbytes", "record_offset"))]
         for t in spec["tensors"]
     ]
-    out = [
+    width = max(map(len, ck["names"]), default=0)
+    names = [
+        f"  {name if i == 0 else '':<{width}} <- {t}"
+        for name, templates in ck["names"].items()
+        for i, t in enumerate([templates] if isinstance(templates, str) else templates)
+    ]
+    return _lines(
         f"store      {d['root']}",
         f"version    {d['version']} of {d['oldest_version']}..{d['latest_version']} "
         f"({d['versions_kept']} kept), parent {d['parent'] or '-'}",
@@ -285,22 +301,20 @@ def _render_summary(d: dict[str, Any]) -> list[str]:
         + (f"; {rep['no_live']} WITHOUT a live replica" if rep["no_live"] else ""),
         f"checkpoint {ck['path']}",
         f"  layers   {ck['layers'] if ck['layers'] is not None else 'store layer i = checkpoint layer i'}",
-    ]
-    width = max(map(len, ck["names"]), default=0)
-    for name, templates in ck["names"].items():
-        for i, t in enumerate([templates] if isinstance(templates, str) else templates):
-            out.append(f"  {name if i == 0 else '':<{width}} <- {t}")
-    if last is None:
-        out.append("rebalance  none yet")
-    else:
-        s = last["stats"]
-        out.append(f"rebalance  last: version {last['version']} ({last['created_iso']})")
-        out.append("  " + ", ".join(f"{k[6:]} {_human(s.get(k))}" for k in _BYTES))
-        rest = [f"{k}={v}" for k, v in s.items() if k not in _BYTES]
-        if rest:
-            out.append("  " + " ".join(rest))
-    out.append(f"digest     {d['placement_digest'][:16]}")
-    return out
+        names,
+        ["rebalance  none yet"] if last is None else _render_rebalance(last),
+        f"digest     {d['placement_digest'][:16]}",
+    )
+
+
+def _render_rebalance(last: dict[str, Any]) -> list[str]:
+    s = last["stats"]
+    rest = " ".join(f"{k}={v}" for k, v in s.items() if k not in _BYTES)
+    return _lines(
+        f"rebalance  last: version {last['version']} ({last['created_iso']})",
+        "  " + ", ".join(f"{k[6:]} {_human(s.get(k))}" for k in _BYTES),
+        "  " + rest if rest else None,
+    )
 
 
 def list_versions(root: str | os.PathLike) -> dict[str, Any]:
@@ -367,26 +381,25 @@ def show_placement(root: str | os.PathLike, *, version: int | None = None, layer
 
 
 def _render_show(d: dict[str, Any]) -> list[str]:
-    out = [
-        f"version {d['version']} (parent {d['parent'] or '-'}, {d['reason']}, {d['created_iso']})  "
-        f"L={d['num_layers']} E={d['num_experts']} R={d['num_ranks']} S={d['slots_per_rank']}"
-    ]
-    w, rw = len(str(d["num_experts"] - 1)), len(str(d["num_ranks"] - 1))
+    cs, w, rw = d["checksum_summary"], len(str(d["num_experts"] - 1)), len(str(d["num_ranks"] - 1))
+    placement = []
     for entry in d["layers"]:
-        out.append(f"layer {entry['layer']}")
+        placement.append(f"layer {entry['layer']}")
         for r in entry["ranks"]:
             ids = " ".join(str(e).rjust(w) for e in r["experts"])
             state, ids = ("alive", ids) if r["alive"] else ("dead ", f"({ids})")
-            out.append(f"  rank {str(r['rank']).rjust(rw)} {state}  {ids}")
-    cs = d["checksum_summary"]
-    out.append(
+            placement.append(f"  rank {str(r['rank']).rjust(rw)} {state}  {ids}")
+    # --layer: that layer's checksums one by one, four to a line
+    sums = d["layers"][0]["checksums"] if d["layer"] is not None else []
+    cells = [f"e{str(e).rjust(w)} {_hex(c)}" for e, c in enumerate(sums)]
+    return _lines(
+        f"version {d['version']} (parent {d['parent'] or '-'}, {d['reason']}, {d['created_iso']})  "
+        f"L={d['num_layers']} E={d['num_experts']} R={d['num_ranks']} S={d['slots_per_rank']}",
+        placement,
         f"checksums {cs['shape'][0]} x {cs['shape'][1]} (layer, expert): sha256 {cs['sha256'][:16]}, "
-        f"{cs['zero']} zero, {cs['duplicated']} sharing a value"
+        f"{cs['zero']} zero, {cs['duplicated']} sharing a value",
+        ["  " + "  ".join(cells[i : i + 4]) for i in range(0, len(cells), 4)],
     )
-    if d["layer"] is not None:
-        cells = [f"e{str(e).rjust(w)} {_hex(c)}" for e, c in enumerate(d["layers"][0]["checksums"])]
-        out += ["  " + "  ".join(cells[i : i + 4]) for i in range(0, len(cells), 4)]
-    return out
 
 
 def diff_versions(root: str | os.PathLike, a: int | None, b: int | None) -> dict[str, Any]:
@@ -394,29 +407,21 @@ def diff_versions(root: str | os.PathLike, a: int | None, b: int | None) -> dict
     log = _open_log(root)
     ma, mb = _read_pair(log, a, b)
     R, S = ma.num_ranks, ma.slots_per_rank
-    alive_a, alive_b = ma.alive.tolist(), mb.alive.tolist()
+    alive_a, alive_b = _alive_ranks(ma), _alive_ranks(mb)
     layers = []
     for lay in range(ma.num_layers):
         oa, ob = ma.phy2log[lay].view(R, S).tolist(), mb.phy2log[lay].view(R, S).tolist()
         changed = [sum(x != y for x, y in zip(oa[r], ob[r])) for r in range(R)]
         ranks = [
-            {"rank": r, "slots_changed": changed[r], "added": sorted(set(ob[r]) - set(oa[r]))}
-            | {"removed": sorted(set(oa[r]) - set(ob[r]))}
-            for r in range(R)
-            if changed[r]
+            {"rank": r, "slots_changed": n, "added": _minus(ob[r], oa[r]), "removed": _minus(oa[r], ob[r])}
+            for r, n in enumerate(changed)
+            if n
         ]
         layers.append({"layer": lay, "slots_changed": sum(changed), "ranks": ranks})
     moved = [r for x in layers for r in x["ranks"]]
     return {
-        "root": str(log.root),
-        "a": _header_json(ma),
-        "b": _header_json(mb),
-        "alive": {
-            "a": _alive_ranks(ma),
-            "b": _alive_ranks(mb),
-            "died": [r for r in range(R) if alive_a[r] and not alive_b[r]],
-            "revived": [r for r in range(R) if alive_b[r] and not alive_a[r]],
-        },
+        **_pair_json(log, ma, mb),
+        "alive": {"a": alive_a, "b": alive_b, "died": _minus(alive_a, alive_b), "revived": _minus(alive_b, alive_a)},
         "slots_changed": sum(x["slots_changed"] for x in layers),
         "experts_added": sum(len(r["added"]) for r in moved),
         "experts_removed": sum(len(r["removed"]) for r in moved),
@@ -431,7 +436,14 @@ def diff_versions(root: str | os.PathLike, a: int | None, b: int | None) -> dict
 
 def _render_diff(d: dict[str, Any]) -> list[str]:
     a, b, al, sums = d["a"], d["b"], d["alive"], d["checksums_changed"]
-    out = [
+    ids = lambda xs: " ".join(map(str, xs)) or "-"
+    rows = [
+        [e["layer"], r["rank"], r["slots_changed"], ids(r["added"]), ids(r["removed"])]
+        for e in d["layers"]
+        for r in e["ranks"]
+    ]
+    pairs = " ".join(f"{c['layer']}/{c['expert']}" for c in sums[:16]) + (" ..." if len(sums) > 16 else "")
+    return _lines(
         f"diff version {a['version']} ({a['reason']}, {a['created_iso']}) -> version {b['version']} "
         f"({b['reason']}, {b['created_iso']})",
         f"alive      {_ranks_text(al['a'])} -> {_ranks_text(al['b'])}"
@@ -439,24 +451,11 @@ def _render_diff(d: dict[str, Any]) -> list[str]:
         + (f"; revived {_ranks_text(al['revived'])}" if al["revived"] else ""),
         f"slots      {d['slots_changed']} changed; per rank and layer {d['experts_added']} expert(s) added, "
         f"{d['experts_removed']} removed",
-    ]
-    if d["checkpoint_changed"]:
-        out.append("checkpoint changed (path, names or layers)")
-    if d["ranks_per_node_changed"]:
-        out.append("ranks_per_node changed")
-    if sums:
-        pairs = " ".join(f"{c['layer']}/{c['expert']}" for c in sums[:16])
-        out.append(f"checksums  {len(sums)} (layer/expert) changed: {pairs}" + (" ..." if len(sums) > 16 else ""))
-    ids = lambda xs: " ".join(map(str, xs)) or "-"
-    rows = [
-        [e["layer"], r["rank"], r["slots_changed"], ids(r["added"]), ids(r["removed"])]
-        for e in d["layers"]
-        for r in e["ranks"]
-    ]
-    out += (
-        _table(["layer", "rank", "slots", "added", "removed"], rows, indent="  ") if rows else ["  placement unchanged"]
+        "checkpoint changed (path, names or layers)" if d["checkpoint_changed"] else None,
+        "ranks_per_node changed" if d["ranks_per_node_changed"] else None,
+        f"checksums  {len(sums)} (layer/expert) changed: {pairs}" if sums else None,
+        _table(["layer", "rank", "slots", "added", "removed"], rows, indent="  ") if rows else "  placement unchanged",
     )
-    return out
 
 
 def _budget(given: int | None, mb: Manifest, where: Path, key: str, default: int) -> int:
@@ -528,14 +527,12 @@ def plan_between(
         round_rows.append({"moves": n, "p2p": p2p, "local": n - p2p, "parks": len(rnd.parks)})
     ranks = []
     for r in range(mb.num_ranks):
-        acct = plan.accounts.get(r)
-        fresh_r = acct is not None and (r in fresh or not plan.holders_valid[r])
-        row = {"rank": r, "alive": acct is not None, "fresh": fresh_r}
-        row |= _fields(acct, *_BYTES) if acct else dict.fromkeys(_BYTES, 0)
-        missing = sorted(acct.missing.items()) if acct else []
+        alive, acct = r in plan.accounts, plan.accounts.get(r, RankAccount())  # a dead rank moves nothing
+        missing = [{"layer": la, "experts": list(e)} for la, e in sorted(acct.missing.items())]
         ranks.append(
-            row
-            | {"bytes_sent": sent[r] * spec.nbytes, "missing": [{"layer": la, "experts": list(e)} for la, e in missing]}
+            {"rank": r, "alive": alive, "fresh": alive and (r in fresh or not plan.holders_valid[r])}
+            | _fields(acct, *_BYTES)
+            | {"bytes_sent": sent[r] * spec.nbytes, "missing": missing}
         )
     n_p2p = sum(not mv.is_local for mv in plan.moves)
     totals = {k: sum(x[k] for x in ranks) for k in _BYTES} | {"moves": len(plan.moves)}
@@ -543,16 +540,10 @@ def plan_between(
     recorded = None
     if mb.parent == ma.version and mb.reason == "rebalance":
         rec = {k: mb.stats.get(k) for k in _PLAN_STATS}
-        recorded = {
-            "stats": rec,
-            "staging_bytes": mb.stats.get("staging_bytes"),
-            "fresh_ranks": mb.stats.get("fresh_ranks"),
-            "matches": all(rec[k] is None or rec[k] == totals[k] for k in _PLAN_STATS),
-        }
+        recorded = {"stats": rec} | {k: mb.stats.get(k) for k in ("staging_bytes", "fresh_ranks")}
+        recorded["matches"] = all(rec[k] is None or rec[k] == totals[k] for k in _PLAN_STATS)
     return {
-        "root": str(log.root),
-        "a": _header_json(ma),
-        "b": _header_json(mb),
+        **_pair_json(log, ma, mb),
         "expert_bytes": spec.nbytes,
         "record_bytes": spec.record_bytes,
         "staging_bytes": staging_bytes,
@@ -575,39 +566,39 @@ def plan_between(
 
 def _render_plan(d: dict[str, Any]) -> list[str]:
     t, rec = d["totals"], d["recorded"]
-    out = [
-        f"plan version {d['a']['version']} -> {d['b']['version']}: alive {_ranks_text(d['alive_a'])} -> "
-        f"{_ranks_text(d['alive_b'])}" + (f", fresh {_ranks_text(d['fresh'])}" if d["fresh"] else ""),
-        f"expert {_human(d['expert_bytes'])} (record {d['record_bytes']} B), staging {_human(d['staging_bytes'])} "
-        f"({_human(d['round_budget_bytes'])} per round)",
-    ]
     rows = []
     for r in d["ranks"]:
         state = "dead" if not r["alive"] else ("empty" if r["fresh"] else "alive")
         missing = "; ".join(f"L{m['layer']}: {' '.join(map(str, m['experts']))}" for m in r["missing"]) or "-"
         rows.append([r["rank"], state, r["bytes_p2p"], r["bytes_local"], r["bytes_disk"], r["bytes_sent"], missing])
     rows.append(["all", "", t["bytes_p2p"], t["bytes_local"], t["bytes_disk"], sum(r[5] for r in rows), ""])
-    out += _table(
-        ["rank", "state", "p2p", "local", "disk", "sent", "missing (from checkpoint)"], rows, indent="  ", right=[0]
-    )
-    out.append(
+    links = [[x["src"], x["dst"], x["records"], x["bytes"], _human(x["bytes"])] for x in d["links"]]
+    return _lines(
+        f"plan version {d['a']['version']} -> {d['b']['version']}: alive {_ranks_text(d['alive_a'])} -> "
+        f"{_ranks_text(d['alive_b'])}" + (f", fresh {_ranks_text(d['fresh'])}" if d["fresh"] else ""),
+        f"expert {_human(d['expert_bytes'])} (record {d['record_bytes']} B), staging {_human(d['staging_bytes'])} "
+        f"({_human(d['round_budget_bytes'])} per round)",
+        _table(
+            ["rank", "state", "p2p", "local", "disk", "sent", "missing (from checkpoint)"], rows, indent="  ", right=[0]
+        ),
         f"moves {t['moves']} (p2p {t['moves_p2p']}, local {t['moves_local']}), disk reads {t['disk_reads']}, "
-        f"post copies {t['post_copies']}, rounds {t['rounds']}, parks {d['parks']}"
+        f"post copies {t['post_copies']}, rounds {t['rounds']}, parks {d['parks']}",
+        "rounds  " + " ".join(f"[{x['p2p']} p2p + {x['local']} local]" for x in d["rounds"][:12])
+        if d["rounds"]
+        else None,
+        ["links (src -> dst)", *_table(["src", "dst", "records", "bytes", ""], links, indent="  ")] if links else None,
+        None if rec is None else _render_recorded(rec, d["b"]["version"]),
     )
-    if d["rounds"]:
-        out.append("rounds  " + " ".join(f"[{x['p2p']} p2p + {x['local']} local]" for x in d["rounds"][:12]))
-    if d["links"]:
-        out.append("links (src -> dst)")
-        link_rows = [[x["src"], x["dst"], x["records"], x["bytes"], _human(x["bytes"])] for x in d["links"]]
-        out += _table(["src", "dst", "records", "bytes", ""], link_rows, indent="  ")
-    if rec is not None:
-        hint = not rec["matches"] and rec["fresh_ranks"]
-        out.append(
-            f"{'matches' if rec['matches'] else 'DIFFERS FROM'} the stats recorded in version {d['b']['version']}: "
-            + " ".join(f"{k}={v}" for k, v in rec["stats"].items() if v is not None)
-            + (f" ({rec['fresh_ranks']} rank(s) were fresh in that rebalance: pass --fresh)" if hint else "")
-        )
-    return out
+
+
+def _render_recorded(rec: dict[str, Any], version: int) -> str:
+    """How a plan compares with the stats that the rebalance which made ``version`` recorded."""
+    hint = not rec["matches"] and rec["fresh_ranks"]
+    return (
+        f"{'matches' if rec['matches'] else 'DIFFERS FROM'} the stats recorded in version {version}: "
+        + " ".join(f"{k}={v}" for k, v in rec["stats"].items() if v is not None)
+        + (f" ({rec['fresh_ranks']} rank(s) were fresh in that rebalance: pass --fresh)" if hint else "")
+    )
 
 
 def _check_checkpoint_bytes(m: Manifest, path_override: str | None) -> dict[str, Any]:
@@ -628,17 +619,16 @@ def _check_checkpoint_bytes(m: Manifest, path_override: str | None) -> dict[str,
         return out
     views = {t.name: record[o : o + t.nbytes].view(t.dtype).view(t.shape) for t, o in zip(spec, spec.record_offsets)}
     with ckpt:
-        for layer in range(m.num_layers):
-            for e in range(m.num_experts):
-                try:
-                    ckpt.read_into(spec, [(layer, e, views)])
-                except StoreError as err:
-                    out["errors"].append(f"layer {layer} expert {e}: {err}")
-                    continue
-                got, want = int(slab_checksums_reference(record, spec, 1)[0]), int(m.checksums[layer, e])
-                out["checked"] += 1
-                if got != want:
-                    out["mismatches"].append({"layer": layer, "expert": e, "manifest": want, "checkpoint": got})
+        for layer, e in product(range(m.num_layers), range(m.num_experts)):
+            try:
+                ckpt.read_into(spec, [(layer, e, views)])
+            except StoreError as err:
+                out["errors"].append(f"layer {layer} expert {e}: {err}")
+                continue
+            got, want = int(slab_checksums_reference(record, spec, 1)[0]), int(m.checksums[layer, e])
+            out["checked"] += 1
+            if got != want:
+                out["mismatches"].append({"layer": layer, "expert": e, "manifest": want, "checkpoint": got})
     return out
 
 
