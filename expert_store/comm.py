@@ -80,7 +80,8 @@ def _tag(call: int, kind: int, seq: int, part: int) -> int:
 class Exchange:
     """Transfers of one round in flight (see :meth:`Comm.start_exchange`)."""
 
-    works: list = field(default_factory=list)  # (work, peer)
+    works: list = field(default_factory=list)  # (work, peer): slabs, headers sent
+    header_works: list = field(default_factory=list)  # (work, peer): headers received
     headers: list = field(default_factory=list)  # (received header, peer, expected payload bytes)
     copy_back: list = field(default_factory=list)  # (host buffer, device destination): gloo with device slabs
     seq: int = 0
@@ -312,8 +313,13 @@ class Comm:
                 if p in table:
                     i = (out if is_send else inc).index(p)
                     ops.append((is_send, hdr[i], p, _tag(self.call, Kind.SLAB, seq, 0)))
-                    ops.append((is_send, table[p], p, _tag(self.call, Kind.SLAB, seq, 1)))
-        ex.works = self._post(ops, what)
+                    # The slab's tag names its length: on gloo, a slab of another size is never
+                    # matched with this receive (gloo would abort), its header says what differs.
+                    ops.append((is_send, table[p], p, _tag(self.call, Kind.SLAB, seq, 1 + table[p].numel())))
+        works = self._post(ops, what)
+        header_recv = {i for i in range(0, len(ops), 2) if not ops[i][0]}  # ops go (header, slab) in pairs
+        ex.header_works = [works[i] for i in sorted(header_recv)]
+        ex.works = [w for i, w in enumerate(works) if i not in header_recv]
         ex.sent_headers = send_hdr  # referenced until the transfers are done
         ex.headers = [(recv_hdr[i], p, recvs[p].numel()) for i, p in enumerate(inc)]
         return ex
@@ -323,12 +329,13 @@ class Comm:
         (the next round's packing overlaps) and the headers are checked at the next
         :meth:`sync_device`; on gloo it blocks with the deadline and checks them now."""
         what = f"round {ex.seq} exchange"
-        self._wait(ex.works, what)
+        self._wait(ex.header_works, what)
         for hdr, peer, nbytes in ex.headers:
             if self._nccl:
                 self._deferred.append((hdr, peer, nbytes, (ex.seq, what)))
-            else:
+            else:  # before waiting for the slabs: one that does not match would never arrive
                 self._check_header(hdr.tolist(), peer=peer, kind=Kind.SLAB, seq=ex.seq, nbytes=nbytes, what=what)
+        self._wait(ex.works, what)
         for host, dst in ex.copy_back:
             dst.copy_(host)
 

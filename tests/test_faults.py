@@ -19,7 +19,7 @@ from dist_util import run_ranks
 from store_util import assert_slots_exact
 
 import expert_store as es
-from expert_store.comm import Comm
+from expert_store.comm import Comm, call_id
 from expert_store.manifest import PreparedManifest
 
 
@@ -129,6 +129,40 @@ def test_ranks_with_another_view_of_alive_all_raise(tmp_path, qwen):
     committed); an agreeing retry on the same process group commits, and so does a store reopened
     on a new group (the README's recovery)."""
     assert run_ranks(other_view_of_alive, 3, qwen, tmp_path / "store", timeout_s=150) == ["ok"] * 3
+
+
+def messages_name_their_call(rank, world):
+    """Slabs between two gloo ranks: one left over from an earlier call, one of another length."""
+    comm = Comm(None, rank=rank, world_size=world, device=torch.device("cpu"), timeout_s=10.0)
+    comm.begin(call_id(b"an earlier call that failed"))
+    stale = None
+    if rank == 0:  # never received: its receiver gave up
+        stale = comm.start_exchange({1: torch.full((64,), 0xEE, dtype=torch.uint8)}, {}, seq=0)
+    comm.begin(call_id(b"this call"))
+    got = torch.zeros(32, dtype=torch.uint8)
+    mine = torch.arange(32, dtype=torch.uint8)
+    comm.finish_exchange(comm.start_exchange({1: mine} if rank == 0 else {}, {0: got} if rank == 1 else {}, seq=0))
+    if rank == 1:
+        assert torch.equal(got, mine), got  # this call's slab, not the stale one
+    comm.begin(call_id(b"a call whose plans differ"))
+    if rank == 0:
+        pending = comm.start_exchange({1: torch.zeros(48, dtype=torch.uint8)}, {}, seq=1)
+        time.sleep(5.0)  # the header reaches rank 1; the slab is never received
+        del pending, stale
+        return "sent"
+    t0 = time.monotonic()
+    with pytest.raises(es.AgreementError, match=r"rank 0 sent call .* \(48 bytes\).*expected .*\(32 bytes\)"):
+        comm.finish_exchange(comm.start_exchange({}, {0: got}, seq=1))
+    assert time.monotonic() - t0 < 5.0
+    time.sleep(2.0)  # alive while the other slab is still on offer: it must never be matched (gloo would abort)
+    return "raised"
+
+
+@pytest.mark.timeout(120)
+def test_messages_of_another_call_or_length_are_never_read_as_this_one():
+    """On gloo, a slab left over from an earlier call is not received in place of this call's, and
+    a slab of another length raises AgreementError at once (gloo would abort on a size mismatch)."""
+    assert run_ranks(messages_name_their_call, 2, timeout_s=100) == ["sent", "raised"]
 
 
 def two_threads(rank, world, info, root):
