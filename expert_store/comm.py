@@ -353,10 +353,6 @@ class Comm:
             raise StoreError(f"rank {self.rank} is not among the live ranks {live}")
         return Gather(self, live, row.to(torch.int64).reshape(-1).cpu(), kind, what)
 
-    def gather(self, live: Sequence[int], row: torch.Tensor, *, kind: Kind, what: str) -> torch.Tensor:
-        """:meth:`start_gather` and its result: int64 [len(live), K], row i from live[i]."""
-        return self.start_gather(live, row, kind=kind, what=what).result()
-
     # -- byte strings between two live ranks --------------------------------------
     def send_blob(self, peer: int, data: bytes, *, what: str) -> None:
         """Send ``data`` to ``peer``: a header with its length, then the bytes."""

@@ -37,17 +37,10 @@ def _skewed_load(counter: eplb.LoadCounter, *, L: int, E: int, device, seed: int
 
 
 def _row(step: str, rank: int, rep) -> dict:
-    return {
-        "step": step,
-        "rank": rank,
-        "version": rep.version,
-        "p2p_mb": rep.bytes_p2p / 1e6,
-        "local_mb": rep.bytes_local / 1e6,
-        "disk_mb": rep.bytes_disk / 1e6,
-        "missing": sum(len(v) for v in rep.missing.values()),
-        "seconds": rep.seconds,
-        "rounds": rep.rounds,
-    }
+    missing = sum(len(v) for v in rep.missing.values())
+    return {"step": step, "rank": rank, "version": rep.version, "p2p_mb": rep.bytes_p2p / 1e6,
+            "local_mb": rep.bytes_local / 1e6, "disk_mb": rep.bytes_disk / 1e6, "missing": missing,
+            "seconds": rep.seconds, "rounds": rep.rounds}  # fmt: skip
 
 
 def _loaded_row(step: str, rank: int, store: ExpertStore, seconds: float = 0.0) -> dict:

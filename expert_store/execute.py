@@ -97,19 +97,10 @@ class _RoundIO:
         return layers, slots, pos, park_ids, park_pos
 
     def unpack_lists(self) -> tuple[list[int], list[int], list[int]]:
-        layers, slots, recs = [], [], []
-        for i, m in enumerate(self.local):
-            layers.append(m.layer)
-            slots.append(m.dst_slot)
-            recs.append(i)
-        pos = self.n_pack
-        for v in self.inc.values():
-            for m in v:
-                layers.append(m.layer)
-                slots.append(m.dst_slot)
-                recs.append(pos)
-                pos += 1
-        return layers, slots, recs
+        """(layers, slots, buffer positions) unpacked: local moves first, then what peers sent."""
+        ms = self.local + [m for v in self.inc.values() for m in v]
+        pos = list(range(len(self.local))) + list(range(self.n_pack, self.n_total))
+        return [m.layer for m in ms], [m.dst_slot for m in ms], pos
 
 
 class RoundRunner:
@@ -153,17 +144,10 @@ class RoundRunner:
         # keeps cap and the parks each within staging_bytes / 2, so one buffer always fits.
         nbuf = 2 if len(self.ios) > 1 and 2 * cap + self.n_parks * rb <= staging_bytes else 1
         self.staging_peak = nbuf * cap + self.n_parks * rb
-        if arena is not None and arena.numel() >= self.staging_peak:
-            self.bufs = [arena[i * cap : (i + 1) * cap] for i in range(nbuf)]  # record multiples: aligned
-            self.park_buf = arena[nbuf * cap : self.staging_peak]
-        else:
-            try:
-                self.bufs = [torch.empty(cap, dtype=torch.uint8, device=dev) for _ in range(nbuf)]
-                self.park_buf = torch.empty(self.n_parks * rb, dtype=torch.uint8, device=dev)
-            except RuntimeError as e:
-                raise StoreError(
-                    f"rank {rank}: cannot allocate {nbuf} x {cap} bytes of staging on {dev}: {e}"
-                ) from None
+        if arena is None or arena.numel() < self.staging_peak:
+            arena = allocate_staging(self.staging_peak, dev, rank)
+        self.bufs = [arena[i * cap : (i + 1) * cap] for i in range(nbuf)]  # record multiples: aligned
+        self.park_buf = arena[nbuf * cap : self.staging_peak]
         # Every round's index rows, validated and on the device in one copy: a round's
         # launches then cost no host work but the launch itself.
         entries: list[tuple] = []
@@ -293,13 +277,8 @@ class ChunkedRun:
         self.allocated = 0  # bytes of the arena allocated here (a reserved one costs nothing now)
         nxt = self._plan_next()
         if nxt is not None and nxt[1] < staging_bytes and self.arena is None:  # chunks: both halves now
-            try:
-                self.arena = torch.empty(2 * nxt[1], dtype=torch.uint8, device=slabs.device)
-                self.allocated = self.arena.numel()
-            except RuntimeError as e:
-                raise StoreError(
-                    f"rank {rank}: cannot allocate {2 * nxt[1]} bytes of staging on {slabs.device}: {e}"
-                ) from None
+            self.arena = allocate_staging(2 * nxt[1], slabs.device, rank)
+            self.allocated = self.arena.numel()
         self._runner = self._runner_for(nxt, prepack=False) if nxt is not None else None
 
     def prepack(self) -> None:
@@ -373,14 +352,33 @@ class ChunkedRun:
         return self.plan
 
 
+def allocate_staging(nbytes: int, device: torch.device, rank: int) -> torch.Tensor:
+    """uint8 [nbytes] on ``device``; StoreError naming the rank when the memory is not there."""
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    except RuntimeError as e:  # out of memory
+        raise StoreError(f"rank {rank}: cannot allocate {nbytes} bytes of staging on {device}: {e}") from None
+
+
 def run_disk_reads(
-    reads: Sequence[DiskRead], *, slabs: ResidentSlabs, checkpoint: Checkpoint, staging_bytes: int | None
+    reads: Sequence[DiskRead],
+    *,
+    slabs: ResidentSlabs,
+    checkpoint: Checkpoint,
+    staging_bytes: int | None,
+    after: torch.cuda.Event | None = None,
 ) -> int:
-    """Read experts from the checkpoint straight into their slots; returns bytes read."""
+    """Read experts from the checkpoint straight into their slots, on the GPU only once ``after``
+    (an event of the caller's stream, see :class:`RebalanceRun`) is reached; returns bytes read."""
     if not reads:
         return 0
     targets = [(d.layer, d.expert, slabs.slot_tensors(d.layer, d.slot)) for d in reads]
-    return checkpoint.read_into(slabs.spec, targets, staging_bytes=staging_bytes).nbytes
+    if after is None:
+        return checkpoint.read_into(slabs.spec, targets, staging_bytes=staging_bytes).nbytes
+    stream = torch.cuda.Stream(slabs.device)
+    stream.wait_event(after)
+    with torch.cuda.stream(stream):
+        return checkpoint.read_into(slabs.spec, targets, staging_bytes=staging_bytes).nbytes
 
 
 def copy_slots(
@@ -466,7 +464,7 @@ class RebalanceRun:
         if early:
             if self._reader is None:
                 self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="expert-store-disk")
-            self._reads.append(self._reader.submit(_read_after, early, self.entry, **self._disk()))
+            self._reads.append(self._reader.submit(run_disk_reads, early, after=self.entry, **self._disk()))
 
     def run(self, phases: dict[str, float], *, while_in_flight: Callable[[], None]) -> RebalancePlan:
         """Move every byte; ``while_in_flight()`` runs once the last round is queued. Returns the
@@ -537,14 +535,3 @@ def mismatched_slots(slabs: ResidentSlabs, pairs: list[tuple[int, int]], experts
     slots = torch.tensor([p[1] for p in pairs], dtype=torch.int64)
     got = resident_checksums(slabs.storage, slabs.layout, layers, slots).cpu()
     return (got != checksums[layers, experts[layers, slots]]).nonzero().flatten().tolist()
-
-
-def _read_after(reads, entry: torch.cuda.Event | None, **disk) -> int:
-    """Checkpoint reads in the reader thread, on the GPU after ``entry`` (the caller's earlier work;
-    this thread's current stream is not the caller's); returns bytes read."""
-    if entry is None:
-        return run_disk_reads(reads, **disk)
-    stream = torch.cuda.Stream(disk["slabs"].device)
-    stream.wait_event(entry)
-    with torch.cuda.stream(stream):
-        return run_disk_reads(reads, **disk)

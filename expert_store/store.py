@@ -39,10 +39,10 @@ import torch
 from expert_store.kernels import pack_records, resident_checksums, unpack_records
 
 from .checkpoint import Checkpoint
-from .checks import check_bool, check_bytes, check_device, check_int, check_timeout, is_int
+from .checks import check_bool, check_bytes, check_device, check_index, check_int, check_timeout, is_int
 from .comm import DEFAULT_TIMEOUT_S, Comm, Kind, call_id
 from .errors import AgreementError, IntegrityError, ManifestError, PlacementError, StoreError
-from .execute import RebalanceRun, copy_slots, mismatched_slots
+from .execute import RebalanceRun, allocate_staging, copy_slots, mismatched_slots
 from .layout import ResidentSlabs, SlabLayout
 from .manifest import Manifest, ManifestLog, PreparedManifest, check_keep_versions, decode_manifest, store_difference
 from .messages import Agreement, Completion, Outcome, Status, digest_words, new_nonce
@@ -218,7 +218,8 @@ class ExpertStore:
             inputs, (0, 0, 0, 0), 0, time.time_ns(), new_nonce(),
         )  # fmt: skip
         self._comm.begin(call_id(b"create"))
-        rows = self._gather_agreements(live, mine, what="create agreement")
+        gather = self._comm.start_gather(live, mine.encode(), kind=Kind.AGREEMENT, what="create agreement")
+        rows = self._agreements(gather, "create agreement")
         if existing is not None:
             raise ManifestError(
                 f"rank {self.rank}: a store already exists under {self.log.path_of(existing)} (version {existing}); "
@@ -437,7 +438,7 @@ class ExpertStore:
         if not torch.equal(torch.gather(table, 1, experts), own):  # duplicates on this rank agree too
             raise IntegrityError(f"rank {self.rank}: two slots of one expert hold different bytes after loading")
         row = torch.cat([table.view(-1), held.view(-1)])
-        rows = self._comm.gather(live, row, kind=Kind.CHECKSUMS, what="checksum table")
+        rows = self._comm.start_gather(live, row, kind=Kind.CHECKSUMS, what="checksum table").result()
         sums = rows[:, : L * E].view(-1, L, E)
         have = rows[:, L * E :].view(-1, L, E).bool()
         out = torch.zeros(L, E, dtype=torch.int64)
@@ -458,24 +459,13 @@ class ExpertStore:
 
     # ----------------------------------------------------------------- staging
     def reserve_staging(self, nbytes: int | None = None) -> int:
-        """Allocate the rebalance staging now and keep it (default :data:`DEFAULT_STAGING_BYTES`).
-
-        Rebalances with ``staging_bytes <= nbytes`` then take their buffers from it and allocate
-        no device memory; larger ones allocate as usual. Call it before the engine sizes its
-        KV cache, so the memory is accounted for. Returns the bytes reserved.
-
-        Raises:
-            StoreError: naming the rank and device, if the memory cannot be allocated.
-        """
+        """Allocate the rebalance staging now (default :data:`DEFAULT_STAGING_BYTES`) and keep it:
+        rebalances with ``staging_bytes <= nbytes`` then allocate no device memory. Call it before
+        the engine sizes its KV cache. Returns the bytes reserved; StoreError if they cannot be."""
         with self._call("reserve_staging"):
             nbytes = DEFAULT_STAGING_BYTES if nbytes is None else check_bytes(nbytes, "nbytes")
             self._staging = None  # the old reservation goes first
-            try:
-                self._staging = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-            except RuntimeError as e:
-                raise StoreError(
-                    f"rank {self.rank}: cannot reserve {nbytes} bytes of staging on {self.device}: {e}"
-                ) from None
+            self._staging = allocate_staging(nbytes, self.device, self.rank)
             return nbytes
 
     @property
@@ -638,10 +628,10 @@ class ExpertStore:
         m = self._manifest
         return digest_words(struct.pack("<q", m.version), self._placement.digest(), bytes(m.alive.tolist()))
 
-    def _gather_agreements(self, live: list[int], mine: Agreement, *, what: str) -> list[Agreement]:
-        table = self._comm.gather(live, mine.encode(), kind=Kind.AGREEMENT, what=what)
+    def _agreements(self, gather, what: str) -> list[Agreement]:
+        """The decoded rows of an agreement gather in flight."""
         try:
-            return [Agreement.decode(row) for row in table]
+            return [Agreement.decode(row) for row in gather.result()]
         except ValueError as e:
             raise AgreementError(f"rank {self.rank}: {what}: {e}") from None
 
@@ -663,10 +653,7 @@ class ExpertStore:
         gather = self._comm.start_gather(live, mine.encode(), kind=Kind.AGREEMENT, what="rebalance agreement")
         if isinstance(run, RebalanceRun):
             run.prepack()  # round 0 into staging (no slot written, nothing sent) while messages travel
-        try:
-            rows = [Agreement.decode(row) for row in gather.result()]
-        except ValueError as e:
-            raise AgreementError(f"rank {self.rank}: rebalance agreement: {e}") from None
+        rows = self._agreements(gather, "rebalance agreement")
         self._comm.begin(call_id(b"rebalance", *(struct.pack("<q", a.nonce) for a in rows)))
         if problem is not None:
             raise problem
@@ -767,8 +754,8 @@ class ExpertStore:
             phases["verify"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         try:
-            table = self._comm.gather(call.live, Completion(outcome).encode(), kind=Kind.COMPLETION,
-                                      what="rebalance completion")  # fmt: skip
+            done = Completion(outcome).encode()
+            table = self._comm.start_gather(call.live, done, kind=Kind.COMPLETION, what="rebalance completion").result()
             outcomes = [Completion.decode(row).outcome for row in table]
         except (StoreError, ValueError) as e:
             fail(f"did not complete on every rank: {e}")
@@ -880,10 +867,8 @@ def _slot_pairs(slots, num_layers: int, num_slots: int) -> list[tuple[int, int]]
     for i, pair in enumerate(slots):
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise StoreError(f"slots[{i}] must be a (layer, local slot) pair, got {pair!r}")
+        layer, slot = pair
         pairs.append(
-            (
-                check_int(pair[0], f"slots[{i}] layer", low=0, high=num_layers - 1),
-                check_int(pair[1], f"slots[{i}] slot", low=0, high=num_slots - 1),
-            )
+            (check_index(layer, f"slots[{i}] layer", num_layers), check_index(slot, f"slots[{i}] slot", num_slots))
         )
     return pairs

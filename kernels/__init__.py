@@ -5,22 +5,5 @@ launch per call; ``reference``: the plain-torch version of each (test oracle
 and CPU fallback).
 """
 
-from .records import (
-    Indices,
-    PreparedCopies,
-    launch_path,
-    pack_records,
-    resident_checksums,
-    slab_checksums,
-    unpack_records,
-)
-
-__all__ = [
-    "Indices",
-    "PreparedCopies",
-    "launch_path",
-    "pack_records",
-    "resident_checksums",
-    "slab_checksums",
-    "unpack_records",
-]
+from .records import *  # noqa: F403  (the package exports exactly records.__all__)
+from .records import __all__  # noqa: F401
