@@ -60,6 +60,15 @@ def _entry(fn, rank, world_size, port, pg_timeout_s, backend, args, queue) -> No
         queue.put((rank, "error", traceback.format_exc()))
 
 
+def _set_env(values: dict[str, str | None]) -> None:
+    """Set environment variables (None: remove one)."""
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def run_ranks(
     fn,
     world_size: int,
@@ -67,13 +76,15 @@ def run_ranks(
     timeout_s: float = 120.0,
     pg_timeout_s: float = 60.0,
     backend: str = "gloo",
+    env: dict[str, str | None] | None = None,
     may_die: Sequence[int] = (),
 ) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return the results by rank.
 
     ``backend`` "gloo" (CPU) or "nccl" (one GPU per rank); ``may_die``: ranks allowed to end
-    without a result (a test that kills them; their result is None). NVLink multicast stays
-    off (NCCL_NVLS_ENABLE=0): the GPU machines are shared."""
+    without a result (a test that kills them; their result is None); ``env`` overrides
+    environment variables in the children (None removes one). NVLink multicast stays off
+    (NCCL_NVLS_ENABLE=0): the GPU machines are shared."""
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -82,8 +93,14 @@ def run_ranks(
         ctx.Process(target=_entry, args=(fn, r, world_size, port, pg_timeout_s, backend, args, queue), daemon=True)
         for r in range(world_size)
     ]
-    for p in procs:
-        p.start()
+    # Children inherit the environment at start; `env` overrides it for them (None removes a variable).
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    _set_env(env or {})
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        _set_env(saved)
     results: dict[int, tuple[str, object]] = {}
     deadline = time.monotonic() + timeout_s
     try:

@@ -343,10 +343,8 @@ class ExpertStore:
             raise StoreError(f"rank {self.rank}: store is unusable ({self._broken}); reopen it with ExpertStore.open")
 
     def close(self) -> None:
-        """Release the checkpoint's files and maps, the staging, the slabs and the waiter threads.
-
-        The store refuses every call afterwards (views handed out earlier keep their memory).
-        Closing twice is allowed."""
+        """Release the checkpoint's files and maps, the staging, the slabs and the waiter threads; the
+        store refuses every call afterwards (views handed out keep their memory). Idempotent."""
         with self._call("close", usable=False):
             if self._closed:
                 return
@@ -475,9 +473,8 @@ class ExpertStore:
 
     def _arena(self, staging_bytes: int) -> torch.Tensor | None:
         """The reserved staging for a rebalance with this budget, or None to allocate."""
-        if self._staging is None or self._staging.numel() < staging_bytes:
-            return None
-        return self._staging[:staging_bytes]
+        fits = self._staging is not None and self._staging.numel() >= staging_bytes
+        return self._staging[:staging_bytes] if fits else None
 
     # ------------------------------------------------------------------ verify
     def verify(self, *, slots: Iterable[tuple[int, int]] | None = None) -> int:
