@@ -140,7 +140,7 @@ def test_retention_keeps_the_newest_versions(tmp_path, ds):
     store = _create(tmp_path, ds, random_placement(gen, L=2, E=8, R=1, S=9))
     store.keep_versions = 2
     for _ in range(4):
-        store.rebalance(random_placement(gen, L=2, E=8, R=1, S=9))
+        store.rebalance(random_placement(gen, L=2, E=8, R=1, S=9), verify=False)  # retention is the point
     assert es.ManifestLog(tmp_path / "store").versions() == [4, 5]
     again = es.ExpertStore.open(tmp_path / "store", checkpoint=ds.checkpoint())
     assert again.version == 5
@@ -205,7 +205,7 @@ def test_reserved_staging_is_used_instead_of_allocating(tmp_path, ds, device, ch
     for step, budget in enumerate((staging, staging, 2 * staging)):
         big.clear()
         new = random_placement(gen, L=2, E=8, R=1, S=11)
-        rep = store.rebalance(new, staging_bytes=budget)
+        rep = store.rebalance(new, staging_bytes=budget, verify=False)  # assert_slots_exact checks the bytes
         assert rep.bytes_local > 0 and 0 < rep.staging_peak <= budget
         if budget <= staging:
             assert big == [], f"step {step}: staging allocated despite the reservation: {big}"
