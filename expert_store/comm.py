@@ -110,7 +110,7 @@ class Comm:
         self._nccl = False
         self._messages: torch.cuda.Stream | None = None  # NCCL: the stream small messages are ordered on
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._deferred: list[tuple[torch.Tensor, int, int, str]] = []  # NCCL headers checked after a sync
+        self._deferred: list[tuple[torch.Tensor, int, int, tuple[int, str]]] = []  # NCCL: checked after a sync
         if world_size == 1:
             self._dist = None
             return
@@ -169,12 +169,9 @@ class Comm:
         )
 
     # -- posting and waiting ----------------------------------------------------
-    def _global(self, r: int) -> int:
-        return r if self.group is None else self._dist.get_global_rank(self.group, r)
-
-    def _failure(self, peer: int, error: BaseException | None, waited: float, what: str) -> PeerTimeoutError:
-        text = str(error).splitlines()[0] if error is not None and str(error) else ""
-        if error is None or "timed out" in text.lower() or "timeout" in text.lower():
+    def _failure(self, peer: int, error: BaseException, waited: float, what: str) -> PeerTimeoutError:
+        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if "timed out" in text.lower() or "timeout" in text.lower():
             cause = f"did not answer within {waited:.1f} s"
         else:
             cause = f"failed after {waited:.1f} s ({text})"
@@ -186,7 +183,8 @@ class Comm:
         NCCL gets them in one batch (unbatched NCCL point-to-point ops are serialized like
         collectives); gloo one by one, so that a failure names its peer."""
         dist, t0 = self._dist, time.monotonic()
-        p2p = [dist.P2POp(dist.isend if s else dist.irecv, t, self._global(p), self.group, tag) for s, t, p, tag in ops]
+        to_global = (lambda r: r) if self.group is None else (lambda r: dist.get_global_rank(self.group, r))
+        p2p = [dist.P2POp(dist.isend if s else dist.irecv, t, to_global(p), self.group, tag) for s, t, p, tag in ops]
         if self._nccl:
             try:
                 return list(zip(dist.batch_isend_irecv(p2p), [p for _, _, p, _ in ops]))
@@ -305,19 +303,20 @@ class Comm:
         if self._nccl and out:
             send_hdr = send_hdr.pin_memory().to(dev, non_blocking=True)
         recv_hdr = torch.empty(len(inc), HEADER_WORDS, dtype=torch.int64, device=dev)
-        ops = []
+        ops, header_recv = [], set()  # header_recv: positions in ops of the headers received
         for p in sorted(set(out) | set(inc)):
             if p == self.rank:
                 raise StoreError(f"rank {self.rank}: a rank cannot exchange with itself")
             for is_send, table, hdr in ((True, sends, send_hdr), (False, recvs, recv_hdr)):
                 if p in table:
                     i = (out if is_send else inc).index(p)
+                    if not is_send:
+                        header_recv.add(len(ops))
                     ops.append((is_send, hdr[i], p, _tag(self.call, Kind.SLAB, seq, 0)))
                     # The slab's tag names its length: on gloo, a slab of another size is never
                     # matched with this receive (gloo would abort), its header says what differs.
                     ops.append((is_send, table[p], p, _tag(self.call, Kind.SLAB, seq, 1 + table[p].numel())))
         works = self._post(ops, what)
-        header_recv = {i for i in range(0, len(ops), 2) if not ops[i][0]}  # ops go (header, slab) in pairs
         ex.header_works = [works[i] for i in sorted(header_recv)]
         ex.works = [w for i, w in enumerate(works) if i not in header_recv]
         ex.sent_headers = send_hdr  # referenced until the transfers are done

@@ -240,6 +240,8 @@ class Placement:
             raise PlacementError(f"alive must have shape [R] = [{self._R}], got {list(a.shape)}")
         # numpy, single-threaded: see __init__ for why torch's thread pool is avoided here.
         alive_np = a.numpy()
+        if alive_np.all():  # every expert has a slot (checked at construction), so a live one
+            return
         live_slot = np.repeat(alive_np, self._S)  # bool [P]
         keys = self._phy2log.numpy()[:, live_slot] + np.arange(self._L, dtype=np.int64)[:, None] * self._E
         live_cnt = np.bincount(keys.reshape(-1), minlength=self._L * self._E)

@@ -588,8 +588,7 @@ class ExpertStore:
         for r in call.fresh:
             if not call.alive[r]:
                 raise StoreError(f"fresh rank {r} is not a live rank")
-        if not all(call.alive):  # with every rank alive a Placement serves every expert by construction
-            new.check_servable(torch.tensor(call.alive))
+        new.check_servable(torch.tensor(call.alive))
 
     def _plan(self, call: _Call, entry) -> RebalanceRun | StoreError:
         """Plan the first chunk and take the staging, before the agreement message goes out: a
