@@ -21,11 +21,15 @@ with string keys, written in a fixed key order so that the same
     checkpoint      {"layers": [int] | nil, "names": {str: str | [str]}, "path": str}
     checksums       array int64 [L, E]
     stats           {str: int | finite float | str | bool}
+    load            array float32 [L, E], finite, >= 0      (optional: absent when not recorded)
     sha256          bin 32                                   (always the last entry)
 
-An *array* is ``{"dtype": "int64" | "bool", "shape": [...], "data": bin}``
+An *array* is ``{"dtype": "int64" | "bool" | "float32", "shape": [...], "data": bin}``
 (keys in that order) with ``data`` the raw little-endian bytes (bool: one
-byte, 0 or 1). Every other nested map is written with sorted keys. ``sha256`` is the hash of every byte of the file
+byte, 0 or 1). Every other nested map is written with sorted keys. ``load`` is
+the measured load per (layer, logical expert) that the rebalance making this
+version was given (``rebalance(..., load=)``); a manifest without it has exactly
+the bytes it had before the field existed. ``sha256`` is the hash of every byte of the file
 before the ``sha256`` entry, so truncation and bit rot are detected even where
 msgpack would still parse; the file stays one plain msgpack map that any
 msgpack tool can read.
@@ -88,8 +92,13 @@ _SUM_PREFIX = b"\xa6sha256\xc4\x20"
 _SUM_LEN = len(_SUM_PREFIX) + 32
 
 _ARRAYS = ("phy2log", "alive", "checksums")
+# Optional arrays: left out of the file when None.
+_OPTIONAL = ("load",)
 # Array dtypes a manifest may hold: their name in the file, and their little-endian numpy dtype.
-_ARRAY_DTYPES = {"int64": "<i8", "bool": "u1"}
+_ARRAY_DTYPES = {"int64": "<i8", "bool": "u1", "float32": "<f4"}
+_TORCH_DTYPES = {torch.int64: "int64", torch.bool: "bool", torch.float32: "float32"}
+# The dtype of each array in the file.
+_ARRAY_DTYPE_OF = {"phy2log": "int64", "alive": "bool", "checksums": "int64", "load": "float32"}
 
 # Committed versions and the temporaries of commits in flight (or interrupted).
 _FILE_RE = re.compile(r"^v(\d{8,})\.msgpack$", re.ASCII)
@@ -105,7 +114,8 @@ class Manifest:
     why it exists ("create", "rebalance", ...), ``ranks_per_node`` None when unknown, ``phy2log``
     the logical expert in each physical slot, ``alive`` the live ranks, ``checkpoint`` a
     ``Checkpoint.to_dict()``, ``checksums`` the checksum of each (layer, logical expert),
-    ``stats`` the rebalance statistics. Only :data:`FORMAT_VERSION` can be written.
+    ``stats`` the rebalance statistics, ``load`` None or float32 [L, E], the measured load per
+    (layer, logical expert) the rebalance was given. Only :data:`FORMAT_VERSION` can be written.
     """
 
     version: int
@@ -124,6 +134,7 @@ class Manifest:
     checksums: torch.Tensor
     stats: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    load: torch.Tensor | None = None
 
     def placement(self) -> Placement:
         """The validated :class:`Placement` of this version (a new object each call)."""
@@ -195,6 +206,13 @@ def _check(m: Manifest, where: str) -> None:
         want(name, t, torch.Tensor, "a torch.Tensor")
         if t.dtype != dtype or tuple(t.shape) != shape:
             raise bad(f"{name} must be {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
+    if m.load is not None:
+        want("load", m.load, torch.Tensor, "None or a torch.Tensor")
+        if m.load.dtype != torch.float32 or tuple(m.load.shape) != (L, E):
+            raise bad(f"load must be None or {torch.float32} {[L, E]}, got {m.load.dtype} {list(m.load.shape)}")
+        if not bool((torch.isfinite(m.load) & (m.load >= 0)).all()):
+            layer, e = (int(i) for i in (~(torch.isfinite(m.load) & (m.load >= 0))).nonzero()[0])
+            raise bad(f"load[{layer}, {e}] = {float(m.load[layer, e])}: loads must be finite and >= 0")
     if not bool(m.alive.any()):
         raise bad("alive names no live rank (a manifest is written by a live rank)")
     try:
@@ -264,7 +282,7 @@ def check_keep_versions(value: object, name: str = "keep_versions") -> int | Non
 
 
 def _array(t: torch.Tensor) -> dict[str, Any]:
-    name = "int64" if t.dtype == torch.int64 else "bool"
+    name = _TORCH_DTYPES[t.dtype]
     a = t.detach().cpu().contiguous().numpy()
     # astype(..., copy=False) is free on little-endian hosts and byte-swaps elsewhere.
     data = a.astype(_ARRAY_DTYPES[name], copy=False).tobytes()
@@ -287,7 +305,8 @@ def encode_manifest(m: Manifest) -> bytes:
     _check(m, where)
     ck = m.checkpoint
     payload = {"kind": MANIFEST_KIND, "format_version": FORMAT_VERSION} | {k: getattr(m, k) for k in _FIELDS[2:]}
-    payload |= {k: _array(payload[k]) for k in _ARRAYS}  # keeps the key order
+    payload = {k: v for k, v in payload.items() if v is not None or k not in _OPTIONAL}
+    payload |= {k: _array(payload[k]) for k in (*_ARRAYS, *_OPTIONAL) if k in payload}  # keeps the key order
     payload |= {"created": float(m.created), "spec": [_sorted_map(t) for t in m.spec.to_list()]}
     payload |= {"checkpoint": {"layers": ck["layers"], "names": _sorted_map(ck["names"]), "path": ck["path"]}}
     payload["stats"] = _sorted_map(m.stats)
@@ -309,8 +328,8 @@ def _decode_array(d: dict, key: str, source: str) -> torch.Tensor:
     if not isinstance(a, dict) or set(a) != {"dtype", "shape", "data"}:
         raise ManifestError(f"{source}: array {key!r} must be a map with keys dtype, shape, data; got {a!r:.80}")
     name, shape, data = a["dtype"], a["shape"], a["data"]
-    if not isinstance(name, str) or name not in _ARRAY_DTYPES:
-        raise ManifestError(f"{source}: array {key!r} has unknown dtype {name!r:.60}")
+    if not isinstance(name, str) or name != _ARRAY_DTYPE_OF[key]:
+        raise ManifestError(f"{source}: array {key!r} has unknown dtype {name!r:.60} (expected {_ARRAY_DTYPE_OF[key]})")
     if not isinstance(shape, list) or not all(is_int(x) and 0 <= x <= _I64_MAX for x in shape):
         raise ManifestError(f"{source}: array {key!r} has a malformed shape {shape!r:.80}")
     if not isinstance(data, bytes):
@@ -389,6 +408,8 @@ def decode_manifest(data: bytes, *, source: str = "<bytes>") -> Manifest:
         raise ManifestError(f"{source}: unknown field(s) {sorted(extra)}")
     for k in _FIELDS:
         if k not in d:
+            if k in _OPTIONAL:
+                continue
             raise ManifestError(f"{source}: field {k!r} is missing")
         if not utf8 and not _is_utf8(d[k]):
             raise ManifestError(f"{source}: field {k!r} holds a str that is not UTF-8")
@@ -401,7 +422,8 @@ def decode_manifest(data: bytes, *, source: str = "<bytes>") -> Manifest:
         spec = ExpertSpec.from_list(spec)
     except SpecError as e:
         raise ManifestError(f"{source}: malformed spec: {e}") from None
-    values = {k: d[k] for k in _FIELDS[2:]} | {k: _decode_array(d, k, source) for k in _ARRAYS} | {"spec": spec}
+    arrays = {k: _decode_array(d, k, source) for k in (*_ARRAYS, *_OPTIONAL) if k in d}
+    values = {k: d.get(k) for k in _FIELDS[2:]} | arrays | {"spec": spec}
     if is_int(values["created"]):  # a writer may store whole seconds as an int
         values["created"] = float(values["created"])
     m = Manifest(**values, format_version=fv)
@@ -414,6 +436,7 @@ def manifest_to_json(m: Manifest) -> dict[str, Any]:
     lists), and ``created_iso``, ``expert_nbytes`` and ``placement_digest``."""
     j = {"kind": MANIFEST_KIND, "format_version": m.format_version} | {k: getattr(m, k) for k in _FIELDS[2:]}
     j |= {k: j[k].tolist() for k in _ARRAYS} | {"spec": m.spec.to_list(), "stats": dict(m.stats)}
+    j["load"] = None if m.load is None else m.load.tolist()
     ck = m.checkpoint
     names = {k: (v if isinstance(v, str) else list(v)) for k, v in ck["names"].items()}
     layers = None if ck["layers"] is None else list(ck["layers"])

@@ -32,6 +32,7 @@ from expert_store.manifest import (
 from expert_store.spec import ExpertSpec, TensorSpec
 
 GOLDEN = Path(__file__).parent / "golden" / "manifest_v1.msgpack"
+GOLDEN_LOAD = Path(__file__).parent / "golden" / "manifest_v1_load.msgpack"
 
 
 def fp8_spec(H: int = 32, I: int = 16) -> ExpertSpec:  # noqa: E741 (H hidden size, I MoE intermediate size)
@@ -191,6 +192,11 @@ def test_file_is_plain_msgpack_with_raw_arrays():
         ({"checkpoint": {"path": "p", "names": {}, "layers": [1, -2]}}, "list of distinct ints >= 0"),
         ({"ranks_per_node": 0}, "ranks_per_node must be in 1.."),
         ({"created": float("nan")}, "created must be unix seconds"),
+        ({"load": torch.zeros((3, 6), dtype=torch.float64)}, "load must be None or torch.float32 [3, 6]"),
+        ({"load": torch.zeros((3, 5))}, "load must be None or torch.float32 [3, 6], got torch.float32 [3, 5]"),
+        ({"load": torch.zeros((3, 6)).index_fill_(1, torch.tensor([4]), -1.0)}, "load[0, 4] = -1.0"),
+        ({"load": torch.zeros((3, 6)).index_fill_(0, torch.tensor([2]), float("inf"))}, "load[2, 0] = inf"),
+        ({"load": [[0.0] * 6] * 3}, "load must be None or a torch.Tensor"),
     ],
 )
 def test_encode_rejects_bad_fields(change, needle):
@@ -233,7 +239,38 @@ def test_golden_bytes():
 
 def test_golden_decodes():
     """The pinned file still decodes to the same manifest (old files stay readable)."""
-    assert decode_manifest(GOLDEN.read_bytes(), source=str(GOLDEN)) == golden_manifest()
+    m = decode_manifest(GOLDEN.read_bytes(), source=str(GOLDEN))
+    assert m == golden_manifest() and m.load is None
+
+
+def golden_manifest_with_load() -> Manifest:
+    """The golden manifest with a recorded load (float32 [2, 3], exact in float32)."""
+    load = torch.tensor([[0.0, 1.5, 1e6], [3.25, 2.0**-10, 7.0]], dtype=torch.float32)
+    return dataclasses.replace(golden_manifest(), load=load)
+
+
+def test_golden_bytes_with_load():
+    """A manifest with a load: the golden map plus one float32 array entry, ``load``, after ``stats``
+    (regenerate as test_golden_bytes says)."""
+    data = encode_manifest(golden_manifest_with_load())
+    if os.environ.get("EXPERT_STORE_REGEN_GOLDEN") == "1":
+        GOLDEN_LOAD.write_bytes(data)
+    assert data == GOLDEN_LOAD.read_bytes()
+    d = payload_of(golden_manifest_with_load())
+    assert list(d)[-2:] == ["stats", "load"] and d["load"]["dtype"] == "float32" and d["load"]["shape"] == [2, 3]
+    assert d["load"]["data"] == golden_manifest_with_load().load.numpy().astype("<f4").tobytes()
+    m = decode_manifest(GOLDEN_LOAD.read_bytes(), source=str(GOLDEN_LOAD))
+    assert m == golden_manifest_with_load() and m != golden_manifest()
+    assert manifest_to_json(m)["load"] == m.load.tolist() and manifest_to_json(golden_manifest())["load"] is None
+
+
+def test_load_of_wrong_dtype_in_the_file_is_named():
+    """A sealed file whose load array is int64, or whose load holds a NaN, is refused naming the field."""
+    d = payload_of(golden_manifest_with_load())
+    d["load"] = {"dtype": "int64", "shape": [2, 3], "data": bytes(48)}
+    expect_corrupt(seal(d), "array 'load' has unknown dtype 'int64' (expected float32)")
+    d["load"] = {"dtype": "float32", "shape": [2, 3], "data": np.full(6, np.nan, dtype="<f4").tobytes()}
+    expect_corrupt(seal(d), "load[0, 0] = nan: loads must be finite and >= 0")
 
 
 # --------------------------------------------------------------------------- corruption
