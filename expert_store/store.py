@@ -101,6 +101,7 @@ class _Call(NamedTuple):
     round_bytes: int
     verify: bool
     live: list[int]
+    load: torch.Tensor | None = None  # float32 [L, E] on the CPU
 
     def inputs(self) -> tuple[int, int, int, int]:
         """What every live rank must have been given alike."""
@@ -109,6 +110,7 @@ class _Call(NamedTuple):
             bytes(self.alive),
             struct.pack(f"<{len(self.fresh)}q", *self.fresh),
             struct.pack("<qq?", self.staging_bytes, self.round_bytes, self.verify),
+            b"" if self.load is None else b"load" + self.load.numpy().astype("<f4", copy=False).tobytes(),
         )
 
 
@@ -518,6 +520,7 @@ class ExpertStore:
         staging_bytes: int | None = None,
         verify: bool = True,
         round_bytes: int | None = None,
+        load: torch.Tensor | None = None,
     ) -> RebalanceReport:
         """Move to ``new_placement``; collective over the live ranks (``alive[r]`` true).
 
@@ -529,6 +532,12 @@ class ExpertStore:
         planned in layer chunks. ``verify`` (default True): every slot written is checked
         against the manifest's checksum before anything is committed.
 
+        ``load``: optional real tensor [L, E] (any device), the measured load per (layer, logical
+        expert) the new placement was computed from (e.g. ``eplb.LoadCounter.load()``), finite
+        and >= 0. It is recorded as float32 in the new version's manifest (``inspect-store show``
+        then reports the placement's balancedness). Every live rank must pass the same values
+        (they are part of the agreement: ranks that differ raise AgreementError).
+
         Every failure raises a StoreError on every live rank; what was committed and how
         to go on is in the README ("When something fails")."""
         with self._call("rebalance", usable=False):  # an unusable store's refusal goes to its peers
@@ -539,7 +548,7 @@ class ExpertStore:
             if entry is not None:
                 entry.record()
             phases: dict[str, float] = {}
-            call, problem = self._validate(new_placement, alive, fresh, staging_bytes, round_bytes, verify)
+            call, problem = self._validate(new_placement, alive, fresh, staging_bytes, round_bytes, verify, load)
             t0 = time.perf_counter()
             run = self._plan(call, entry) if problem is None else None
             phases["plan"] = time.perf_counter() - t0
@@ -550,7 +559,7 @@ class ExpertStore:
             report.seconds = time.perf_counter() - t_start
             return report
 
-    def _validate(self, new_placement, alive, fresh, staging_bytes, round_bytes, verify):
+    def _validate(self, new_placement, alive, fresh, staging_bytes, round_bytes, verify, load):
         """(call, None), or (a call good enough to tell the peers, the StoreError to raise after)."""
         R = self.world_size
         alive_t = (True,) * R
@@ -564,6 +573,7 @@ class ExpertStore:
                 new_placement, alive_t, fresh_t,
                 check_bytes(staging_bytes, "staging_bytes"), check_bytes(round_bytes, "round_bytes"),
                 check_bool(verify, "verify"), [r for r in range(R) if alive_t[r]],
+                _load_arg(load, self._placement.num_layers, self._placement.num_experts),
             )  # fmt: skip
             self._check_call(call)
             return call, None
@@ -804,7 +814,7 @@ class ExpertStore:
         return dataclasses.replace(
             self._manifest, version=version, parent=self.version, created=created, reason="rebalance",
             phy2log=call.new.phy2log, alive=torch.tensor(call.alive, dtype=torch.bool),
-            checkpoint=self.checkpoint.to_dict(), stats=dict(sorted(stats.items())),
+            checkpoint=self.checkpoint.to_dict(), stats=dict(sorted(stats.items())), load=call.load,
         )  # fmt: skip
 
     def __repr__(self) -> str:
@@ -847,6 +857,26 @@ def _mask(alive, n: int) -> tuple[bool, ...]:
         if not (isinstance(v, bool) or (is_int(v) and int(v) in (0, 1))):
             raise StoreError(f"alive[{r}] must be True or False, got {type(v).__name__} {v!r}")
     return tuple(bool(v) for v in alive)
+
+
+def _load_arg(load, L: int, E: int) -> torch.Tensor | None:
+    """``load`` as a float32 CPU tensor [L, E] (None stays None); PlacementError naming ``load``."""
+    if load is None:
+        return None
+    if not isinstance(load, torch.Tensor):
+        raise PlacementError(f"load must be None or a tensor [{L}, {E}] of expert loads, got {type(load).__name__}")
+    if load.dtype == torch.bool or load.is_complex() or tuple(load.shape) != (L, E):
+        raise PlacementError(f"load must be a real tensor [{L}, {E}] (layers, logical experts), got {load.dtype} "
+                             f"{list(load.shape)}")  # fmt: skip
+    t = load.detach().to(device="cpu", dtype=torch.float32)
+    bad = ~(torch.isfinite(t) & (t >= 0))
+    if bool(bad.any()):
+        layer, e = (int(i) for i in bad.nonzero()[0])
+        raise PlacementError(
+            f"load[{layer}, {e}] = {float(load[layer, e])}: loads must be finite and >= 0 (and fit float32); "
+            f"{int(bad.sum())} bad entries"
+        )
+    return t.contiguous()
 
 
 def _ranks(fresh, n: int) -> tuple[int, ...]:

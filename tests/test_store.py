@@ -214,3 +214,35 @@ def test_reserved_staging_is_used_instead_of_allocating(tmp_path, ds, device, ch
         assert_slots_exact(store, ds, what=f"reserved staging, step {step}")
     with pytest.raises(es.StoreError, match=r"nbytes must be in 1\.\."):
         store.reserve_staging(0)
+
+
+def test_rebalance_records_the_load(tmp_path, ds):
+    """rebalance(load=) records the load (float32 [L, E]) in the new version's manifest; a version made
+    without it has none; a malformed load is refused (PlacementError naming `load`) before anything
+    moves; the load is part of what the ranks agree on."""
+    from expert_store.store import _Call
+
+    gen = torch.Generator().manual_seed(9)
+    store = _create(tmp_path, ds, random_placement(gen, L=2, E=8, R=1, S=9))
+    new = random_placement(gen, L=2, E=8, R=1, S=9)
+    load = torch.arange(16, dtype=torch.float64).view(2, 8) * 1.5  # LoadCounter.load() is float64
+    before = store.slabs.storage.clone()
+    for bad, needle in [
+        (load[:1], r"load must be a real tensor \[2, 8\].*\[1, 8\]"),
+        (load.bool(), "torch.bool"),
+        (load.tolist(), "load must be None or a tensor"),
+        (load.clone().index_fill_(1, torch.tensor([3]), float("nan")), r"load\[0, 3\] = nan"),
+        (-load, r"load\[0, 1\] = -1.5: loads must be finite and >= 0"),
+        (load * 1e300, r"load\[0, 1\] = 1.5e\+300.*fit float32"),
+    ]:
+        with pytest.raises(es.PlacementError, match=needle):
+            store.rebalance(new, load=bad)
+    assert torch.equal(before, store.slabs.storage) and store.version == 1
+    store.rebalance(new, load=load, verify=False)  # the manifest is the point
+    store.rebalance(new, verify=False)
+    log = es.ManifestLog(tmp_path / "store")
+    assert log.read(1).load is None and log.read(3).load is None
+    m = log.read(2)
+    assert m.load.dtype == torch.float32 and torch.equal(m.load, load.float())
+    call = _Call(new, (True,), (), 1, 1, True, [0], load.float())
+    assert call.inputs() != call._replace(load=load.float() + 1).inputs() != call._replace(load=None).inputs()
