@@ -28,6 +28,7 @@ import concurrent.futures
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 
@@ -45,6 +46,7 @@ __all__ = [
     "RebalanceRun",
     "RoundRunner",
     "copy_slots",
+    "planned_staging_peak",
     "run_disk_reads",
 ]
 
@@ -103,6 +105,34 @@ class _RoundIO:
         return [m.layer for m in ms], [m.dst_slot for m in ms], pos
 
 
+def _buffers(ios: list[_RoundIO], rb: int, staging_bytes: int) -> tuple[int, int, int]:
+    """(bytes per buffer, buffers, park records) of a rank's non-empty rounds ``ios``."""
+    cap = max(max(io.n_total for io in ios), 1) * rb
+    n_parks = max((p.park + 1 for io in ios for p in io.parks), default=0)
+    # Two buffers let round k+1 be packed while round k is in flight; the schedule
+    # keeps cap and the parks each within staging_bytes / 2, so one buffer always fits.
+    nbuf = 2 if len(ios) > 1 and 2 * cap + n_parks * rb <= staging_bytes else 1
+    return cap, nbuf, n_parks
+
+
+def planned_staging_peak(
+    chunks: Sequence[tuple[RebalancePlan, list[Round], int]], *, rank: int, record_bytes: int, staging_bytes: int
+) -> int:
+    """The staging bytes a rebalance of these chunks (:func:`~expert_store.plan.plan_chunks`) holds at
+    once on ``rank``, without running it: its ``RebalanceReport.staging_peak`` when no staging is
+    reserved (:meth:`ExpertStore.reserve_staging`)."""
+    peaks = []
+    for _, rounds, staging in chunks:
+        ios = [io for io in (_RoundIO(rank, r) for r in rounds) if not io.empty]
+        cap, nbuf, n_parks = _buffers(ios, record_bytes, staging) if ios else (0, 0, 0)
+        peaks.append(nbuf * cap + n_parks * record_bytes)
+    # ChunkedRun: several chunks share an arena of two halves; two runners hold staging at a time.
+    arena = 2 * chunks[0][2] if chunks and chunks[0][2] < staging_bytes else 0
+    n_post = sum(c.rank == rank for plan, _, _ in chunks for c in plan.post_copies)
+    post = min(max(1, staging_bytes // 2 // record_bytes), n_post) * record_bytes  # copy_slots' buffer
+    return max([arena, post, *peaks, *map(sum, pairwise(peaks))])
+
+
 class RoundRunner:
     """This rank's part of the rounds (parks, sends, receives, local moves).
 
@@ -138,11 +168,7 @@ class RoundRunner:
         if not self.ios:
             return
         rb, dev = self.rb, slabs.device
-        cap = max(max(io.n_total for io in self.ios), 1) * rb
-        self.n_parks = max((p.park + 1 for io in self.ios for p in io.parks), default=0)
-        # Two buffers let round k+1 be packed while round k is in flight; the schedule
-        # keeps cap and the parks each within staging_bytes / 2, so one buffer always fits.
-        nbuf = 2 if len(self.ios) > 1 and 2 * cap + self.n_parks * rb <= staging_bytes else 1
+        cap, nbuf, self.n_parks = _buffers(self.ios, rb, staging_bytes)
         self.staging_peak = nbuf * cap + self.n_parks * rb
         if arena is None or arena.numel() < self.staging_peak:
             arena = allocate_staging(self.staging_peak, dev, rank)

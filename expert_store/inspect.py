@@ -5,22 +5,36 @@
     inspect-store show ROOT [--version N] [--layer L] [--json]
     inspect-store diff ROOT A B [--json]
     inspect-store plan ROOT A B [--staging-bytes N] [--round-bytes N] [--fresh R,...] [--json]
+    inspect-store plan ROOT PLACEMENT_FILE [--dead R,...] [--fresh R,...] [--staging-bytes N] [--json]
     inspect-store verify ROOT [--checkpoint-bytes] [--checkpoint PATH] [--json]
 
 Symbols: L MoE layers, E logical experts per layer, R ranks, S slots per rank,
 P = R * S physical slots; slot p lives on rank p // S.
 
+``plan`` with one argument after ROOT is a dry run: what a rebalance from the
+latest version to the placement in that file would move (``phy2log`` int64
+[L, P] as JSON or msgpack ``{"phy2log": [[...], ...]}``, or a tensor saved with
+``torch.save``); with two, the plan between two committed versions.
+
+*Balancedness* of a placement under a load [L, E] (recorded by
+``rebalance(..., load=)``): per layer, the largest GPU load over the mean GPU
+load of the live ranks, where a GPU's load is the sum over its slots of
+``load[layer, expert] / live replicas of expert``; overall, the sum over
+layers of the largest GPU load over the sum of the means (1.0 is perfect).
+
 Every command has a library function returning a JSON-friendly dict with fixed
 keys (:func:`summarize`, :func:`list_versions`, :func:`show_placement`,
-:func:`diff_versions`, :func:`plan_between`, :func:`verify_store`); ``--json``
+:func:`diff_versions`, :func:`plan_between`, :func:`plan_placement`,
+:func:`verify_store`); ``--json``
 prints that dict, otherwise it is rendered as aligned text. Mappings keyed by
 a number (layer, rank) are written as lists of objects, so JSON keys are always
 the same strings.
 
 Exit codes: 0 success (``verify``: everything verified), 1 a problem was found
-(missing root, no or corrupt manifest, failed verification: one line on stderr
-naming the file, layer or expert; ``verify`` lists every problem in its report),
-2 a usage error (bad option, unknown version or layer). Nothing here writes to
+(missing root, no or corrupt manifest, a placement file that is missing,
+malformed or not servable, failed verification: one line on stderr naming the
+file, layer or expert; ``verify`` lists every problem in its report),
+2 a usage error (bad option, unknown version, layer or rank). Nothing here writes to
 the root; ``verify --checkpoint-bytes`` reads the checkpoint on the CPU.
 """
 
@@ -39,6 +53,7 @@ from itertools import groupby, product
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import torch
 
@@ -46,8 +61,10 @@ from expert_store.kernels.reference import slab_checksums_reference
 
 from .checkpoint import Checkpoint
 from .checks import MAX_BYTES, check_bytes, check_int, is_int
-from .errors import ManifestError, StoreError
+from .errors import ManifestError, PlacementError, StoreError
+from .execute import planned_staging_peak
 from .manifest import _FILE_RE, _TMP_RE, Manifest, ManifestLog, store_difference
+from .placement import Placement
 from .plan import RankAccount, merge_plans, plan_chunks, round_budget
 from .spec import ExpertSpec, dtype_name
 from .store import DEFAULT_ROUND_BYTES, DEFAULT_STAGING_BYTES
@@ -59,6 +76,7 @@ __all__ = [
     "list_versions",
     "main",
     "plan_between",
+    "plan_placement",
     "show_placement",
     "summarize",
     "verify_store",
@@ -238,6 +256,41 @@ def _replica_stats(m: Manifest) -> dict[str, Any]:
     }
 
 
+def _balance(phy2log: torch.Tensor, alive: torch.Tensor, load: torch.Tensor | None) -> dict[str, Any] | None:
+    """Balancedness of placement ``phy2log`` [L, P] served by the ranks ``alive`` [R] under ``load``
+    [L, E] (see the module docstring), rounded to 4 decimals; None without a load. A layer without
+    load has balancedness None."""
+    if load is None:
+        return None
+    L, P = phy2log.shape
+    R, E = alive.numel(), load.shape[1]
+    live_slot = alive.repeat_interleave(P // R)  # bool [P]
+    replicas = torch.zeros(L, E, dtype=torch.float64).scatter_add_(
+        1, phy2log[:, live_slot], torch.ones(L, int(live_slot.sum()), dtype=torch.float64)
+    )  # live replicas [L, E]
+    share = load.to(torch.float64) / replicas.clamp(min=1)  # what each replica serves
+    gpu = (torch.gather(share, 1, phy2log) * live_slot).view(L, R, P // R).sum(2)[:, alive]  # [L, live R]
+    top, mean = gpu.max(1).values, gpu.mean(1)
+    ratio = lambda a, b: round(float(a / b), 4) if b > 0 else None
+    return {
+        "overall": ratio(top.sum(), mean.sum()),
+        "layers": [{"layer": la, "balancedness": ratio(top[la], mean[la])} for la in range(L)],
+    }
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _balance_text(b: dict[str, Any] | None) -> str:
+    """ "1.2345 overall, layers 1.0000..1.5000" (min..max over the layers with load)."""
+    if b is None:
+        return "no load recorded"
+    per = [x["balancedness"] for x in b["layers"] if x["balancedness"] is not None]
+    span = f", layers {min(per):.4f}..{max(per):.4f}" if per else ""
+    return f"{_ratio(b['overall'])} overall{span}"
+
+
 def summarize(root: str | os.PathLike, *, version: int | None = None) -> dict[str, Any]:
     """Everything about one version (default: the latest) and the store's history at a glance."""
     log = _open_log(root)
@@ -264,6 +317,7 @@ def summarize(root: str | os.PathLike, *, version: int | None = None) -> dict[st
         "checkpoint": _checkpoint_json(m.checkpoint),
         "replicas": _replica_stats(m),
         "placement_digest": m.placement().digest().hex(),
+        "balancedness": _balance(m.phy2log, m.alive, m.load),
         "last_rebalance": last,
         "versions_kept": len(versions),
         "oldest_version": versions[0],
@@ -302,6 +356,7 @@ def _render_summary(d: dict[str, Any]) -> list[str]:
         f"checkpoint {ck['path']}",
         f"  layers   {ck['layers'] if ck['layers'] is not None else 'store layer i = checkpoint layer i'}",
         names,
+        f"balance    {_balance_text(d['balancedness'])} (max / mean GPU load under the recorded load)",
         ["rebalance  none yet"] if last is None else _render_rebalance(last),
         f"digest     {d['placement_digest'][:16]}",
     )
@@ -377,14 +432,17 @@ def show_placement(root: str | os.PathLike, *, version: int | None = None, layer
         "layers": out_layers,
         "replicated": [{"layer": lay, "experts": (logcnt[lay] > 1).nonzero().view(-1).tolist()} for lay in layers],
         "checksum_summary": _checksum_summary(m.checksums[layers]),
+        "balancedness": _balance(m.phy2log, m.alive, m.load),
     }
 
 
 def _render_show(d: dict[str, Any]) -> list[str]:
     cs, w, rw = d["checksum_summary"], len(str(d["num_experts"] - 1)), len(str(d["num_ranks"] - 1))
+    bal = d["balancedness"]
     placement = []
     for entry in d["layers"]:
-        placement.append(f"layer {entry['layer']}")
+        b = None if bal is None else bal["layers"][entry["layer"]]["balancedness"]
+        placement.append(f"layer {entry['layer']}" + ("" if bal is None else f"  balancedness {_ratio(b)}"))
         for r in entry["ranks"]:
             ids = " ".join(str(e).rjust(w) for e in r["experts"])
             state, ids = ("alive", ids) if r["alive"] else ("dead ", f"({ids})")
@@ -396,6 +454,7 @@ def _render_show(d: dict[str, Any]) -> list[str]:
         f"version {d['version']} (parent {d['parent'] or '-'}, {d['reason']}, {d['created_iso']})  "
         f"L={d['num_layers']} E={d['num_experts']} R={d['num_ranks']} S={d['slots_per_rank']}",
         placement,
+        f"balance   {_balance_text(bal)} (max / mean GPU load under the recorded load)",
         f"checksums {cs['shape'][0]} x {cs['shape'][1]} (layer, expert): sha256 {cs['sha256'][:16]}, "
         f"{cs['zero']} zero, {cs['duplicated']} sharing a value",
         ["  " + "  ".join(cells[i : i + 4]) for i in range(0, len(cells), 4)],
@@ -458,11 +517,12 @@ def _render_diff(d: dict[str, Any]) -> list[str]:
     )
 
 
-def _budget(given: int | None, mb: Manifest, where: Path, key: str, default: int) -> int:
-    """The byte budget ``key`` of a plan: ``given``, else as recorded in ``mb``'s stats, else ``default``."""
+def _budget(given: int | None, stats: dict, where: Path, key: str, default: int) -> int:
+    """The byte budget ``key`` of a plan: ``given``, else as recorded in ``stats`` (of the manifest in
+    ``where``), else ``default``."""
     if given is not None:
         return check_bytes(given, "--" + key.replace("_", "-"), error=UsageError)
-    v = mb.stats.get(key, default)
+    v = stats.get(key, default)
     if not is_int(v) or not 0 < v <= MAX_BYTES:
         raise ManifestError(
             f"{where}: stats[{key!r}] = {v!r:.40} is not a byte count in 1..{MAX_BYTES} "
@@ -488,37 +548,186 @@ def plan_between(
     ``staging_bytes`` and ``round_bytes`` default to the values recorded in ``b`` (when it
     was made by a rebalance), else the store's defaults; rounds get the store's budget
     (:func:`~expert_store.plan.round_budget`). ``fresh``: live ranks whose memory was
-    empty (joined) for that rebalance.
+    empty (joined) for that rebalance. ``balancedness``: both placements under the load
+    recorded in ``b``, else in ``a`` (None when neither has one).
     """
     log = _open_log(root)
     ma, mb = _read_pair(log, a, b)
-    spec, where = mb.spec, log.path_of(mb.version)
-    staging_bytes = _budget(staging_bytes, mb, where, "staging_bytes", DEFAULT_STAGING_BYTES)
-    round_bytes = _budget(round_bytes, mb, where, "round_bytes", DEFAULT_ROUND_BYTES)
+    where = log.path_of(mb.version)
     fresh = sorted(set(fresh))
     for r in fresh:
         if not 0 <= r < mb.num_ranks or not bool(mb.alive[r]):
             raise UsageError(f"--fresh rank {r} is not a live rank of version {mb.version}")
+    d = _plan_report(
+        ma, mb.placement(), mb.alive, fresh,
+        _budget(staging_bytes, mb.stats, where, "staging_bytes", DEFAULT_STAGING_BYTES),
+        _budget(round_bytes, mb.stats, where, "round_bytes", DEFAULT_ROUND_BYTES),
+        mb if mb.load is not None else ma, f"{where}: plan {ma.version} -> {mb.version} under {log.root}",
+    )  # fmt: skip
+    t, recorded = d["totals"], None
+    if mb.parent == ma.version and mb.reason == "rebalance":
+        rec = {k: mb.stats.get(k) for k in _PLAN_STATS}
+        recorded = {"stats": rec} | {k: mb.stats.get(k) for k in ("staging_bytes", "fresh_ranks")}
+        recorded["matches"] = all(rec[k] is None or rec[k] == t[k] for k in _PLAN_STATS)
+    return {**_pair_json(log, ma, mb), "placement_file": None, "alive_b": _alive_ranks(mb), **d, "recorded": recorded}
+
+
+def _ranks_arg(ranks: Sequence[int], option: str, R: int) -> list[int]:
+    """Sorted distinct ``ranks`` of an option, each a rank of the store (else a usage error)."""
+    for r in ranks:
+        if not is_int(r) or not 0 <= r < R:
+            raise UsageError(f"{option} rank {r} is not a rank of the store (R = {R}: ranks 0..{R - 1})")
+    return sorted(set(ranks))
+
+
+def _placement_file(path: Path, m: Manifest) -> Placement:
+    """The placement in ``path`` (JSON or msgpack ``{"phy2log": ...}``, or a tensor, or a dict holding
+    one under ``phy2log``, saved with torch.save) for the store of ``m``; PlacementError naming the file."""
+    L, P = m.num_layers, m.num_ranks * m.slots_per_rank
+
+    def bad(why: str) -> PlacementError:
+        return PlacementError(f"{path}: {why}")
+
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        looks = str(path).isdigit() or str(path) in ("latest", "current")
+        hint = " (to plan between two versions give both: plan ROOT A B)" if looks else ""
+        raise bad(f"cannot read the placement file: {e.strerror or e}{hint}") from None
+    if data[:4] == b"PK\x03\x04":  # torch.save's zip archive
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for a damaged or unsafe file
+            raise bad(f"not a readable torch.save file (weights_only=True): {type(e).__name__}: {e}") from None
+        what = "a torch.save file"
+    elif data.lstrip()[:1] in (b"{", b"["):
+        try:
+            obj = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise bad(f"not valid JSON: {e}") from None
+        what = "JSON"
+    else:
+        try:
+            obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except Exception as e:  # msgpack raises many types (ValueError, FormatError, ExtraData, ...)
+            raise bad(f"neither JSON, msgpack nor a torch.save file ({type(e).__name__}: {e})") from None
+        what = "msgpack"
+    if isinstance(obj, dict):
+        if "phy2log" not in obj:
+            raise bad(f"{what} map without a 'phy2log' key (keys: {sorted(map(str, obj))[:8]})")
+        obj = obj["phy2log"]
+    elif not (isinstance(obj, torch.Tensor) and what == "a torch.save file"):
+        raise bad(f"{what} holding a {type(obj).__name__}, not a map with a 'phy2log' key")
+    if isinstance(obj, torch.Tensor):
+        if obj.dtype == torch.bool or obj.is_floating_point() or obj.is_complex():
+            raise bad(f"phy2log must be an integer tensor, got {obj.dtype}")
+        obj = obj.to(torch.int64)
+    elif not isinstance(obj, list):
+        raise bad(f"phy2log must be a list of L lists of P ints, got {type(obj).__name__}")
+    shape = (
+        list(obj.shape)
+        if isinstance(obj, torch.Tensor)
+        else [len(obj), *sorted({len(r) for r in obj if isinstance(r, list)})]
+    )
+    if shape != [L, P]:
+        raise bad(
+            f"phy2log has shape {shape}, the store's is [L, P] = [{L}, {P}] (R = {m.num_ranks}, S = {m.slots_per_rank})"
+        )
+    try:
+        return Placement(obj, num_ranks=m.num_ranks, num_experts=m.num_experts)
+    except PlacementError as e:
+        raise bad(f"not a placement of this store (E = {m.num_experts}): {e}") from None
+
+
+def plan_placement(
+    root: str | os.PathLike,
+    placement_file: str | os.PathLike,
+    *,
+    dead: Sequence[int] = (),
+    fresh: Sequence[int] = (),
+    staging_bytes: int | None = None,
+    round_bytes: int | None = None,
+) -> dict[str, Any]:
+    """Dry run of ``rebalance``: what a rebalance from the latest version of ``root`` to the placement
+    in ``placement_file`` would move, with the rounds and staging that ``ExpertStore.rebalance``
+    computes for the same arguments (``alive`` = the latest version's live ranks minus ``dead``,
+    ``fresh``, ``staging_bytes`` and ``round_bytes``, defaults the store's). Keys as
+    :func:`plan_between`'s, ``b`` None and ``placement_file`` the file. ``balancedness``: the
+    current and the new placement under the load recorded in the latest version (None without).
+
+    Raises:
+        PlacementError: the file is missing or unreadable, not JSON, msgpack or a torch.save
+            file, has no ``phy2log``, or holds one of the wrong dtype, shape or expert ids, or
+            one that the live ranks cannot serve; the message names the file.
+        UsageError: ``dead`` or ``fresh`` names a rank the store does not have, or ``fresh``
+            a rank that is not live.
+    """
+    log = _open_log(root)
+    ma = _read(log, None)
+    path, R = Path(placement_file), ma.num_ranks
+    dead, fresh = _ranks_arg(dead, "--dead", R), _ranks_arg(fresh, "--fresh", R)
+    alive = ma.alive.clone()
+    alive[dead] = False
+    for r in fresh:
+        if not alive[r]:
+            why = "given in --dead" if r in dead else f"dead in version {ma.version}"
+            raise UsageError(f"--fresh rank {r} is not a live rank of the new placement ({why})")
+    if not bool(alive.any()):
+        raise UsageError(
+            f"--dead {_ranks_text(dead)} leaves no live rank (version {ma.version} has {_ranks_text(_alive_ranks(ma))})"
+        )
+    new = _placement_file(path, ma)
+    try:
+        new.check_servable(alive)
+    except PlacementError as e:
+        raise PlacementError(
+            f"{path}: not servable by the live ranks {_ranks_text(alive.nonzero().view(-1).tolist())}: {e}"
+        ) from None
+    where = log.path_of(ma.version)
+    d = _plan_report(
+        ma, new, alive, fresh,
+        _budget(staging_bytes, {}, where, "staging_bytes", DEFAULT_STAGING_BYTES),
+        _budget(round_bytes, {}, where, "round_bytes", DEFAULT_ROUND_BYTES),
+        ma, f"{path}: plan {ma.version} -> this placement under {log.root}",
+    )  # fmt: skip
+    alive_b = alive.nonzero().view(-1).tolist()
+    header = {"root": str(log.root), "a": _header_json(ma), "b": None, "placement_file": str(path)}
+    return {**header, "alive_b": alive_b, **d, "recorded": None}
+
+
+def _plan_report(
+    ma: Manifest,
+    new: Placement,
+    alive: torch.Tensor,
+    fresh: list[int],
+    staging_bytes: int,
+    round_bytes: int,
+    by_load: Manifest,
+    what: str,
+) -> dict[str, Any]:
+    """The plan from ``ma`` to ``new`` served by ``alive``: totals, per rank, per link, per round, and
+    the balancedness of both placements under ``by_load``'s load; StoreErrors prefixed with ``what``."""
+    spec = ma.spec
     try:
         chunks = list(
             plan_chunks(
                 ma.placement(),
-                mb.placement(),
+                new,
                 expert_bytes=spec.nbytes,
                 record_bytes=spec.record_bytes,
                 staging_bytes=staging_bytes,
                 round_bytes=round_bytes,
                 old_alive=ma.alive,
-                alive=mb.alive,
+                alive=alive,
                 fresh=fresh,
-                ranks_per_node=mb.ranks_per_node,
+                ranks_per_node=ma.ranks_per_node,
             )
         )
         plan = merge_plans([c[0] for c in chunks])
         rounds = [r for c in chunks for r in c[1]]
         budget = round_budget(staging_bytes=chunks[0][2], round_bytes=round_bytes, record_bytes=spec.record_bytes)
     except StoreError as e:
-        raise type(e)(f"{where}: plan {ma.version} -> {mb.version} under {log.root}: {e}") from None
+        raise type(e)(f"{what}: {e}") from None
     links = Counter((mv.src_rank, mv.dst_rank) for rnd in rounds for mv in rnd.moves if not mv.is_local)
     sent = Counter(src for src, _ in links.elements())  # records each rank sends
     round_rows = []
@@ -526,31 +735,30 @@ def plan_between(
         n, p2p = len(rnd.moves), sum(not mv.is_local for mv in rnd.moves)
         round_rows.append({"moves": n, "p2p": p2p, "local": n - p2p, "parks": len(rnd.parks)})
     ranks = []
-    for r in range(mb.num_ranks):
-        alive, acct = r in plan.accounts, plan.accounts.get(r, RankAccount())  # a dead rank moves nothing
+    for r in range(new.num_ranks):
+        live, acct = r in plan.accounts, plan.accounts.get(r, RankAccount())  # a dead rank moves nothing
         missing = [{"layer": la, "experts": list(e)} for la, e in sorted(acct.missing.items())]
+        peak = planned_staging_peak(chunks, rank=r, record_bytes=spec.record_bytes, staging_bytes=staging_bytes)
         ranks.append(
-            {"rank": r, "alive": alive, "fresh": alive and (r in fresh or not plan.holders_valid[r])}
+            {"rank": r, "alive": live, "fresh": live and (r in fresh or not plan.holders_valid[r])}
             | _fields(acct, *_BYTES)
-            | {"bytes_sent": sent[r] * spec.nbytes, "missing": missing}
+            | {"bytes_sent": sent[r] * spec.nbytes, "staging_peak": peak if live else 0, "missing": missing}
         )
     n_p2p = sum(not mv.is_local for mv in plan.moves)
     totals = {k: sum(x[k] for x in ranks) for k in _BYTES} | {"moves": len(plan.moves)}
     totals |= {"disk_reads": len(plan.disk_reads), "post_copies": len(plan.post_copies), "rounds": len(rounds)}
-    recorded = None
-    if mb.parent == ma.version and mb.reason == "rebalance":
-        rec = {k: mb.stats.get(k) for k in _PLAN_STATS}
-        recorded = {"stats": rec} | {k: mb.stats.get(k) for k in ("staging_bytes", "fresh_ranks")}
-        recorded["matches"] = all(rec[k] is None or rec[k] == totals[k] for k in _PLAN_STATS)
+    balance = None
+    if by_load.load is not None:
+        balance = {"load_version": by_load.version, "a": _balance(ma.phy2log, ma.alive, by_load.load)}
+        balance["b"] = _balance(new.phy2log, alive, by_load.load)
     return {
-        **_pair_json(log, ma, mb),
         "expert_bytes": spec.nbytes,
         "record_bytes": spec.record_bytes,
         "staging_bytes": staging_bytes,
         "round_bytes": round_bytes,
         "round_budget_bytes": budget,
+        "staging_peak": max(x["staging_peak"] for x in ranks),
         "alive_a": _alive_ranks(ma),
-        "alive_b": _alive_ranks(mb),
         "fresh": fresh,
         "totals": {**totals, "moves_p2p": n_p2p, "moves_local": len(plan.moves) - n_p2p},
         "parks": sum(x["parks"] for x in round_rows),
@@ -560,26 +768,30 @@ def plan_between(
             for (s, t), n in sorted(links.items())
         ],
         "rounds": round_rows,
-        "recorded": recorded,
+        "balancedness": balance,
     }
 
 
 def _render_plan(d: dict[str, Any]) -> list[str]:
-    t, rec = d["totals"], d["recorded"]
+    t, rec, bal = d["totals"], d["recorded"], d["balancedness"]
     rows = []
     for r in d["ranks"]:
         state = "dead" if not r["alive"] else ("empty" if r["fresh"] else "alive")
         missing = "; ".join(f"L{m['layer']}: {' '.join(map(str, m['experts']))}" for m in r["missing"]) or "-"
-        rows.append([r["rank"], state, r["bytes_p2p"], r["bytes_local"], r["bytes_disk"], r["bytes_sent"], missing])
-    rows.append(["all", "", t["bytes_p2p"], t["bytes_local"], t["bytes_disk"], sum(r[5] for r in rows), ""])
+        rows.append([r["rank"], state, *(r[k] for k in (*_BYTES, "bytes_sent", "staging_peak")), missing])
+    rows.append(["all", "", *(t[k] for k in _BYTES), sum(r[5] for r in rows), d["staging_peak"], ""])
     links = [[x["src"], x["dst"], x["records"], x["bytes"], _human(x["bytes"])] for x in d["links"]]
+    target = f"version {d['b']['version']}" if d["placement_file"] is None else f"placement file {d['placement_file']}"
     return _lines(
-        f"plan version {d['a']['version']} -> {d['b']['version']}: alive {_ranks_text(d['alive_a'])} -> "
+        f"plan version {d['a']['version']} -> {target}: alive {_ranks_text(d['alive_a'])} -> "
         f"{_ranks_text(d['alive_b'])}" + (f", fresh {_ranks_text(d['fresh'])}" if d["fresh"] else ""),
         f"expert {_human(d['expert_bytes'])} (record {d['record_bytes']} B), staging {_human(d['staging_bytes'])} "
-        f"({_human(d['round_budget_bytes'])} per round)",
+        f"({_human(d['round_budget_bytes'])} per round), staging peak {_human(d['staging_peak'])} per rank",
         _table(
-            ["rank", "state", "p2p", "local", "disk", "sent", "missing (from checkpoint)"], rows, indent="  ", right=[0]
+            ["rank", "state", "p2p", "local", "disk", "sent", "staging", "missing (from checkpoint)"],
+            rows,
+            indent="  ",
+            right=[0],
         ),
         f"moves {t['moves']} (p2p {t['moves_p2p']}, local {t['moves_local']}), disk reads {t['disk_reads']}, "
         f"post copies {t['post_copies']}, rounds {t['rounds']}, parks {d['parks']}",
@@ -587,6 +799,10 @@ def _render_plan(d: dict[str, Any]) -> list[str]:
         if d["rounds"]
         else None,
         ["links (src -> dst)", *_table(["src", "dst", "records", "bytes", ""], links, indent="  ")] if links else None,
+        None
+        if bal is None
+        else f"balance {_ratio(bal['a']['overall'])} -> {_ratio(bal['b']['overall'])} (max / mean GPU load under "
+        f"the load recorded in version {bal['load_version']})",
         None if rec is None else _render_recorded(rec, d["b"]["version"]),
     )
 
@@ -746,13 +962,32 @@ def _render_verify(d: dict[str, Any]) -> list[str]:
     return out
 
 
+def _plan_command(root: str, targets: list[str], *, dead: list[int] | None, **options: Any) -> dict[str, Any]:
+    """``plan ROOT A B`` (:func:`plan_between`) or ``plan ROOT PLACEMENT_FILE`` (:func:`plan_placement`)."""
+    if len(targets) == 1:
+        return plan_placement(root, targets[0], dead=dead or (), **options)
+    if len(targets) != 2:
+        raise UsageError(f"plan takes two versions (A B) or one placement file, got {len(targets)} arguments")
+    if dead is not None:
+        raise UsageError("--dead is for a placement file (plan ROOT PLACEMENT_FILE): versions record their ranks")
+    a, b = (_parse_version(t, v) for t, v in zip(targets, "AB"))
+    return plan_between(root, a, b, **options)
+
+
+def _parse_version(text: str, which: str) -> int | None:
+    try:
+        return _VERSION(text)
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"plan: argument {which}: {e}") from None
+
+
 # command: (its library function, the text rendering of that function's dict)
 _COMMANDS: dict[str, tuple[Callable[..., dict[str, Any]], Callable[[dict[str, Any]], list[str]]]] = {
     "summary": (summarize, _render_summary),
     "versions": (list_versions, _render_versions),
     "show": (show_placement, _render_show),
     "diff": (diff_versions, _render_diff),
-    "plan": (plan_between, _render_plan),
+    "plan": (_plan_command, _render_plan),
     "verify": (verify_store, _render_verify),
 }
 
@@ -819,12 +1054,26 @@ def build_parser() -> argparse.ArgumentParser:
     layer = _arg("an int >= 0", lambda t: check_int(int(t), "layer", low=0))
     sp.add_argument("--layer", type=layer, default=None, metavar="L", help="only this layer")
     add("diff", "what changed between versions A and B", pair=True)
-    sp = add("plan", "what a rebalance from version A's placement to version B's moves", pair=True)
+    plan_help = "what a rebalance from version A's placement to version B's moves, or (dry run) from the latest"
+    sp = add("plan", plan_help + " version to the placement in PLACEMENT_FILE")
+    sp.description = (
+        f"{plan_help} version to the placement in PLACEMENT_FILE. Two arguments after ROOT are versions A B "
+        "(numbers or 'latest'); one is a placement file: JSON or msgpack {\"phy2log\": [[...], ...]} or an int "
+        "tensor [L, P] saved with torch.save. The dry run plans what ExpertStore.rebalance would do with "
+        "alive = the latest version's live ranks minus --dead: bytes per link, local copies, checkpoint reads, "
+        "rounds, staging peak, and the balancedness of both placements under the load recorded in the latest "
+        "version."
+    )
+    sp.add_argument("targets", nargs="+", metavar="A B | PLACEMENT_FILE", help="two versions, or a placement file")
     for name, what in (("staging", "staging memory per rank"), ("round", "records per rank and round")):
         help_ = f"{what} (1G, 256M, ...); default: as recorded in B, else the store's default"
         sp.add_argument(f"--{name}-bytes", type=_SIZE, default=None, metavar="N", help=help_)
     ranks = _arg("comma-separated rank numbers", lambda t: sorted({int(x) for x in t.split(",") if x.strip()}))
-    sp.add_argument("--fresh", type=ranks, default=[], metavar="R,...", help="ranks that were empty (joined)")
+    sp.add_argument(
+        "--fresh", type=ranks, action="extend", default=[], metavar="R,...", help="live ranks that are empty (joined)"
+    )
+    dead_help = "placement file only: ranks dead in the new placement (repeatable)"
+    sp.add_argument("--dead", type=ranks, action="extend", default=None, metavar="R,...", help=dead_help)
     sp = add("verify", "check every manifest, the version chain and (optionally) the checkpoint bytes")
     sp.add_argument(
         "--checkpoint-bytes",

@@ -769,3 +769,195 @@ def test_unlistable_directory_is_named(capsys, tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "listdir", refuse)
     assert _run_every_command(capsys, root, (str(root / "manifests"),)) == {1}
+
+
+# --------------------------------------------------------------------------- plan ROOT PLACEMENT_FILE (dry run)
+
+GOLDEN = Path(__file__).parent / "golden"
+# Load [L, E] of the loaded root: literal values, exact in float32.
+LOAD = torch.tensor([[8.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 40.0]])
+
+
+def _loaded_root(tmp_path, ds) -> tuple[Path, list[es.Placement]]:
+    """The synthetic root (R=4, S=3) with a version 4: version 3's placement, all ranks alive and
+    the load LOAD recorded."""
+    root, placements, _ = _synthetic_root(tmp_path, ds)
+    log = es.ManifestLog(root)
+    m3 = log.read(3)
+    log.commit(dataclasses.replace(m3, version=4, parent=3, created=m3.created + 1, reason="rebalance", load=LOAD))
+    return root, placements
+
+
+def _expected_balance(phy2log: torch.Tensor, alive: list[bool], load: torch.Tensor) -> list[float]:
+    """Max over mean GPU load per layer, slot by slot (each live replica an equal share)."""
+    out = []
+    R = len(alive)
+    for layer, row in enumerate(phy2log.tolist()):
+        S = len(row) // R
+        live = [e for p, e in enumerate(row) if alive[p // S]]
+        gpus = [
+            sum(float(load[layer, e]) / live.count(e) for e in row[r * S : (r + 1) * S]) for r in range(R) if alive[r]
+        ]
+        out.append(max(gpus) / (sum(gpus) / len(gpus)))
+    return out
+
+
+def _write_placement(path: Path, phy2log, fmt: str) -> Path:
+    if fmt == "json":
+        path.write_text(json.dumps({"phy2log": phy2log.tolist()}))
+    elif fmt == "msgpack":
+        path.write_bytes(msgpack.packb({"phy2log": phy2log.tolist()}))
+    else:
+        torch.save(phy2log, path)
+    return path
+
+
+def test_dry_run_text_is_pinned(capsys, tmp_path, ds):
+    """The dry-run report of a fixed store and placement file is pinned (tests/golden/plan_dry_run.txt;
+    regenerate with EXPERT_STORE_REGEN_GOLDEN=1 and review the diff)."""
+    root, placements = _loaded_root(tmp_path, ds)
+    f = _write_placement(tmp_path / "new.json", placements[1].phy2log, "json")
+    rc, text, err = run(capsys, "plan", root, f, "--dead", 3, "--staging-bytes", 6 * ds.spec.record_bytes)
+    assert rc == 0 and err == ""
+    text = text.replace(str(tmp_path), "<tmp>")
+    golden = GOLDEN / "plan_dry_run.txt"
+    if os.environ.get("EXPERT_STORE_REGEN_GOLDEN") == "1":
+        golden.write_text(text)
+    assert text == golden.read_text()
+
+
+def test_dry_run_json_accounting_and_balance(capsys, tmp_path, ds):
+    """plan ROOT FILE --json: the latest version's alive mask minus --dead, per-rank accounting equal
+    to the contract's (independent set arithmetic), link bytes adding up, and the balancedness of both
+    placements under the latest version's load computed slot by slot; show and summary report it too."""
+    root, placements = _loaded_root(tmp_path, ds)
+    old, new = placements[2], placements[1]
+    alive = [True, True, True, False]
+    f = _write_placement(tmp_path / "new.msgpack", new.phy2log, "msgpack")
+    rc, d = run_json(capsys, "plan", root, f, "--dead", 3)
+    assert rc == 0 and d["a"]["version"] == 4 and d["b"] is None and d["placement_file"] == str(f)
+    assert d["alive_a"] == [0, 1, 2, 3] and d["alive_b"] == [0, 1, 2] and d["recorded"] is None
+    assert d["staging_bytes"] == 1 << 30 and d["fresh"] == []
+    for r in range(4):
+        row = d["ranks"][r]
+        if r == 3:
+            assert not row["alive"] and row["staging_peak"] == 0 and row["bytes_p2p"] == 0
+            continue
+        want = expected_accounting(
+            old, new, rank=r, expert_bytes=ds.spec.nbytes, old_alive=[True] * 4, alive=alive, fresh=()
+        )
+        missing = {m["layer"]: m["experts"] for m in row["missing"]}
+        assert (row["bytes_p2p"], row["bytes_local"], row["bytes_disk"], missing) == want, r
+        assert sum(x["bytes"] for x in d["links"] if x["dst"] == r) == row["bytes_p2p"]
+    assert d["staging_peak"] == max(r["staging_peak"] for r in d["ranks"]) > 0
+    bal = d["balancedness"]
+    assert bal["load_version"] == 4
+    for key, p, mask in (("a", old, [True] * 4), ("b", new, alive)):
+        want = _expected_balance(p.phy2log, mask, LOAD)
+        assert [x["balancedness"] for x in bal[key]["layers"]] == [round(w, 4) for w in want]
+    rc, text, _ = run(capsys, "plan", root, f, "--dead", 3)
+    assert f"balance {bal['a']['overall']:.4f} -> {bal['b']['overall']:.4f}" in text
+
+    rc, s = run_json(capsys, "show", root)
+    assert rc == 0 and s["balancedness"] == bal["a"]
+    rc, s = run_json(capsys, "summary", root)
+    assert rc == 0 and s["balancedness"] == bal["a"]
+    rc, text, _ = run(capsys, "summary", root)
+    assert f"balance    {bal['a']['overall']:.4f} overall" in text
+    rc, s = run_json(capsys, "show", root, "--version", 3)
+    assert rc == 0 and s["balancedness"] is None
+    rc, text, _ = run(capsys, "show", root, "--version", 3)
+    assert "no load recorded" in text
+
+    rc, d2 = run_json(capsys, "plan", root, 3, 4)  # between versions: under the load of version 4
+    assert rc == 0 and d2["balancedness"]["load_version"] == 4 and d2["placement_file"] is None
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_dry_run_equals_the_rebalance(capsys, tmp_path, ds, monkeypatch, chunked):
+    """The dry run's totals, rounds and staging peak equal what ExpertStore.rebalance to the same
+    placement then reports (one rank; chunked: layer chunks of one layer, as a large rebalance)."""
+    import expert_store.plan as plan_module
+
+    if chunked:
+        monkeypatch.setattr(plan_module, "CHUNK_MIN_SLOTS", 0)
+    gen = torch.Generator().manual_seed(21)
+    root = tmp_path / "store"
+    store = es.ExpertStore.create(
+        root, spec=ds.spec, placement=random_placement(gen, L=L, E=E, R=1, S=S), checkpoint=ds.checkpoint()
+    )
+    staging = 8 * ds.spec.record_bytes
+    for fmt in ("torch", "json"):
+        new = random_placement(gen, L=L, E=E, R=1, S=S)
+        f = _write_placement(tmp_path / f"p.{fmt}", new.phy2log, fmt)
+        rc, d = run_json(capsys, "plan", root, f, "--staging-bytes", staging)
+        assert rc == 0
+        rep = store.rebalance(new, staging_bytes=staging, verify=False)  # the accounting is the point
+        t = d["totals"]
+        assert (t["bytes_p2p"], t["bytes_local"], t["bytes_disk"]) == (rep.bytes_p2p, rep.bytes_local, rep.bytes_disk)
+        assert (t["rounds"], d["ranks"][0]["staging_peak"]) == (rep.rounds, rep.staging_peak), fmt
+        assert t["rounds"] > 1
+        rc, after = run_json(capsys, "plan", root, rep.version - 1, rep.version)  # and what it recorded
+        assert after["recorded"]["matches"] is True and after["totals"] == t
+    store.close()
+
+
+def _bad_files(tmp_path: Path, ds) -> list[tuple[str, Path, str]]:
+    """(case, file, needle) for each malformed placement file of the loaded root (L=2, R=4, S=3, E=8)."""
+    good = es.Placement.contiguous(num_layers=L, num_experts=E, num_ranks=4, slots_per_rank=3).phy2log
+    d = tmp_path / "bad"
+    d.mkdir()
+    out_of_range = good.clone()
+    out_of_range[1, 11] = 8
+    unservable = good.clone()
+    unservable[0] = torch.tensor([0, 1, 2, 3, 4, 5, 6, 0, 1, 7, 7, 7])  # expert 7 only on rank 3 (--dead 3)
+    (d / "garbage.json").write_text('{"phy2log": [[0, 1,')
+    (d / "garbage.bin").write_bytes(b"\xc1\xc1\xc1")
+    (d / "wrong_key.json").write_text(json.dumps({"placement": good.tolist()}))
+    (d / "list.json").write_text(json.dumps(good.tolist()))
+    torch.save(good.float(), d / "float.pt")
+    torch.save({"weights": good}, d / "key.pt")
+    (d / "ragged.json").write_text(json.dumps({"phy2log": [[0] * 12, [0] * 11]}))
+    return [
+        ("missing", d / "absent.json", "cannot read the placement file"),
+        ("bad JSON", d / "garbage.json", "not valid JSON"),
+        ("bad msgpack", d / "garbage.bin", "neither JSON, msgpack nor a torch.save file"),
+        ("wrong key", d / "wrong_key.json", "without a 'phy2log' key"),
+        ("not a map", d / "list.json", "holding a list, not a map"),
+        ("float tensor", d / "float.pt", "integer tensor, got torch.float32"),
+        ("torch wrong key", d / "key.pt", "without a 'phy2log' key"),
+        ("wrong shape", _write_placement(d / "shape.json", good[:, :9], "json"), "shape [2, 9]"),
+        ("ragged", d / "ragged.json", "shape [2, 11, 12]"),
+        ("out of range", _write_placement(d / "range.json", out_of_range, "json"), "expert id 8 is outside [0, 8)"),
+        ("unservable", _write_placement(d / "dead.pt", unservable, "torch"), "not servable by the live ranks 0,1,2"),
+    ]
+
+
+def test_dry_run_bad_placement_files_exit_1(capsys, tmp_path, ds):
+    """Every bad placement file is refused with exit code 1 and one stderr line naming the file;
+    --dead of an unknown rank and --fresh of a dead rank are usage errors (exit 2) naming the rank."""
+    root, _ = _loaded_root(tmp_path, ds)
+    for case, f, needle in _bad_files(tmp_path, ds):
+        rc, out, err = run(capsys, "plan", root, f, "--dead", 3)
+        assert rc == 1 and out == "", (case, err)
+        assert_one_line_error(err, str(f), needle)
+    good = _write_placement(
+        tmp_path / "good.json",
+        es.Placement.contiguous(num_layers=L, num_experts=E, num_ranks=4, slots_per_rank=3).phy2log,
+        "json",
+    )
+    for argv, needle in [
+        (("--dead", 4), "--dead rank 4 is not a rank of the store (R = 4"),
+        (("--dead", 3, "--fresh", 3), "--fresh rank 3 is not a live rank of the new placement (given in --dead)"),
+        (("--fresh", 9), "--fresh rank 9 is not a rank"),
+        (("--dead", "0,1", "--dead", "2,3"), "leaves no live rank"),
+    ]:
+        rc, out, err = run(capsys, "plan", root, good, *argv)
+        assert rc == 2 and out == "", (argv, err)
+        assert_one_line_error(err, needle)
+    rc, _, err = run(capsys, "plan", root, 1, 2, "--dead", 3)
+    assert rc == 2 and "--dead is for a placement file" in err
+    rc, _, err = run(capsys, "plan", root, 1, 2, 3)
+    assert rc == 2 and "got 3 arguments" in err
+    rc, _, err = run(capsys, "plan", root, 2)  # a version alone is taken as a file name
+    assert rc == 1 and "plan ROOT A B" in err
