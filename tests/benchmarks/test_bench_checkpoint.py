@@ -5,30 +5,33 @@ intermediate size.
 
 * CPU (runs everywhere): ``read_into`` CPU destinations, warm page cache, vs one
   ``preadv`` of the same number of contiguous bytes from the same file.
-* CUDA (skipped without a GPU): ``read_into`` slots of a resident slab, warm and
-  cold (warm reads to the warm pool, cold reads in file order behind a bounded
-  readahead), vs ``safe_open(device="cuda")`` on the same tensors (target: warm
-  >= 5x) and vs a plain sequential read of the same number of bytes (target:
-  cold >= 0.8x).
+* CUDA gates (skipped without a GPU): ``read_into`` slots of a resident slab
+  (K=8 of N=32 DeepSeek-V3 experts, 352 MB), warm: >= 75 % of the same run's pinned
+  host-to-device copy of the same bytes; cold (page cache dropped before each run,
+  residency checked): >= 90 % of the same run's best plain read of the same number
+  of bytes (one sequential reader, or 8 parallel readers). ``safe_open(device="cuda")``
+  on the same tensors is reported beside them.
 
 The baselines are the ones of ``tools/bench_checkpoint_gpu.py`` (the standalone,
-larger version of the CUDA benchmark). Ratios go to ``benchmark.extra_info`` and
-are printed; nothing here asserts on time.
+larger version of the CUDA benchmark). Medians of 3 runs: cold runs read 352 MB from
+the disk each.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import statistics
-import time
 from pathlib import Path
 
 import ckpt_factory as cf
 import pytest
 import torch
+from gates import gate, median_seconds
 
 from expert_store.layout import ResidentSlabs, SlabLayout
+
+WARM_TARGET = 0.75  # of the pinned host-to-device copy
+COLD_TARGET = 0.90  # of the best plain read of the same bytes
 
 _TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_checkpoint_gpu.py"
 
@@ -40,15 +43,9 @@ def _tool():
     return mod
 
 
-def _median_seconds(fn, *, repeats: int = 3, setup=None) -> float:
-    times = []
-    for _ in range(repeats):
-        if setup is not None:
-            setup()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _median_seconds(fn, *, setup=None) -> float:
+    """Median of 3 runs (each warmed by the benchmark before, or cold by ``setup``)."""
+    return median_seconds(fn, rounds=3, warmup=0, setup=setup)
 
 
 def _report(benchmark, name: str, nbytes: int, ours_s: float, ceilings: dict[str, float]) -> None:
@@ -115,8 +112,13 @@ def _evict(files):
 
 
 @pytest.mark.gpu
-def test_bench_read_into_cuda_warm(benchmark, gpu_setup):
-    """Warm page cache, CUDA slots: read_into vs safe_open(device="cuda") on the same tensors (target >= 5x)."""
+@pytest.mark.xfail(
+    strict=True,
+    reason="target missed: warm reads reach about 0.35-0.45 of the pinned copy (page-cache copy and "
+    "DMA do not overlap fully); the fix is the recovery-read work still to come",
+)
+def test_gate_read_into_cuda_warm(benchmark, gpu_setup):
+    """Warm page cache, CUDA slots: read_into >= 75 % of the pinned host-to-device copy of the same bytes."""
     tool, info, _files, targets, ckpt = gpu_setup
     nbytes = len(targets) * info.spec.nbytes
 
@@ -129,15 +131,27 @@ def test_bench_read_into_cuda_warm(benchmark, gpu_setup):
     for fn in (run, st, h2d):
         fn()
     ours = _median_seconds(run)
-    ceilings = {"safe_open_cuda": _median_seconds(st), "pinned_h2d": _median_seconds(h2d)}
+    h2d_s, st_s = _median_seconds(h2d), _median_seconds(st)
     benchmark.pedantic(run, rounds=3, iterations=1)
-    _report(benchmark, "read_into CUDA warm", nbytes, ours, ceilings)
+    gate(
+        benchmark,
+        "checkpoint warm read into GPU slots vs pinned H2D copy",
+        ratio=h2d_s / ours,
+        target=WARM_TARGET,
+        figure=f"{nbytes / ours / 1e9:.1f} GB/s",
+        ceiling=f"pinned H2D copy {nbytes / h2d_s / 1e9:.1f} GB/s",
+        device="cuda",
+        GBps=round(nbytes / ours / 1e9, 2),
+        pinned_h2d_GBps=round(nbytes / h2d_s / 1e9, 2),
+        safe_open_cuda_GBps=round(nbytes / st_s / 1e9, 2),
+        bytes=nbytes,
+    )
 
 
 @pytest.mark.gpu
-def test_bench_read_into_cuda_cold(benchmark, gpu_setup):
-    """Cold page cache (DONTNEED before each run, checked with mincore), CUDA slots: read_into vs a plain
-    sequential read of the same number of bytes (target >= 0.8x) and vs safe_open(device="cuda")."""
+def test_gate_read_into_cuda_cold(benchmark, gpu_setup):
+    """Cold page cache (DONTNEED before each run, checked with mincore), CUDA slots: read_into >= 90 %
+    of the best plain read (1 or 8 readers) of the same number of bytes from the same files."""
     tool, info, files, targets, ckpt = gpu_setup
     nbytes = len(targets) * info.spec.nbytes
     evict = _evict(files)
@@ -155,12 +169,25 @@ def test_bench_read_into_cuda_cold(benchmark, gpu_setup):
         torch.cuda.synchronize()
 
     ours = _median_seconds(run, setup=evict)
-    ceilings = {
-        "sequential_read": _median_seconds(tool.sequential_reader(files, nbytes), setup=evict),
-        "safe_open_cuda": _median_seconds(tool.safetensors_cuda_reader(info, targets), setup=evict),
-    }
+    seq_s = _median_seconds(tool.sequential_reader(files, nbytes), setup=evict)
+    par_s = _median_seconds(tool.sequential_reader(files, nbytes, threads=8), setup=evict)
+    st_s = _median_seconds(tool.safetensors_cuda_reader(info, targets), setup=evict)
     benchmark.pedantic(run, setup=evict, rounds=3, iterations=1)
-    benchmark.extra_info["resident_before_cold"] = resident
-    # How the reader split the last cold run: every byte should have been classified cold.
-    benchmark.extra_info["cold_bytes_fraction"] = last[0].cold_bytes / max(1, last[0].nbytes)
-    _report(benchmark, "read_into CUDA cold", nbytes, ours, ceilings)
+    best = min(seq_s, par_s)
+    cold_fraction = last[0].cold_bytes / max(1, last[0].nbytes)  # every byte should have been classified cold
+    gate(
+        benchmark,
+        "checkpoint cold read into GPU slots vs best plain read",
+        ratio=best / ours,
+        target=COLD_TARGET,
+        figure=f"{nbytes / ours / 1e9:.2f} GB/s",
+        ceiling=f"best plain read {nbytes / best / 1e9:.2f} GB/s",
+        device="cuda",
+        GBps=round(nbytes / ours / 1e9, 2),
+        sequential_GBps=round(nbytes / seq_s / 1e9, 2),
+        parallel_8_GBps=round(nbytes / par_s / 1e9, 2),
+        safe_open_cuda_GBps=round(nbytes / st_s / 1e9, 2),
+        resident_before_cold=round(resident, 4),
+        cold_bytes_fraction=round(cold_fraction, 4),
+        bytes=nbytes,
+    )

@@ -1,34 +1,44 @@
-"""Planning speed of the placement policy (CPU) at DeepSeek-V3 scale.
+"""Gates of the placement policy (CPU) at DeepSeek-V3 scale, and its planning speed.
 
 Run: ``pytest tests/benchmarks/test_bench_eplb.py --benchmark-only``.
 
-L = 58 MoE layers, E = 256 experts in G = 8 groups. The planning target is 1 ms per
-layer at E = 256, P = 288, R = 64, but 288 slots do not split evenly over 64 GPUs
-(4.5 each), so rebalance_experts rejects that shape; the benchmark uses the two
-nearest real deployments instead: P = 288 on R = 32 GPUs in 4 nodes (9 slots
-per GPU, DeepSeek's 32 redundant experts) and P = 320 on R = 64 GPUs in 8 nodes
-(5 slots per GPU), plus the global policy at R = 64.
+Symbols: L = 58 MoE layers, E = 256 experts in G = 8 groups, P physical slots on R GPUs
+in N nodes.
 
-A CPU planner has no hardware ceiling to compare with; its yardstick is the
-target, 1 ms per layer, so the reported ratio is measured / budget
-(below 1 meets it). The ``previous=`` benchmark also reports, from the same
-run, its cost relative to planning without it and how many slots it keeps.
+Targets, for ``rebalance_experts(..., previous=old)`` after a 5 % load drift (each
+expert's load times a factor drawn uniformly from [0.95, 1.05]) of Pareto-distributed
+loads, at P = 288 on R = 32 GPUs in 4 nodes (DeepSeek's 32 redundant experts):
+
+* speed: <= 50 ms for all 58 layers;
+* movement: the bytes it brings onto ranks (experts new to a rank) <= 1/2 of what a
+  from-scratch placement of the same load brings in;
+* balance: its balancedness (max GPU load over mean GPU load, mean over layers) <= 1.05x
+  the from-scratch placement's.
+
+The movement and balance gates compare two placements from the same run, so they do
+not depend on the machine. ``test_bench_rebalance_experts`` (no target) times the
+policy without ``previous`` at the deployment shapes.
 """
 
 from __future__ import annotations
 
-import platform
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from expert_store.eplb import rebalance_experts
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gates import environment, gate, measure, median_seconds, untimed
+
 L, E = 58, 256
-BUDGET_MS_PER_LAYER = 1.0  # target: planning (CPU) <= 1 ms per layer
-REPEATS = 7
+P, G, N, R = 288, 8, 4, 32  # DeepSeek-V3 deployment: 9 slots per GPU, 8 GPUs per node
+DRIFT = 0.05
+PREVIOUS_TARGET_S = 50e-3
+MOVEMENT_TARGET = 0.5  # at most half the bytes a from-scratch placement brings in
+BALANCE_TARGET = 1.05  # at most 1.05x the from-scratch balancedness
 
 # (P, G, N, R)
 CONFIGS = [
@@ -38,98 +48,118 @@ CONFIGS = [
 ]
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _environment() -> dict[str, object]:
-    return {"cpu": _cpu_name(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
-
-
-def _zipf_load(s: float, seed: int) -> torch.Tensor:
-    """float64 [L, E]: zipf-like loads, a random hot order per layer."""
+def _pareto_load(seed: int) -> torch.Tensor:
+    """float64 [L, E]: Pareto-distributed expert loads (shape 1.5: a few very hot experts)."""
     g = torch.Generator().manual_seed(seed)
-    order = torch.stack([torch.randperm(E, generator=g) for _ in range(L)])
-    return torch.round(1e6 / (order + 1.0) ** s)
+    u = torch.rand(L, E, generator=g, dtype=torch.float64)
+    return 1000.0 * (1 - u) ** (-1 / 1.5)
 
 
-def _median_ms(fn) -> float:
-    fn()  # warm-up: first calls allocate and fill caches
-    times = []
-    for _ in range(REPEATS):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+def _drifted(w: torch.Tensor, drift: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return w * (1 + drift * (2 * torch.rand(w.shape, generator=g, dtype=torch.float64) - 1))
 
 
-def _imbalance(weight: torch.Tensor, phy2log: torch.Tensor, R: int) -> float:
-    """Mean over layers of max GPU load / mean GPU load."""
+def _brought_in(old: torch.Tensor, new: torch.Tensor, num_ranks: int) -> int:
+    """(rank, layer, expert) triples the new placement puts on a rank that did not hold them:
+    each is one expert's bytes brought in from a peer or the checkpoint. old, new: int64 [L, P]."""
+    layers, slots = old.shape
+    held = []
+    for phy2log in (old, new):
+        m = torch.zeros(layers, num_ranks, E, dtype=torch.bool)
+        held.append(m.scatter_(2, phy2log.view(layers, num_ranks, slots // num_ranks), True))
+    return int((held[1] & ~held[0]).sum())
+
+
+def _balancedness(weight: torch.Tensor, phy2log: torch.Tensor, num_ranks: int) -> float:
+    """Mean over layers of max GPU load / mean GPU load; each replica takes an equal share."""
     cnt = torch.zeros(weight.shape, dtype=torch.int64).scatter_add_(1, phy2log, torch.ones_like(phy2log))
-    loads = (weight / cnt).gather(1, phy2log).view(L, R, -1).sum(dim=2)
+    loads = (weight / cnt).gather(1, phy2log).view(phy2log.shape[0], num_ranks, -1).sum(dim=2)
     return float((loads.max(dim=1).values / loads.mean(dim=1)).mean())
+
+
+@pytest.fixture(scope="module")
+def drift_case():
+    w_old = _pareto_load(0)
+    old, _, _ = rebalance_experts(w_old, P, G, N, R)
+    w_new = _drifted(w_old, DRIFT, 1)
+    scratch, _, _ = rebalance_experts(w_new, P, G, N, R)
+    kept, _, _ = rebalance_experts(w_new, P, G, N, R, previous=old)
+    return w_new, old, scratch, kept
+
+
+def test_gate_eplb_previous_speed(benchmark, drift_case):
+    """rebalance_experts(previous=) at L=58, E=256, P=288, 32 GPUs within 50 ms. Margin: it
+    takes about 9 ms on the 2-core CI machine (5x under the target), so a noisy neighbour
+    does not fail it; the median of 7 rounds (3 in the quick form) absorbs one slow round."""
+    w_new, old, _, _ = drift_case
+    s = measure(benchmark, lambda: rebalance_experts(w_new, P, G, N, R, previous=old), rounds=7)
+    plain = median_seconds(lambda: rebalance_experts(w_new, P, G, N, R), rounds=3)
+    gate(
+        benchmark,
+        "EPLB with previous, L=58 E=256 P=288 R=32, within 50 ms",
+        ratio=PREVIOUS_TARGET_S / s,
+        target=1.0,
+        figure=f"{s * 1e3:.1f} ms",
+        ceiling="target 50 ms",
+        ms=round(s * 1e3, 2),
+        ms_without_previous=round(plain * 1e3, 2),
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="target missed: on a 5% drift `previous` brings in 0.86x of the from-scratch bytes "
+    "(target 0.5x); the movement-aware policy is still to come",
+)
+def test_gate_eplb_previous_movement(benchmark, drift_case):
+    """Bytes brought onto ranks with ``previous`` <= 1/2 of a from-scratch placement's, on a 5 %
+    drift. Both placements come from the same loads in the same run: nothing here is timed."""
+    _, old, scratch, kept = drift_case
+    moved_kept, moved_scratch = _brought_in(old, kept, R), _brought_in(old, scratch, R)
+    untimed(benchmark)
+    gate(
+        benchmark,
+        "EPLB with previous, 5% drift: experts brought in <= 1/2 of from scratch",
+        ratio=MOVEMENT_TARGET * moved_scratch / max(1, moved_kept),
+        target=1.0,
+        figure=f"{moved_kept} experts brought in",
+        ceiling=f"half of from scratch's {moved_scratch}",
+        brought_in_previous=moved_kept,
+        brought_in_scratch=moved_scratch,
+        fraction=round(moved_kept / max(1, moved_scratch), 4),
+    )
+
+
+def test_gate_eplb_previous_balance(benchmark, drift_case):
+    """Balancedness with ``previous`` <= 1.05x a from-scratch placement's on the same loads."""
+    w_new, _, scratch, kept = drift_case
+    b_kept, b_scratch = _balancedness(w_new, kept, R), _balancedness(w_new, scratch, R)
+    untimed(benchmark)
+    gate(
+        benchmark,
+        "EPLB with previous, 5% drift: balancedness <= 1.05x from scratch",
+        ratio=BALANCE_TARGET * b_scratch / b_kept,
+        target=1.0,
+        figure=f"balancedness {b_kept:.3f}",
+        ceiling=f"1.05x from scratch's {b_scratch:.3f}",
+        balancedness_previous=round(b_kept, 4),
+        balancedness_scratch=round(b_scratch, 4),
+    )
 
 
 @pytest.mark.parametrize(("P", "G", "N", "R"), CONFIGS)
 def test_bench_rebalance_experts(benchmark, P, G, N, R):
-    w = _zipf_load(1.0, seed=0)
-    phy2log, _, _ = benchmark(rebalance_experts, w, P, G, N, R)
-    ms = _median_ms(lambda: rebalance_experts(w, P, G, N, R))
-    per_layer = ms / L
+    """From-scratch placement time at the deployment shapes; no target of its own (for the record)."""
+    w = _pareto_load(0)
+    s = measure(benchmark, lambda: rebalance_experts(w, P, G, N, R), rounds=7)
+    phy2log, _, _ = rebalance_experts(w, P, G, N, R)
     contiguous = (torch.arange(P) % E).expand(L, P)
     info = {
-        "L": L,
-        "E": E,
-        "P": P,
-        "G": G,
-        "N": N,
-        "R": R,
-        "ms_total": round(ms, 3),
-        "ms_per_layer": round(per_layer, 4),
-        "budget_ms_per_layer": BUDGET_MS_PER_LAYER,
-        "ratio_to_budget": round(per_layer / BUDGET_MS_PER_LAYER, 4),
-        "imbalance_max_over_mean": round(_imbalance(w, phy2log, R), 4),
-        "imbalance_contiguous": round(_imbalance(w, contiguous, R), 4),
-        **_environment(),
+        "ms_total": round(s * 1e3, 3),
+        "ms_per_layer": round(s * 1e3 / L, 4),
+        "balancedness": round(_balancedness(w, phy2log, R), 4),
+        "balancedness_contiguous": round(_balancedness(w, contiguous, R), 4),
     }
-    benchmark.extra_info.update(info)
-    print(f"\nrebalance_experts {info}")
-
-
-@pytest.mark.parametrize(("P", "G", "N", "R"), CONFIGS)
-def test_bench_rebalance_experts_previous(benchmark, P, G, N, R):
-    w_old = _zipf_load(1.0, seed=0)
-    old, _, _ = rebalance_experts(w_old, P, G, N, R)
-    g = torch.Generator().manual_seed(1)
-    w_new = w_old * (1 + 0.2 * torch.rand(L, E, generator=g, dtype=torch.float64))  # load drifts by up to 20%
-    phy2log, _, _ = benchmark(rebalance_experts, w_new, P, G, N, R, previous=old)
-    ms_prev = _median_ms(lambda: rebalance_experts(w_new, P, G, N, R, previous=old))
-    ms_plain = _median_ms(lambda: rebalance_experts(w_new, P, G, N, R))
-    plain, _, _ = rebalance_experts(w_new, P, G, N, R)
-    per_layer = ms_prev / L
-    info = {
-        "L": L,
-        "E": E,
-        "P": P,
-        "G": G,
-        "N": N,
-        "R": R,
-        "ms_total": round(ms_prev, 3),
-        "ms_per_layer": round(per_layer, 4),
-        "budget_ms_per_layer": BUDGET_MS_PER_LAYER,
-        "ratio_to_budget": round(per_layer / BUDGET_MS_PER_LAYER, 4),
-        "ms_per_layer_without_previous": round(ms_plain / L, 4),
-        "ratio_to_without_previous": round(ms_prev / ms_plain, 3),
-        "slots_kept_fraction": round(float((phy2log == old).double().mean()), 4),
-        "slots_kept_fraction_without_previous": round(float((plain == old).double().mean()), 4),
-        **_environment(),
-    }
-    benchmark.extra_info.update(info)
-    print(f"\nrebalance_experts(previous=) {info}")
+    benchmark.extra_info.update(info | environment())
+    print(f"\nrebalance_experts P={P} G={G} N={N} R={R}: {info}")

@@ -3,11 +3,11 @@
 Symbols: L = 58 MoE layers, E = 256 logical experts, R = 64 ranks, S = 5 slots
 per rank, P = R * S = 320 physical slots.
 
-Targets: manifest encode + decode <= 5 ms at L=58, E=256, R=64; planning
-<= 1 ms per layer (placement construction, the part measured here). Each
-benchmark also times, in the same run, the floor of its operation (the work no
-implementation can skip) and reports floor / measured and measured / target.
-Times are reported, never asserted.
+Gate: manifest encode + decode <= 5 ms at L=58, E=256, R=64 (median of 200 rounds,
+20 in the quick form). Margin: about 1 ms on the 2-core CI machine, 5x under the
+target. Both benchmarks also time, in the same run, the floor of their operation
+(the work no implementation can skip) for the record; placement construction (part
+of planning) has no target of its own.
 
 Run: ``pytest tests/benchmarks/test_bench_manifest.py --benchmark-only -s``.
 """
@@ -15,9 +15,10 @@ Run: ``pytest tests/benchmarks/test_bench_manifest.py --benchmark-only -s``.
 from __future__ import annotations
 
 import hashlib
-import platform
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -26,6 +27,9 @@ import torch
 from expert_store.manifest import Manifest, decode_manifest, encode_manifest
 from expert_store.placement import Placement
 from expert_store.spec import ExpertSpec, TensorSpec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gates import environment, gate, measure
 
 L, E, R, S = 58, 256, 64, 5
 P = R * S
@@ -46,16 +50,6 @@ def best_time(fn: Callable[[], object], *, number: int, repeat: int) -> float:
             fn()
         best = min(best, (time.perf_counter() - t0) / number)
     return best
-
-
-def environment() -> dict[str, str]:
-    return {
-        "device": f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "msgpack": ".".join(map(str, msgpack.version)),
-    }
 
 
 def deepseek_phy2log(seed: int) -> torch.Tensor:
@@ -144,22 +138,21 @@ def test_bench_manifest_encode_decode(benchmark):
 
     t_enc = best_time(lambda: encode_manifest(m), number=10, repeat=5)
     t_dec = best_time(lambda: decode_manifest(data), number=10, repeat=5)
-    t_op = best_time(op, number=10, repeat=5)
     t_floor = best_time(floor, number=10, repeat=5)
-    report(
+    t_op = measure(benchmark, op, rounds=200, quick_rounds=20)
+    gate(
         benchmark,
-        "manifest encode+decode",
-        {
-            "file_bytes": len(data),
-            "encode_ms": round(t_enc * 1e3, 3),
-            "decode_ms": round(t_dec * 1e3, 3),
-            "encode_decode_ms": round(t_op * 1e3, 3),
-            "floor_ms": round(t_floor * 1e3, 3),
-            "floor_over_measured": round(t_floor / t_op, 3),
-            "measured_over_target_5ms": round(t_op / MANIFEST_TARGET_S, 3),
-        },
+        "manifest encode + decode, L=58 E=256 R=64, within 5 ms",
+        ratio=MANIFEST_TARGET_S / t_op,
+        target=1.0,
+        figure=f"{t_op * 1e3:.2f} ms",
+        ceiling="target 5 ms",
+        file_bytes=len(data),
+        encode_ms=round(t_enc * 1e3, 3),
+        decode_ms=round(t_dec * 1e3, 3),
+        encode_decode_ms=round(t_op * 1e3, 3),
+        floor_ms=round(t_floor * 1e3, 3),
     )
-    benchmark(op)
 
 
 def test_bench_placement_construction(benchmark):
