@@ -529,8 +529,9 @@ class ExpertStore:
         ``staging_bytes`` (default :data:`DEFAULT_STAGING_BYTES`); each round moves at most
         ``min(round_bytes, staging_bytes // 2)`` bytes of records per rank (default
         :data:`DEFAULT_ROUND_BYTES`), ``staging_bytes // 4`` when a large rebalance is
-        planned in layer chunks. ``verify`` (default True): every slot written is checked
-        against the manifest's checksum before anything is committed.
+        planned in layer chunks. ``verify`` (default True): every record that arrived from a
+        peer or the checkpoint is checked against the manifest's checksum before anything is
+        committed (local copies move bytes this rank held already: ``verify()`` checks those).
 
         ``load``: optional real tensor [L, E] (any device), the measured load per (layer, logical
         expert) the new placement was computed from (e.g. ``eplb.LoadCounter.load()``), finite

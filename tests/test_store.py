@@ -87,6 +87,24 @@ def test_verify_names_corrupted_slot(tmp_path, ds, device):
         store.verify()
 
 
+def test_rebalance_verifies_arrived_records_not_local_copies(tmp_path, ds, monkeypatch):
+    """rebalance(verify=True) hashes what arrived from peers or the checkpoint; a rebalance of local
+    moves hashes nothing (its bytes were resident), and verify() is what checks resident bytes."""
+    import expert_store.execute as ex
+
+    p0 = es.Placement.contiguous(num_layers=2, num_experts=8, num_ranks=1, slots_per_rank=8)
+    p1 = es.Placement(torch.roll(p0.phy2log, 4, dims=1), num_ranks=1, num_experts=8)
+    store = _create(tmp_path, ds, p0)
+    hashed: list = []
+    real = ex.mismatched_slots
+    monkeypatch.setattr(ex, "mismatched_slots", lambda slabs, pairs, *a: hashed.extend(pairs) or real(slabs, pairs, *a))
+    store.weights("w2", 1)[2].view(torch.uint8).reshape(-1)[7] ^= 0xFF  # resident corruption, moved locally
+    report = store.rebalance(p1, verify=True)
+    assert report.bytes_local == 16 * ds.spec.nbytes and hashed == []
+    with pytest.raises(es.IntegrityError, match=r"layer 1 slot 6 .*expert 2"):
+        store.verify()
+
+
 def test_open_without_checkpoint_uses_manifest_and_detects_changed_checkpoint(tmp_path, ds, tmp_path_factory):
     """open(checkpoint=None) rebuilds the checkpoint from the manifest; a checkpoint with other bytes is refused."""
     p = es.Placement.contiguous(num_layers=2, num_experts=8, num_ranks=1, slots_per_rank=8)
