@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install, GPU tests, then the benchmarks. Logs go to $OUT.
-#   bash tools/gpu_session.sh [tests|kernels|quick|local|checkpoint|rebalance|elastic|all]...
+#   bash tools/gpu_session.sh [tests|gates|kernels|quick|local|checkpoint|rebalance|elastic|all]...
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export TORCH_NCCL_SHOW_EAGER_INIT_P2P_SERIALIZATION_WARNING=false
@@ -13,6 +13,9 @@ run() { echo "=== $1"; shift; "$@"; echo "=== rc=$?"; }
 for s in $steps; do
   case $s in
     tests|all) run gpu-tests python3 -m pytest -q -m "gpu or multigpu" -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;&
+    gates|all) run gates python3 -m pytest -q -p no:cacheprovider tests/benchmarks --benchmark-only \
+        --benchmark-json="$OUT/gates.json" -s 2>&1 | tee "$OUT/gates.log" | grep -E "^\[gate\]|passed|failed" ;
+      python3 tools/gate_table.py "$OUT/gates.json" | tee "$OUT/gates_table.md" ;;&
     quick) run kernels-quick python3 tools/bench_kernels_gpu.py --quick 2>&1 | tee "$OUT/bench_kernels_quick.log" | tail -30 ;;&
     local|all) run local-rebalance python3 tools/bench_local_rounds_gpu.py 2>&1 | tee "$OUT/local_rounds.log" | tail -12 ;;&
     kernels|all) run kernels python3 tools/bench_kernels_gpu.py 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 ;;&
