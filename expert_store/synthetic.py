@@ -66,11 +66,12 @@ def _parts(spec: ExpertSpec, names: dict[str, list[str] | str]) -> list[tuple[st
     return out
 
 
-def _write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...], torch.dtype, int]], progress) -> None:
-    """A safetensors file of random tensors (name, shape, dtype, seed), each made and written in turn."""
+def _write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...], torch.dtype, int, bool]], progress) -> None:
+    """A safetensors file of random tensors (name, shape, dtype, seed, expert), each made and written in
+    turn; ``progress(nbytes)`` after each expert tensor."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for name, shape, dtype, _ in tensors:
+    for name, shape, dtype, *_ in tensors:
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -79,10 +80,10 @@ def _write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...], torch.dty
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for _, shape, dtype, seed in tensors:
+        for _, shape, dtype, seed, expert in tensors:
             data = _random(shape, dtype, seed).view(-1).view(torch.uint8)
             f.write(data.numpy())
-            if progress is not None:
+            if progress is not None and expert:
                 progress(data.numel())
 
 
@@ -96,7 +97,7 @@ def write_synthetic_checkpoint(
 ) -> SyntheticCheckpoint:
     """Write the first ``num_layers`` MoE layers of ``model`` (default ``MODELS["tiny"]``) under
     directory ``root`` and describe the checkpoint. ``progress(nbytes)`` is called after each
-    tensor written. Expert bytes: ``num_layers * model.num_experts * model.spec().nbytes``."""
+    expert tensor written. Expert bytes: ``num_layers * model.num_experts * model.spec().nbytes``."""
     model = MODELS["tiny"] if model is None else model
     spec, names, E, H = model.spec(), model.names(), model.num_experts, model.hidden
     root = Path(root)
@@ -105,13 +106,14 @@ def write_synthetic_checkpoint(
     parts = _parts(spec, names)
     shards: list[list] = [[] for _ in range(num_shards)]
     files = [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
-    shards[0].append(("model.embed_tokens.weight", (256, H), torch.bfloat16, 1))
+    shards[0].append(("model.embed_tokens.weight", (256, H), torch.bfloat16, 1, False))
     for i, layer in enumerate(layers):
         shard = shards[i * num_shards // num_layers]
-        shard.append((f"model.layers.{layer}.mlp.gate.weight", (E, H), torch.bfloat16, 2 + layer))
+        shard.append((f"model.layers.{layer}.mlp.gate.weight", (E, H), torch.bfloat16, 2 + layer, False))
         for e in range(E):
             for j, (template, shape, dtype) in enumerate(parts):
-                shard.append((template.format(layer=layer, expert=e), shape, dtype, (layer * 100_003 + e) * 16 + j))
+                seed = (layer * 100_003 + e) * 16 + j
+                shard.append((template.format(layer=layer, expert=e), shape, dtype, seed, True))
     for f, tensors in zip(files, shards):
         _write_shard(root / f, tensors, progress)
     weight_map = {t[0]: f for f, tensors in zip(files, shards) for t in tensors}
