@@ -699,28 +699,32 @@ class PreparedManifest:
         final = log.path_of(m.version)
         if self.tmp is None:
             raise ManifestError(f"{final}: this prepared manifest was already published or discarded")
-        # Listed first, so that a rank sharing this root that commits this version meanwhile is seen below.
-        latest = log.latest()
-        if log._same_as_committed(final, data, m.version):
-            _fsync_dir(log.dir)  # the first writer may have crashed before its own directory fsync
-            return final
-        if adopt and latest is not None and m.version <= latest:
-            raise ManifestError(
-                f"{final}: cannot adopt version {m.version}: this log already has version {latest} of another history"
-            )
-        if not adopt and m.parent != latest:
-            raise ManifestError(
-                f"{final}: parent {m.parent} is not the latest committed version ({latest}) of {log.dir}"
-            )
         try:
-            log._publish(self.tmp, final)
-            _step("linked")
-        except FileExistsError:
-            # Another writer committed this version between our check and the link.
-            if not log._same_as_committed(final, data, m.version):
-                raise ManifestError(f"{final}: appeared and vanished while committing (concurrent prune?)") from None
+            # Listed first, so that a rank sharing this root that commits this version meanwhile is seen below.
+            latest = log.latest()
+            if log._same_as_committed(final, data, m.version):
+                _fsync_dir(log.dir)  # the first writer may have crashed before its own directory fsync
+                return final
+            if adopt and latest is not None and m.version <= latest:
+                raise ManifestError(
+                    f"{final}: cannot adopt version {m.version}: this log already has version {latest} "
+                    "of another history"
+                )
+            if not adopt and m.parent != latest:
+                raise ManifestError(
+                    f"{final}: parent {m.parent} is not the latest committed version ({latest}) of {log.dir}"
+                )
+            try:
+                log._publish(self.tmp, final)
+                _step("linked")
+            except FileExistsError:
+                # Another writer committed this version between our check and the link.
+                if not log._same_as_committed(final, data, m.version):
+                    raise ManifestError(
+                        f"{final}: appeared and vanished while committing (concurrent prune?)"
+                    ) from None
         finally:
-            self.discard()
+            self.discard()  # whichever way: ranks sharing a root each wrote a temporary file
         _fsync_dir(log.dir)
         return final
 

@@ -561,6 +561,21 @@ def test_stale_and_identical_recommit(tmp_path):
     assert not [n for n in os.listdir(tmp_path / "manifests") if n.endswith(".tmp")]
 
 
+def test_prepared_commits_of_ranks_sharing_a_root_leave_no_temporaries(tmp_path):
+    """Ranks sharing a root each prepare the same version: whoever publishes second finds it
+    committed, and every temporary file is gone afterwards, also that of a refused publish."""
+    a, b = ManifestLog(tmp_path), ManifestLog(tmp_path)
+    m1, m2, m3 = chain(3)
+    a.commit(m1)
+    pa, pb = a.prepare(m2), b.prepare(m2)
+    assert pa.publish() == pb.publish() == a.path_of(2)
+    orphan = b.prepare(dataclasses.replace(m3, parent=1))
+    with pytest.raises(ManifestError, match="parent 1 is not the latest"):
+        orphan.publish()
+    assert a.versions() == [1, 2]
+    assert not [n for n in os.listdir(tmp_path / "manifests") if n.endswith(".tmp")]
+
+
 def test_separate_roots_are_independent(tmp_path):
     """Each rank may keep its own root; their logs do not see each other."""
     logs = [ManifestLog(tmp_path / f"rank{r}") for r in range(2)]
