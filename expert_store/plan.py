@@ -24,6 +24,7 @@ fresh or was dead in the old version) and the slots whose expert changes:
 
 from __future__ import annotations
 
+import bisect
 import functools
 import gc
 import itertools
@@ -301,19 +302,27 @@ def _plan_objects(cols, R, S, lay, alive_t, valid, expert_bytes, sent_bytes) -> 
     each choice spreads ``sent_bytes``), then the named tuples, built once from columns."""
     now, lo, hi = cols["now"], cols["lo"], cols["hi"]
     has_src = hi > lo
-    lo_l, hi_l = lo[has_src].tolist(), hi[has_src].tolist()
-    hr_l = cols["hr"].tolist()
-    pick = []
-    for a, b in zip(lo_l, hi_l):
-        j = a
-        if b - a > 1:  # least loaded holder, lowest rank on ties (holders are by rank)
-            best = sent_bytes[hr_l[a]]
-            for x in range(a + 1, b):
-                v = sent_bytes[hr_l[x]]
-                if v < best:
-                    best, j = v, x
-        sent_bytes[hr_l[j]] += expert_bytes
-        pick.append(j)
+    lo, hi, hr = lo[has_src], hi[has_src], cols["hr"]
+    pick = lo.copy()  # a single holder is the source: only choices among several walk in order
+    multi = np.flatnonzero(hi - lo > 1)
+    single = np.flatnonzero(hi - lo == 1)
+    s_rank = hr[lo[single]]
+    order = np.argsort(s_rank, kind="stable")
+    split = np.cumsum(np.bincount(s_rank, minlength=R))[:-1]
+    singles_of = [x.tolist() for x in np.split(single[order], split)]  # positions, ascending, by source
+    sent = list(sent_bytes)  # without the single-holder moves, added from singles_of when needed
+    hr_l = hr.tolist()
+    for t, a, b in zip(multi.tolist(), lo[multi].tolist(), hi[multi].tolist()):
+        j, best = -1, 0
+        for x in range(a, b):  # least loaded holder, lowest rank on ties (holders are by rank)
+            r = hr_l[x]
+            v = sent[r] + expert_bytes * bisect.bisect_left(singles_of[r], t)
+            if j < 0 or v < best:
+                j, best = x, v
+        sent[hr_l[j]] += expert_bytes
+        pick[t] = j
+    for r in range(R):
+        sent_bytes[r] = sent[r] + expert_bytes * len(singles_of[r])
     remote = cols["remote"]
     p2p = np.zeros_like(remote)
     p2p[remote] = has_src
@@ -321,7 +330,7 @@ def _plan_objects(cols, R, S, lay, alive_t, valid, expert_bytes, sent_bytes) -> 
     moving = cols["local"] | p2p
     src_rank = np.broadcast_to(np.arange(R)[None, :, None], now.shape).copy()
     src_slot = cols["old_home"].copy()
-    pick_a = np.array(pick, dtype=np.int64)
+    pick_a = pick
     src_rank[p2p] = cols["hr"][pick_a]
     src_slot[p2p] = cols["hs"][pick_a]
 
@@ -405,12 +414,12 @@ def merge_plans(plans: Sequence[RebalancePlan]) -> RebalancePlan:
     )
 
 
-# Planning costs ~5 us per changed slot on the CPU (1-2 ms per layer of a large model), as
-# much as moving the bytes. Layers are planned in chunks so that chunk k+1 is planned while
-# chunk k's rounds run on the GPU: 1 layer first (the GPU starts early), then twice as many
-# each time, up to CHUNK_MAX_LAYERS. Below CHUNK_MIN_SLOTS changed slots (~5 ms of planning)
-# a rebalance is one chunk: each chunk costs a partly filled last round and a pipeline
-# restart (a few hundred us).
+# Planning costs ~1.5 us per changed slot on the CPU (~0.5 ms per layer of a large model; it
+# was ~5 us before columns and cycles), a good part of moving the bytes. Layers are planned in
+# chunks so that chunk k+1 is planned while chunk k's rounds run on the GPU: 1 layer first (the
+# GPU starts early), then twice as many each time, up to CHUNK_MAX_LAYERS. Below CHUNK_MIN_SLOTS
+# changed slots a rebalance is one chunk: each chunk costs a partly filled last round and a
+# pipeline restart (a few hundred us).
 CHUNK_MAX_LAYERS = 8
 CHUNK_MIN_SLOTS = 1024
 
@@ -561,11 +570,12 @@ class _Scheduler:
         self.comp = comp = idx.tolist()  # component of each move: its first move
         self.need: list[tuple[tuple[int, int], ...] | None] = [None] * n  # (rank, records) of cycles
         self.members: dict[int, list[int]] = {}  # moves of each cycle, ascending
-        head = np.ones(n, dtype=bool)  # moves that name their component
+        self.pending = pend = pending.tolist()
+        ready = np.flatnonzero(~on_cycle & (pending == 0)).tolist()  # ready singletons, ascending
         if on_cycle.any():
-            pend = pending.tolist()
             seen = bytearray(n)
-            src, dst = self.src, self.dst
+            src, dst, need_of, indeg_l = self.src, self.dst, self.need, indeg.tolist()
+            heads = []
             for v in np.flatnonzero(on_cycle).tolist():  # ascending: v is its cycle's first move
                 if seen[v]:
                     continue
@@ -576,21 +586,22 @@ class _Scheduler:
                     seen[u] = 1
                     u = sw_l[u]
                 group.sort()
-                need: dict[int, int] = defaultdict(int)
+                need: dict[int, int] = {}
                 count = -len(group)  # each member has one reader inside the cycle
                 for j in group:
                     comp[j] = v
-                    count += indeg[j]
-                    need[src[j]] += 1
-                    if dst[j] != src[j]:
-                        need[dst[j]] += 1
-                self.need[v] = tuple(need.items())
+                    count += indeg_l[j]
+                    a, b = src[j], dst[j]
+                    need[a] = need.get(a, 0) + 1
+                    if b != a:
+                        need[b] = need.get(b, 0) + 1
+                need_of[v] = tuple(need.items())
                 self.members[v] = group
-                pend[v] = int(count)
-            head[on_cycle] = False
-            head[list(self.members)] = True
-            pending = np.array(pend)
-        self.pending = pending.tolist()
+                pend[v] = count
+                if not count:
+                    heads.append(v)
+            if heads:
+                ready = sorted(ready + heads)
         self.done = bytearray(n)
         self.work_left = records  # records per rank still to schedule
         self.park_of: list[int] = []  # park record each move reads instead of its slot (-1: none), once parked
@@ -598,7 +609,7 @@ class _Scheduler:
         self.free_parks: dict[int, list[int]] = defaultdict(list)
         self.next_park: dict[int, int] = defaultdict(int)
         self._rd: tuple[list[int], list[int]] | None = None
-        self.ready = np.flatnonzero(head & (pending == 0)).tolist()  # ready components, ascending
+        self.ready = ready  # ready components, ascending
 
     def _readers(self, w: int) -> list[int]:
         if self._rd is None:  # only parks need readers: CSR by writer, valid while source_writer[j] == w
@@ -684,7 +695,12 @@ class _Scheduler:
                     if not p:
                         released.append(cw)
                 continue
-            if any(used[r] + k > cap for r, k in items):
+            for r, k in items:
+                if used[r] + k > cap:
+                    break
+            else:
+                r = -1
+            if r >= 0:
                 keep.append(c)
                 continue
             for r, k in items:
