@@ -196,7 +196,7 @@ class RoundRunner:
                     (park_ids, park_pos),
                 )
             )
-        self.copies = PreparedCopies(slabs.storage, slabs.layout, entries)
+        self.copies = PreparedCopies(slabs, slabs.layout, entries)
 
     def _pack(self, k: int) -> None:
         io, rb = self.ios[k], self.rb
@@ -433,8 +433,8 @@ def copy_slots(
     for a in range(0, n, per):
         b = min(n, a + per)
         lt = layers[a:b]
-        pack_records(slabs.storage, slabs.layout, lt, src_slots[a:b], out=buf)
-        unpack_records(buf, slabs.storage, slabs.layout, lt, dst_slots[a:b])
+        pack_records(slabs, slabs.layout, lt, src_slots[a:b], out=buf)
+        unpack_records(buf, slabs, slabs.layout, lt, dst_slots[a:b])
     return buf.numel()
 
 
@@ -568,5 +568,5 @@ def mismatched_slots(slabs: ResidentSlabs, pairs: list[tuple[int, int]], experts
         return []
     layers = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
     slots = torch.tensor([p[1] for p in pairs], dtype=torch.int64)
-    got = resident_checksums(slabs.storage, slabs.layout, layers, slots).cpu()
+    got = resident_checksums(slabs, slabs.layout, layers, slots).cpu()
     return (got != checksums[layers, experts[layers, slots]]).nonzero().flatten().tolist()

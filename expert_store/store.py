@@ -28,7 +28,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,7 +143,7 @@ class ExpertStore:
 
     # ------------------------------------------------------------------ setup
     @classmethod
-    def _new(cls, root, spec, placement, checkpoint, ranks_per_node, where: _Where) -> ExpertStore:
+    def _new(cls, root, spec, placement, checkpoint, ranks_per_node, where: _Where, weights) -> ExpertStore:
         self = cls(_token=_PRIVATE)
         self._lock = threading.Lock()
         self._running: str | None = None
@@ -180,7 +180,11 @@ class ExpertStore:
         self.log = ManifestLog(self.root)
         timeout_s = check_timeout(where.timeout_s)
         self._comm = Comm(where.group, rank=rank, world_size=world_size, device=self.device, timeout_s=timeout_s)
-        self.slabs = ResidentSlabs(self.layout, self.device)
+        try:
+            self.slabs = ResidentSlabs(self.layout, self.device, weights=weights)
+        except StoreError as e:
+            self._comm.close()
+            raise type(e)(f"rank {rank}: {e}") from None
         _warm_kernels(self.slabs)
         return self
 
@@ -204,14 +208,30 @@ class ExpertStore:
         group=None,
         ranks_per_node: int | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        weights: Mapping[str, Sequence[torch.Tensor]] | None = None,
+        loaded: bool = False,
     ) -> ExpertStore:
         """Load this rank's slots from ``checkpoint`` and commit version 1.
 
         Collective over all R ranks (all are alive at creation). ``rank`` and
-        ``world_size`` default to the process group's (one process: 0 and 1)."""
+        ``world_size`` default to the process group's (one process: 0 and 1).
+
+        ``weights``: the engine's own tensors to keep the slots in, instead of an allocation of
+        the store's: spec tensor name -> L tensors (one per MoE layer), each ``[S, *shape]`` of
+        the spec's dtype, contiguous, on ``device``, no two sharing memory (SpecError /
+        StoreError naming the tensor and layer otherwise). They are used as they are: never
+        copied or reallocated; ``weights(name, layer)`` returns that tensor (same ``data_ptr()``)
+        for the store's lifetime, rebalances included, and :meth:`close` only drops them.
+        ``loaded``: True when ``weights`` already hold this placement's experts (the engine
+        loaded them): their bytes are taken as they are and the manifest's checksums computed
+        from them; False (default): they are filled from the checkpoint."""
+        loaded = check_bool(loaded, "loaded")
+        if loaded and weights is None:
+            raise StoreError("create(loaded=True) takes the experts from weights=; none were given")
         self = cls._new(
-            root, spec, placement, checkpoint, ranks_per_node, _Where(rank, world_size, device, group, timeout_s)
-        )
+            root, spec, placement, checkpoint, ranks_per_node, _Where(rank, world_size, device, group, timeout_s),
+            weights,
+        )  # fmt: skip
         live = list(range(self.world_size))
         existing = self.log.latest()
         inputs = digest_words(repr(spec).encode(), placement.digest(), struct.pack("<q", ranks_per_node or 0))
@@ -237,7 +257,8 @@ class ExpertStore:
             )
         self._comm.begin(call_id(b"create", *(struct.pack("<q", a.nonce) for a in rows)))
         checkpoint.validate(spec, num_layers=placement.num_layers, num_experts=placement.num_experts)
-        self._load_own_slots()
+        if not loaded:
+            self._load_own_slots()
         checksums = self._gather_checksums(self._own_checksums(), live)
         # Every rank commits the same bytes (a shared root accepts identical commits): the
         # creation time is the leader's.
@@ -252,7 +273,7 @@ class ExpertStore:
         return self
 
     @classmethod
-    def _from_manifest(cls, root, checkpoint, where: _Where) -> ExpertStore:
+    def _from_manifest(cls, root, checkpoint, where: _Where, weights) -> ExpertStore:
         if not isinstance(root, (str, os.PathLike)):
             raise StoreError(f"root must be a path, got {type(root).__name__} {root!r}")
         log = ManifestLog(Path(root))
@@ -269,7 +290,7 @@ class ExpertStore:
                     f"checkpoint name mapping/layers differ from those recorded in {log.path_of(m.version)}"
                 )
         placement = m.placement()
-        self = cls._new(root, m.spec, placement, checkpoint, m.ranks_per_node, where)
+        self = cls._new(root, m.spec, placement, checkpoint, m.ranks_per_node, where, weights)
         self._adopt(m, placement)
         return self
 
@@ -284,12 +305,14 @@ class ExpertStore:
         device="cpu",
         group=None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        weights: Mapping[str, Sequence[torch.Tensor]] | None = None,
     ) -> ExpertStore:
         """Reopen the current version and reload this rank's slots (checked against the manifest).
 
         Not collective: each rank reopens on its own. ``checkpoint=None`` uses the checkpoint
-        recorded in the manifest. The way back after a failed call: see the README."""
-        self = cls._from_manifest(root, checkpoint, _Where(rank, world_size, device, group, timeout_s))
+        recorded in the manifest. ``weights``: the engine's tensors to reload the slots into
+        (as in :meth:`create`). The way back after a failed call: see the README."""
+        self = cls._from_manifest(root, checkpoint, _Where(rank, world_size, device, group, timeout_s), weights)
         m = self._manifest
         if not bool(m.alive[self.rank]):
             raise StoreError(
@@ -312,10 +335,12 @@ class ExpertStore:
         device="cpu",
         group=None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        weights: Mapping[str, Sequence[torch.Tensor]] | None = None,
     ) -> ExpertStore:
         """A restarted rank: an empty store at the current version; fill it with
-        ``rebalance(..., fresh=(rank,))`` called by every live rank."""
-        self = cls._from_manifest(root, checkpoint, _Where(rank, world_size, device, group, timeout_s))
+        ``rebalance(..., fresh=(rank,))`` called by every live rank. ``weights``: the engine's
+        tensors to keep the slots in (as in :meth:`create`); their bytes count for nothing until then."""
+        self = cls._from_manifest(root, checkpoint, _Where(rank, world_size, device, group, timeout_s), weights)
         self._empty = True
         return self
 
@@ -346,7 +371,8 @@ class ExpertStore:
 
     def close(self) -> None:
         """Release the checkpoint's files and maps, the staging, the slabs and the waiter threads; the
-        store refuses every call afterwards (views handed out keep their memory). Idempotent."""
+        store refuses every call afterwards (views handed out keep their memory; adopted ``weights``
+        are only dropped, never freed or written). Idempotent."""
         with self._call("close", usable=False):
             if self._closed:
                 return
@@ -392,7 +418,8 @@ class ExpertStore:
         self._keep_versions = check_keep_versions(value)
 
     def weights(self, name: str, layer: int) -> torch.Tensor:
-        """``[S, *shape]`` zero-copy view of tensor ``name`` in ``layer``; its address never changes."""
+        """``[S, *shape]`` zero-copy view of tensor ``name`` in ``layer`` (the engine's own tensor when the
+        store was given ``weights``); its address never changes."""
         with self._call("weights"):
             return self.slabs.weights(name, layer)
 
@@ -427,7 +454,7 @@ class ExpertStore:
         L, S = self.layout.num_layers, self.layout.slots
         layers = torch.arange(L, dtype=torch.int64).repeat_interleave(S)
         slots = torch.arange(S, dtype=torch.int64).repeat(L)
-        return resident_checksums(self.slabs.storage, self.layout, layers, slots).cpu().view(L, S)
+        return resident_checksums(self.slabs, self.layout, layers, slots).cpu().view(L, S)
 
     def _gather_checksums(self, own: torch.Tensor, live: list[int]) -> torch.Tensor:
         """Combine every rank's slot checksums into the [L, E] table (holders must agree)."""
@@ -836,9 +863,9 @@ def _warm_kernels(slabs: ResidentSlabs) -> None:
         return
     layout = slabs.layout
     one = torch.empty(layout.spec.record_bytes, dtype=torch.uint8, device=slabs.device)
-    pack_records(slabs.storage, layout, [0], [0], out=one)
-    unpack_records(one, slabs.storage, layout, [0], [0])  # the same bytes back: slot 0 is unchanged
-    resident_checksums(slabs.storage, layout, [0], [0])
+    pack_records(slabs, layout, [0], [0], out=one)
+    unpack_records(one, slabs, layout, [0], [0])  # the same bytes back: slot 0 is unchanged
+    resident_checksums(slabs, layout, [0], [0])
     torch.cuda.synchronize(slabs.device)  # before anything else (checkpoint reads) writes slot 0
 
 

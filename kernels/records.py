@@ -51,7 +51,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from expert_store.checks import check_index, check_int, is_int
 from expert_store.errors import SpecError, StoreError
-from expert_store.layout import SlabLayout
+from expert_store.layout import ResidentSlabs, SlabLayout
 from expert_store.spec import ExpertSpec
 
 from . import reference as _ref
@@ -110,48 +110,73 @@ RING_BYTES = RING_SEGMENTS * 64 * RING_SLOT_BYTES
 # Loops run CHUNK_BLOCKS (constexpr) iterations masked past the chunk's length: a fully masked
 # iteration issues no memory traffic, and Triton's interpreter cannot take a loaded value as a
 # range bound. No scalar argument differs per call (n is the grid, the items come through
-# idx_ptr), so none needs do_not_specialize; layer_words, record_words and C differ per layout
-# only and stay specializable (their divisibility by 16 feeds Triton's alignment analysis; the
-# direct launch's cache is per layout). Pointers are never specialized on alignment: ALIGNED says it.
-_POINTERS = ["a_ptr", "b_ptr", "idx_ptr", "table_ptr"]
+# idx_ptr), so none needs do_not_specialize; T, record_words and C differ per layout only and
+# stay specializable (the direct launch's cache is per plan). Pointers are never specialized on
+# alignment: ALIGNED says it.
+_POINTERS = ["res_ptr", "slab_ptr", "out_ptr", "idx_ptr", "table_ptr"]
 
 
 @triton.jit
-def _chunk_addresses(idx_ptr, table_ptr, layer_words, record_words, C, ALIGNED: tl.constexpr, VEC: tl.constexpr):
-    """Item, resident word offset, record word offset, record-relative offset and length of this program's chunk."""
+def _word_pointer(address, UNIT: tl.constexpr):
+    """An int64 byte address as a pointer to UNIT-byte words (the kernels' one element type)."""
+    if UNIT == 4:
+        p = address.to(tl.pointer_type(tl.int32))
+    elif UNIT == 2:
+        p = address.to(tl.pointer_type(tl.int16))
+    else:
+        p = address.to(tl.pointer_type(tl.uint8))
+    return p
+
+
+@triton.jit
+def _chunk_addresses(
+    res_ptr, slab_ptr, idx_ptr, table_ptr, T, record_words, C,
+    ALIGNED: tl.constexpr, VEC: tl.constexpr, UNIT: tl.constexpr, RESIDENT: tl.constexpr,
+):  # fmt: skip
+    """Item, resident pointer (RESIDENT only), record pointer, record-relative offset and length
+    (in UNIT-byte words) of this program's chunk."""
     pid = tl.program_id(0).to(tl.int64)  # widened before it scales anything: n * C * words overflows int32
     item = pid // C
     chunk = pid - item * C
-    layer = tl.load(idx_ptr + item * 3)
-    slot = tl.load(idx_ptr + item * 3 + 1)
     record = tl.load(idx_ptr + item * 3 + 2)
-    region = tl.load(table_ptr + chunk * 4)
-    stride = tl.load(table_ptr + chunk * 4 + 1)
-    rec_off = tl.load(table_ptr + chunk * 4 + 2)
-    length = tl.load(table_ptr + chunk * 4 + 3)
-    res_base = layer * layer_words + slot * stride + region
+    rec_off = tl.load(table_ptr + chunk * 5 + 3)
+    length = tl.load(table_ptr + chunk * 5 + 4)
     rec_base = record * record_words + rec_off
     if ALIGNED:  # every size a multiple of 16 bytes = VEC words: chunk starts and lengths split into vectors
-        res_base = tl.multiple_of(res_base, VEC)
         rec_base = tl.multiple_of(rec_base, VEC)
         length = tl.multiple_of(length, VEC)
-    return item, res_base, rec_base, rec_off, length
+    res = slab_ptr  # unused unless RESIDENT
+    if RESIDENT:
+        layer = tl.load(idx_ptr + item * 3)
+        slot = tl.load(idx_ptr + item * 3 + 1)
+        tensor = tl.load(table_ptr + chunk * 5)
+        start = tl.load(table_ptr + chunk * 5 + 1)
+        stride = tl.load(table_ptr + chunk * 5 + 2)
+        base = tl.load(res_ptr + layer * T + tensor)  # the one load table addressing adds
+        offset = slot * stride + start
+        if ALIGNED:
+            offset = tl.multiple_of(offset, VEC)
+        res = _word_pointer(base, UNIT) + offset
+    return item, res, slab_ptr + rec_base, rec_off, length
 
 
 @triton.jit(do_not_specialize_on_alignment=_POINTERS)
 def _copy_kernel(
-    a_ptr, b_ptr, idx_ptr, table_ptr, layer_words, record_words, C,  # a: storage words, b: slab words
-    BLOCK: tl.constexpr, CHUNK_BLOCKS: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr, PACK: tl.constexpr,
+    res_ptr, slab_ptr, idx_ptr, table_ptr, T, record_words, C,  # res: int64 [L, T] addresses, slab: words
+    BLOCK: tl.constexpr, CHUNK_BLOCKS: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
+    UNIT: tl.constexpr, PACK: tl.constexpr,
 ):  # fmt: skip
-    """PACK: storage -> slab, else slab -> storage; chunk pid % C of item pid // C."""
-    _, res_base, rec_base, _, length = _chunk_addresses(idx_ptr, table_ptr, layer_words, record_words, C, ALIGNED, VEC)
+    """PACK: resident -> slab, else slab -> resident; chunk pid % C of item pid // C."""
+    _, res, rec, _, length = _chunk_addresses(
+        res_ptr, slab_ptr, idx_ptr, table_ptr, T, record_words, C, ALIGNED, VEC, UNIT, True
+    )
     if PACK:
-        src = a_ptr + res_base
-        dst = b_ptr + rec_base
+        src = res
+        dst = rec
     else:
-        src = b_ptr + rec_base
-        dst = a_ptr + res_base
-    if ALIGNED:  # the host checked both bases (a helper cannot set this: on a callee's argument it is dropped)
+        src = rec
+        dst = res
+    if ALIGNED:  # the host checked every address (a helper cannot set this: on a callee's argument it is dropped)
         src = tl.multiple_of(src, 16)
         dst = tl.multiple_of(dst, 16)
     for i in range(0, CHUNK_BLOCKS):
@@ -162,36 +187,43 @@ def _copy_kernel(
 
 @triton.jit(do_not_specialize_on_alignment=_POINTERS)
 def _checksum_kernel(
-    a_ptr, b_ptr, idx_ptr, table_ptr, layer_words, record_words, C,  # a: storage or slab words, b: int64 [n] sums
+    res_ptr, slab_ptr, out_ptr, idx_ptr, table_ptr, T, record_words, C,  # out: int64 [n] sums
     BLOCK: tl.constexpr, CHUNK_BLOCKS: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
-    FROM_SLAB: tl.constexpr, WORD_BYTES: tl.constexpr,
+    UNIT: tl.constexpr, FROM_SLAB: tl.constexpr, PIECES: tl.constexpr,
 ):  # fmt: skip
-    """out[item] += mixed words of chunk pid % C of item pid // C (integer atomic adds commute: order-free)."""
-    item, res_base, rec_base, rec_off, length = _chunk_addresses(
-        idx_ptr, table_ptr, layer_words, record_words, C, ALIGNED, VEC
+    """out[item] += mixed words of chunk pid % C of item pid // C (integer atomic adds commute: order-free).
+
+    A checksum word is PIECES * UNIT = spec.word_bytes bytes; BLOCK counts checksum words."""
+    item, res, rec, rec_off, length = _chunk_addresses(
+        res_ptr, slab_ptr, idx_ptr, table_ptr, T, record_words, C, ALIGNED, VEC, UNIT, not FROM_SLAB
     )
     if FROM_SLAB:
-        src = a_ptr + rec_base
+        src = rec
     else:
-        src = a_ptr + res_base
+        src = res
     if ALIGNED:
         src = tl.multiple_of(src, 16)
+    words = length // PIECES
+    first = rec_off // PIECES  # record offsets are 16-byte aligned: whole checksum words
     acc = tl.zeros([BLOCK], dtype=tl.uint64)
     for i in range(0, CHUNK_BLOCKS):
         offs = i * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < length
-        w = tl.load(src + offs, mask=mask, other=0)
-        if WORD_BYTES == 4:  # zero-extend the little-endian word: reinterpret as unsigned first
-            w = w.to(tl.uint32, bitcast=True)
-        elif WORD_BYTES == 2:
-            w = w.to(tl.uint16, bitcast=True)
-        p1 = (rec_off + offs + 1).to(tl.uint64)  # record position of the word, plus one
-        z = w.to(tl.uint64) + p1 * 0x9E3779B97F4A7C15
+        mask = offs < words
+        w = tl.zeros([BLOCK], dtype=tl.uint64)
+        for k in tl.static_range(PIECES):  # an address narrower than the word: little-endian pieces
+            piece = tl.load(src + offs * PIECES + k, mask=mask, other=0)
+            if UNIT == 4:  # zero-extend: reinterpret as unsigned first
+                piece = piece.to(tl.uint32, bitcast=True)
+            elif UNIT == 2:
+                piece = piece.to(tl.uint16, bitcast=True)
+            w = w | (piece.to(tl.uint64) << (8 * UNIT * k))
+        p1 = (first + offs + 1).to(tl.uint64)  # record position of the word, plus one
+        z = w + p1 * 0x9E3779B97F4A7C15
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9  # uint64: >> is a logical shift
         z = (z ^ (z >> 27)) * 0x94D049BB133111EB
         z = z ^ (z >> 31)
         acc += tl.where(mask, z, tl.zeros_like(z))
-    tl.atomic_add(b_ptr + item, tl.sum(acc, axis=0).to(tl.int64, bitcast=True), sem="relaxed")
+    tl.atomic_add(out_ptr + item, tl.sum(acc, axis=0).to(tl.int64, bitcast=True), sem="relaxed")
 
 
 # The triton.jit decorator chose interpreter or compiler at import: CPU tensors follow that choice.
@@ -201,47 +233,64 @@ _INTERPRET = isinstance(_copy_kernel, InterpretedFunction)
 # ---- host side: plans and the launch ----
 class _Plan:
     """What launches of one mode ("pack", "unpack", "sum-resident" or "sum-slab") over one layout
-    (a spec for "sum-slab") on one device need, built once. ``args[aligned]``: the arguments after
-    the four pointers, all functions of the plan's key, which the direct launch relies on (it caches
-    its compiled kernels here, per ``aligned``)."""
+    (a spec for "sum-slab") on one device in one word size need, built once. ``args[aligned]``:
+    the arguments after the pointers, all functions of the plan's key, which the direct launch
+    relies on (it caches its compiled kernels here, per ``aligned``).
 
-    def __init__(self, mode: str, owner: SlabLayout | ExpertSpec, device: torch.device, tuning: _Tuning) -> None:
+    Chunk table rows, in ``unit``-byte words: (tensor, start in the slot's tensor, slot stride,
+    record offset, length). ``unit`` is spec.word_bytes unless a resident address is narrower."""
+
+    def __init__(
+        self, mode: str, owner: SlabLayout | ExpertSpec, device: torch.device, tuning: _Tuning, unit: int
+    ) -> None:
         slab_only = mode == "sum-slab"  # records only: the resident columns are zero and unused
         spec = owner if slab_only else owner.spec
-        regions = (0,) * len(spec) if slab_only else owner.region_offsets
-        w, chunk = spec.word_bytes, tuning.chunk_bytes
+        w, u, chunk = spec.word_bytes, unit, tuning.chunk_bytes
+        stride = [0 if slab_only else ts.nbytes // u for ts in spec.tensors]
         rows = [
-            [(regions[t] + s) // w, ts.nbytes // w, (spec.record_offsets[t] + s) // w, min(chunk, ts.nbytes - s) // w]
+            [t, s // u, stride[t], (spec.record_offsets[t] + s) // u, min(chunk, ts.nbytes - s) // u]
             for t, ts in enumerate(spec.tensors)
             for s in range(0, ts.nbytes, chunk)
         ]
         self.mode, self.owner = mode, owner  # owner held: its id (in the key) stays unique
-        self.dtype = _ref._WORD_DTYPE[w]
-        self.reference = device.type == "cpu" and not _INTERPRET
+        self.dtype = _ref._WORD_DTYPE[u]
+        self.reference = (device.type == "cpu") != _INTERPRET  # the interpreter reads addresses as host memory
         self.table = torch.tensor(rows, dtype=torch.int64, device=device)
         self.table_ptr = self.table.data_ptr()
         self.chunks = len(rows)
         sums = mode.startswith("sum")
         self.kernel = _checksum_kernel if sums else _copy_kernel
-        block = tuning.sum_block_bytes if sums else tuning.block_bytes
         self.num_warps = tuning.sum_warps if sums else tuning.num_warps
-        layer_words = 0 if slab_only else owner.layer_bytes // w
-        head = (layer_words, spec.record_bytes // w, self.chunks, block // w, -(-chunk // block))
-        tail = (slab_only, w) if sums else (mode == "pack",)
+        if sums:  # blocks of checksum words (w bytes), each gathered from w // u pieces
+            block, tail = tuning.sum_block_bytes, (slab_only, w // u)
+            loop = (tuning.sum_block_bytes // w, -(-chunk // tuning.sum_block_bytes))
+        else:
+            block, tail = tuning.block_bytes, (mode == "pack",)
+            loop = (block // u, -(-chunk // block))
+        head = (len(spec), spec.record_bytes // u, self.chunks, *loop)
         sizes_aligned = all(t.nbytes % 16 == 0 for t in spec.tensors)
-        self.args = {a: (*head, a and sizes_aligned, max(1, 16 // w), *tail) for a in (False, True)}
+        self.args = {a: (*head, a and sizes_aligned, max(1, 16 // u), u, *tail) for a in (False, True)}
         self.compiled: dict[bool, CompiledKernel] = {}
 
 
 _PLANS: dict[tuple, _Plan] = {}
 
 
-def _plan(mode: str, owner: SlabLayout | ExpertSpec, device: torch.device, tuning: _Tuning = _TUNING) -> _Plan:
-    key = (mode, id(owner), device, tuning)
+def _plan(
+    mode: str, owner: SlabLayout | ExpertSpec, device: torch.device, unit: int | None = None, tuning: _Tuning = _TUNING
+) -> _Plan:
+    """The plan of ``mode``; ``unit``: the word size (None: spec.word_bytes)."""
+    unit = (owner if mode == "sum-slab" else owner.spec).word_bytes if unit is None else unit
+    key = (mode, id(owner), device, unit, tuning)
     plan = _PLANS.get(key)
     if plan is None or plan.owner is not owner:
-        plan = _PLANS[key] = _Plan(mode, owner, device, tuning)
+        plan = _PLANS[key] = _Plan(mode, owner, device, tuning, unit)
     return plan
+
+
+def _unit(slabs: ResidentSlabs) -> int:
+    """Word size of the kernels over ``slabs``: spec.word_bytes, narrowed to what every address allows."""
+    return min(slabs.spec.word_bytes, slabs.alignment)
 
 
 # CompiledKernel.run(grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, enter_hook,
@@ -276,38 +325,50 @@ def _words(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (t if size == t.numel() else t[:size]).view(dtype)
 
 
-def _run(plan: _Plan, n: int, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, start: int) -> None:
+def _run(
+    plan: _Plan,
+    n: int,
+    res: ResidentSlabs | None,
+    slab: torch.Tensor | None,
+    out: torch.Tensor | None,
+    idx: torch.Tensor,
+    start: int,
+) -> None:
     """The one launch of every call: plan's kernel over n items, index rows ``idx[start : start + 3 * n]``
-    (int64 on a's device, which is current). a: the storage, or the slab for slab sums; b: the slab,
-    or the int64 [n] sums. CPU without the interpreter: the torch reference instead."""
+    (int64 on the device, which is current). res: the resident slabs (None for slab sums); slab:
+    the uint8 records (None for resident sums); out: the int64 [n] sums (None for copies). On the
+    CPU without the interpreter (and on CUDA under it), the torch reference instead."""
     if plan.reference:
         layers, slots, records = idx[start : start + 3 * n].view(n, 3).unbind(1)
         if plan.mode == "pack":
-            _ref.pack_records_reference(a, plan.owner, layers, slots, b, records)
+            _ref.pack_records_reference(res, plan.owner, layers, slots, slab, records)
         elif plan.mode == "unpack":
-            _ref.unpack_records_reference(b, a, plan.owner, layers, slots, records)
+            _ref.unpack_records_reference(slab, res, plan.owner, layers, slots, records)
         elif plan.mode == "sum-resident":
-            b.copy_(_ref.resident_checksums_reference(a, plan.owner, layers, slots))
+            out.copy_(_ref.resident_checksums_reference(res, plan.owner, layers, slots))
         else:
-            b.copy_(_ref.slab_checksums_reference(a, plan.owner, n))
+            out.copy_(_ref.slab_checksums_reference(slab, plan.owner, n))
         return
     grid = n * plan.chunks
-    a_ptr, b_ptr = a.data_ptr(), b.data_ptr()
-    aligned = (a_ptr | b_ptr) % 16 == 0
+    res_t = plan.table if res is None else res.table  # slab sums read no address: any tensor will do
+    slab_t = res_t if slab is None else slab
+    aligned = (res is None or res.alignment == 16) and slab_t.data_ptr() % 16 == 0
     args = plan.args[aligned]
+    sums = plan.kernel is _checksum_kernel
     rt = triton.knobs.runtime
     hooks = any(bool(getattr(h, "calls", h)) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
-    direct = launch_path(triton.__version__, a.device.type, hooks) == "direct"
+    direct = launch_path(triton.__version__, slab_t.device.type, hooks) == "direct"
     compiled = plan.compiled.get(aligned) if direct else None
     if compiled is not None:
+        ptrs = (res_t.data_ptr(), slab_t.data_ptr(), *((out.data_ptr(),) if sums else ()))
         compiled.run(
-            grid, 1, 1, _raw_stream(a.device.index), compiled.function, compiled.packed_metadata, None, None, None,
-            a_ptr, b_ptr, idx.data_ptr() + 8 * start, plan.table_ptr, *args,
+            grid, 1, 1, _raw_stream(slab_t.device.index), compiled.function, compiled.packed_metadata, None, None,
+            None, *ptrs, idx.data_ptr() + 8 * start, plan.table_ptr, *args,
         )  # fmt: skip
         return
-    b_arg = b if plan.kernel is _checksum_kernel else _words(b, plan.dtype)
+    tensors = (res_t, slab_t if slab is None else _words(slab, plan.dtype), *((out,) if sums else ()))
     idx_arg = idx[start : start + 3 * n]
-    compiled = plan.kernel[(grid,)](_words(a, plan.dtype), b_arg, idx_arg, plan.table, *args, num_warps=plan.num_warps)
+    compiled = plan.kernel[(grid,)](*tensors, idx_arg, plan.table, *args, num_warps=plan.num_warps)
     if direct and isinstance(compiled, CompiledKernel):
         plan.compiled[aligned] = compiled
 
@@ -386,11 +447,11 @@ _RINGS: dict[int, _IndexRing] = {}
 _RINGS_LOCK = threading.Lock()
 
 
-def _launch(plan: _Plan, n: int, a: torch.Tensor, b: torch.Tensor, rows: array) -> None:
-    """Stage the validated index rows (int64 [n, 3]) on a's device, then :func:`_run`."""
-    device = a.device
+def _launch(plan: _Plan, n: int, device: torch.device, rows: array, *tensors) -> None:
+    """Stage the validated index rows (int64 [n, 3]) on ``device``, then :func:`_run` with ``tensors``
+    (res, slab, out)."""
     if device.type != "cuda":
-        _run(plan, n, a, b, torch.frombuffer(rows, dtype=torch.int64), 0)
+        _run(plan, n, *tensors, torch.frombuffer(rows, dtype=torch.int64), 0)
         return
     with _device_guard(device):
         ring = _RINGS.get(device.index)
@@ -400,11 +461,11 @@ def _launch(plan: _Plan, n: int, a: torch.Tensor, b: torch.Tensor, rows: array) 
         with ring.lock:
             start = ring.stage(rows)
             if start is not None:
-                _run(plan, n, a, b, ring.rows, start)
+                _run(plan, n, *tensors, ring.rows, start)
                 return
         # More rows than a ring segment holds: torch's pinned allocator guards this copy.
         idx = torch.frombuffer(rows, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
-        _run(plan, n, a, b, idx, 0)
+        _run(plan, n, *tensors, idx, 0)
 
 
 # ---- host side: validation ----
@@ -433,16 +494,38 @@ def _check_bytes(name: str, t: object, spec: ExpertSpec, what: str, device=None,
     return t
 
 
-def _check_storage(storage: object, layout: object, what: str) -> tuple[torch.Tensor, SlabLayout]:
+# Tables of plain uint8 storages (ResidentSlabs.over): (device, address, id(layout)) -> (layout, table).
+# The table depends on the address and layout only, so a later allocation at the same address reuses
+# it; no storage is held. Bounded: the oldest goes first.
+_TABLES: dict[tuple, tuple[SlabLayout, torch.Tensor]] = {}
+_TABLES_MAX = 64
+
+
+def _check_storage(storage: object, layout: object, what: str) -> ResidentSlabs:
+    """``storage`` (ResidentSlabs of ``layout``, or its one uint8 allocation) as ResidentSlabs."""
     if not isinstance(layout, SlabLayout):
         raise SpecError(f"{what}: layout must be a SlabLayout, got {type(layout).__name__}")
+    if isinstance(storage, ResidentSlabs):
+        if storage.layout != layout:
+            raise StoreError(f"{what}: storage is ResidentSlabs of another layout than the one given")
+        if storage.device.type not in ("cpu", "cuda"):
+            raise StoreError(f"{what}: tensors on {storage.device} are not supported; expected a cuda or cpu device")
+        return storage
     storage = _check_bytes("storage", storage, layout.spec, what)
     if storage.numel() != layout.total_bytes:
         raise StoreError(
             f"{what}: storage must hold layout.total_bytes = {layout.total_bytes} bytes "
             f"(L={layout.num_layers} x layer_bytes={layout.layer_bytes}), got {storage.numel()}"
         )
-    return storage, layout
+    key = (storage.device, storage.data_ptr(), id(layout))
+    hit = _TABLES.get(key)
+    if hit is not None and hit[0] is layout:
+        return ResidentSlabs.over(storage, layout, hit[1])
+    slabs = ResidentSlabs.over(storage, layout)
+    if len(_TABLES) >= _TABLES_MAX:
+        del _TABLES[next(iter(_TABLES))]
+    _TABLES[key] = (layout, slabs.table)
+    return slabs
 
 
 def _index_values(name: str, value: object, device: torch.device, what: str) -> list[int] | torch.Tensor:
@@ -496,12 +579,12 @@ def _rows(layers: list[int], slots: list[int], records: Sequence[int]) -> array:
 
 
 def _entry(
-    pack: bool, storage: torch.Tensor, layout: SlabLayout, layers, slots, records, what: str
+    pack: bool, slabs: ResidentSlabs, layout: SlabLayout, layers, slots, records, what: str
 ) -> tuple[array, int, int]:
     """One validated call: its index rows, n and the records it needs (max record + 1). Device index
     tensors are fetched together (one sync), so no out-of-range index ever reaches a kernel.
     pack: records distinct (each written once); unpack: (layer, slot) pairs distinct."""
-    device = storage.device
+    device = slabs.device
     cols = [_index_values("layers", layers, device, what), _index_values("slots", slots, device, what)]
     if records is not None:
         cols.append(_index_values("records", records, device, what))
@@ -538,20 +621,21 @@ def _entry(
 
 def _copy(pack, storage, layout, layers, slots, records, buf, what: str, tuning: _Tuning = _TUNING) -> torch.Tensor:
     """pack_records / unpack_records: validate everything, then one launch; the used prefix of ``buf``."""
-    storage, layout = _check_storage(storage, layout, what)
-    rows, n, need = _entry(pack, storage, layout, layers, slots, records, what)
-    rb = layout.spec.record_bytes
+    slabs = _check_storage(storage, layout, what)
+    rows, n, need = _entry(pack, slabs, layout, layers, slots, records, what)
+    rb, device = layout.spec.record_bytes, slabs.device
     if buf is None:
-        buf = torch.empty(need * rb, dtype=torch.uint8, device=storage.device)
-    buf = _check_bytes("out" if pack else "slab", buf, layout.spec, what, storage.device, need)
+        buf = torch.empty(need * rb, dtype=torch.uint8, device=device)
+    buf = _check_bytes("out" if pack else "slab", buf, layout.spec, what, device, need)
     if n:
-        _launch(_plan("pack" if pack else "unpack", layout, storage.device, tuning), n, storage, buf, rows)
+        plan = _plan("pack" if pack else "unpack", layout, device, _unit(slabs), tuning)
+        _launch(plan, n, device, rows, slabs, buf, None)
     return buf if buf.numel() == need * rb else buf[: need * rb]
 
 
 # ---- public launchers ----
 def pack_records(
-    storage: torch.Tensor,
+    storage: ResidentSlabs | torch.Tensor,
     layout: SlabLayout,
     layers: Indices,
     slots: Indices,
@@ -562,7 +646,9 @@ def pack_records(
     """Gather n resident experts into transfer-slab records, in one launch.
 
     Args:
-        storage: uint8 [L * layout.layer_bytes], one rank's resident slabs.
+        storage: one rank's resident slabs: a :class:`~expert_store.layout.ResidentSlabs` of
+            ``layout`` (its own allocation or the engine's tensors), or the one uint8
+            [L * layout.layer_bytes] allocation such slabs own.
         layout: the SlabLayout of ``storage``.
         layers, slots: [n] indices of the experts to pack (may repeat): int64 tensors on the
             CPU or storage's device, or lists / tuples / ranges of ints (the cheapest form).
@@ -583,7 +669,7 @@ def pack_records(
 
 def unpack_records(
     slab: torch.Tensor,
-    storage: torch.Tensor,
+    storage: ResidentSlabs | torch.Tensor,
     layout: SlabLayout,
     layers: Indices,
     slots: Indices,
@@ -594,7 +680,7 @@ def unpack_records(
 
     Args:
         slab: uint8 [>= K * record_bytes] on storage's device; its first K whole records are readable.
-        storage: uint8 [L * layout.layer_bytes], written in place.
+        storage: the resident slabs (forms as in :func:`pack_records`), written in place.
         layout: the SlabLayout of ``storage``.
         layers, slots: [n] indices, distinct (layer, slot) pairs (forms as in :func:`pack_records`).
         records: optional [n] indices (same forms): record copied to item i (default i); may
@@ -618,7 +704,9 @@ class PreparedCopies:
     costs only the launch (a rebalance prepares its rounds while the ranks' agreement is in flight).
 
     Args:
-        storage: uint8 [L * layout.layer_bytes], one rank's resident slabs.
+        storage: one rank's resident slabs: a :class:`~expert_store.layout.ResidentSlabs` of
+            ``layout`` (its own allocation or the engine's tensors), or the one uint8
+            [L * layout.layer_bytes] allocation such slabs own.
         layout: the SlabLayout of ``storage``.
         entries: per launch, ``(direction, layers, slots, records)``: "pack" gathers the (layer,
             slot) items into the given records of a buffer (records distinct, None: 0..n-1),
@@ -629,10 +717,14 @@ class PreparedCopies:
     """
 
     def __init__(
-        self, storage: torch.Tensor, layout: SlabLayout, entries: Sequence[tuple[str, Indices, Indices, Indices | None]]
+        self,
+        storage: ResidentSlabs | torch.Tensor,
+        layout: SlabLayout,
+        entries: Sequence[tuple[str, Indices, Indices, Indices | None]],
     ) -> None:
         what = "PreparedCopies"
-        self.storage, self.layout = _check_storage(storage, layout, what)
+        self.slabs, self.layout = _check_storage(storage, layout, what), layout
+        storage, unit = self.slabs, _unit(self.slabs)
         rows = array("q")
         self._entries: list[tuple[_Plan, int, int, int]] = []  # (plan, first index in rows, n, records needed)
         for i, (direction, layers, slots, records) in enumerate(entries):
@@ -640,7 +732,7 @@ class PreparedCopies:
             if direction not in ("pack", "unpack"):
                 raise StoreError(f"{where}: direction must be 'pack' or 'unpack', got {direction!r}")
             r, n, need = _entry(direction == "pack", storage, layout, layers, slots, records, where)
-            self._entries.append((_plan(direction, layout, storage.device), len(rows), n, need))
+            self._entries.append((_plan(direction, layout, storage.device, unit), len(rows), n, need))
             rows.extend(r)
         self._rows = rows  # the CPU tensor below shares its memory
         self._idx = torch.frombuffer(rows, dtype=torch.int64) if rows else torch.zeros(0, dtype=torch.int64)
@@ -658,29 +750,31 @@ class PreparedCopies:
     def launch(self, i: int, buffer: torch.Tensor) -> None:
         """Run entry i with ``buffer`` (uint8, storage's device) as the records' slab."""
         plan, first, n, need = self._entries[check_index(i, "i", len(self._entries), where="PreparedCopies.launch")]
-        device = self.storage.device
+        device = self.slabs.device
         buffer = _check_bytes("buffer", buffer, self.layout.spec, f"PreparedCopies entry {i}", device, need)
         if not n:
             return
         with _device_guard(device):
             if device.type == "cuda" and _raw_stream(device.index) != self._stream:
                 torch.cuda.current_stream(device).wait_event(self._copied)  # the rows were copied on another stream
-            _run(plan, n, self.storage, buffer, self._idx, first)
+            _run(plan, n, self.slabs, buffer, None, self._idx, first)
 
 
-def resident_checksums(storage: torch.Tensor, layout: SlabLayout, layers: Indices, slots: Indices) -> torch.Tensor:
+def resident_checksums(
+    storage: ResidentSlabs | torch.Tensor, layout: SlabLayout, layers: Indices, slots: Indices
+) -> torch.Tensor:
     """int64 [n] on storage's device: checksum of resident expert (layers[i], slots[i]).
 
-    layers, slots: [n] indices (may repeat), forms as in :func:`pack_records`. The checksum is
+    storage, layers, slots: as in :func:`pack_records` (indices may repeat). The checksum is
     defined in :mod:`expert_store.kernels.reference`; it equals :func:`slab_checksums` of a
     record holding the same expert.
     """
     what = "resident_checksums"
-    storage, layout = _check_storage(storage, layout, what)
-    rows, n, _ = _entry(True, storage, layout, layers, slots, None, what)
-    out = torch.zeros(n, dtype=torch.int64, device=storage.device)
+    slabs = _check_storage(storage, layout, what)
+    rows, n, _ = _entry(True, slabs, layout, layers, slots, None, what)
+    out = torch.zeros(n, dtype=torch.int64, device=slabs.device)
     if n:
-        _launch(_plan("sum-resident", layout, storage.device), n, storage, out, rows)
+        _launch(_plan("sum-resident", layout, slabs.device, _unit(slabs)), n, slabs.device, rows, slabs, None, out)
     return out
 
 
@@ -696,5 +790,7 @@ def slab_checksums(slab: torch.Tensor, spec: ExpertSpec, n: int) -> torch.Tensor
     slab = _check_bytes("slab", slab, spec, what, None, n)
     out = torch.zeros(n, dtype=torch.int64, device=slab.device)
     if n:
-        _launch(_plan("sum-slab", spec, slab.device), n, slab, out, _rows([0] * n, [0] * n, range(n)))
+        _launch(
+            _plan("sum-slab", spec, slab.device), n, slab.device, _rows([0] * n, [0] * n, range(n)), None, slab, out
+        )
     return out

@@ -1,7 +1,9 @@
 """Plain-torch reference of every kernel in :mod:`expert_store.kernels.records`.
 
 The test oracle of the Triton kernels and the CPU fallback of the launchers (CPU tensors without
-``TRITON_INTERPRET=1``: the gloo tests of the store). It loops over the T tensors of the spec, never
+``TRITON_INTERPRET=1``: the gloo tests of the store). Resident experts are addressed as the kernels
+address them, per (layer, tensor): ``ResidentSlabs.tensors[l][t]`` (the engine's tensors, or views
+of one allocation). It loops over the layers a call names and the T tensors of the spec, never
 over experts or bytes, so small CPU cases take milliseconds; it runs on CUDA tensors too. Inputs are
 trusted: the launchers in ``records.py`` validate them. Symbols: L layers, S slots per rank, n
 experts in one call, K records a slab can hold (``slab.numel() // record_bytes``).
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from expert_store.layout import SlabLayout
+from expert_store.layout import ResidentSlabs, SlabLayout, as_resident
 from expert_store.spec import ExpertSpec
 
 __all__ = [
@@ -55,25 +57,53 @@ _CHECKSUM_PIECE_WORDS = 1 << 22
 _WORD_DTYPE = {4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 
-def _resident_rows(storage: torch.Tensor, layout: SlabLayout, t: int) -> torch.Tensor:
-    """[L, S, nbytes_t / W] view of tensor t of every (layer, slot), in words of W = spec.word_bytes.
-
-    Words, not bytes: advanced indexing moves one element at a time, so W-byte elements
-    make the CPU fallback W times faster (every offset here is a multiple of W)."""
-    w = layout.spec.word_bytes
-    nw = layout.spec.tensors[t].nbytes // w
-    start = layout.region_offsets[t] // w
-    per_layer = storage.view(_WORD_DTYPE[w]).view(layout.num_layers, layout.layer_bytes // w)
-    return per_layer[:, start : start + layout.slots * nw].view(layout.num_layers, layout.slots, nw)
+def _unit(x: torch.Tensor, w: int) -> int:
+    """Widest word (<= w) that ``x``'s address and storage offset allow viewing it in."""
+    at = x.data_ptr() | (x.storage_offset() * x.element_size()) | w
+    return at & -at
 
 
-def _record_rows(slab: torch.Tensor, spec: ExpertSpec, t: int) -> torch.Tensor:
-    """[K, nbytes_t / W] view of tensor t of every record the slab can hold, in words."""
-    w = spec.word_bytes
+def _slot_rows(x: torch.Tensor, unit: int) -> torch.Tensor:
+    """[S, nbytes_t / unit] words of the contiguous [S, *shape] tensor ``x`` of one (layer, tensor)."""
+    return x.reshape(-1).view(torch.uint8).view(_WORD_DTYPE[unit]).view(x.shape[0], -1)
+
+
+def _checksum_words(x: torch.Tensor, slots: torch.Tensor, w: int) -> torch.Tensor:
+    """[n, nbytes_t / w] W-byte words of slots ``slots`` of ``x`` (as :func:`_slot_rows`); gathered
+    from narrower little-endian pieces (int64) when the address is narrower than a word."""
+    u = _unit(x, w)
+    rows = _slot_rows(x, u)[slots]
+    if u == w:
+        return rows
+    pieces = (rows.to(torch.int64) & ((1 << 8 * u) - 1)).view(rows.shape[0], -1, w // u)
+    shifts = torch.arange(0, 8 * w, 8 * u, dtype=torch.int64, device=rows.device)
+    return (pieces << shifts).sum(dim=2)
+
+
+def _record_rows(slab: torch.Tensor, spec: ExpertSpec, t: int, unit: int | None = None) -> torch.Tensor:
+    """[K, nbytes_t / unit] view of tensor t of every record the slab can hold, in words (unit None: W)."""
+    u = spec.word_bytes if unit is None else unit
     cap = slab.numel() // spec.record_bytes
-    start = spec.record_offsets[t] // w
-    records = slab[: cap * spec.record_bytes].view(_WORD_DTYPE[w]).view(cap, spec.record_bytes // w)
-    return records[:, start : start + spec.tensors[t].nbytes // w]
+    start = spec.record_offsets[t] // u
+    records = slab[: cap * spec.record_bytes].view(_WORD_DTYPE[u]).view(cap, spec.record_bytes // u)
+    return records[:, start : start + spec.tensors[t].nbytes // u]
+
+
+def _by_layer(layers: torch.Tensor):
+    """(layer, positions of the items in that layer) for each layer the items name."""
+    for layer in torch.unique(layers).tolist():
+        yield layer, (layers == layer).nonzero().flatten()
+
+
+def _pairs(storage, layout: SlabLayout, slab: torch.Tensor, layers, slots, records):
+    """Per (layer, tensor) the call names: the slots' word rows, the slab's record rows (one word
+    size, the widest the tensor's address allows) and the slot and record indices of its items."""
+    res = as_resident(storage, layout)
+    layers, slots, records = _items(res.device, layers, slots, records)
+    for layer, sel in _by_layer(layers):
+        for t, x in enumerate(res.tensors[layer]):
+            u = _unit(x, layout.spec.word_bytes)
+            yield _slot_rows(x, u), _record_rows(slab, layout.spec, t, u), slots[sel], records[sel]
 
 
 def _items(device: torch.device, layers: torch.Tensor, slots: torch.Tensor, records: torch.Tensor | None):
@@ -83,41 +113,40 @@ def _items(device: torch.device, layers: torch.Tensor, slots: torch.Tensor, reco
 
 
 def pack_records_reference(
-    storage: torch.Tensor,
+    storage: ResidentSlabs | torch.Tensor,
     layout: SlabLayout,
     layers: torch.Tensor,
     slots: torch.Tensor,
     out: torch.Tensor,
     records: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Copy expert (layers[i], slots[i]) of ``storage`` (uint8 [L * layout.layer_bytes]) into record
-    records[i] of ``out`` (uint8 [>= K * record_bytes], written in place).
+    """Copy expert (layers[i], slots[i]) of ``storage`` (ResidentSlabs of ``layout``, or its uint8
+    [L * layout.layer_bytes] allocation) into record records[i] of ``out`` (uint8 [>= K *
+    record_bytes], written in place).
 
     layers, slots, records: int64 [n] (records None: arange(n)). Returns ``out``; padding bytes of
     the records are left as they were.
     """
-    layers, slots, records = _items(storage.device, layers, slots, records)
-    for t in range(len(layout.spec)):
-        _record_rows(out, layout.spec, t)[records] = _resident_rows(storage, layout, t)[layers, slots]
+    for slot_rows, record_rows, s, r in _pairs(storage, layout, out, layers, slots, records):
+        record_rows[r] = slot_rows[s]
     return out
 
 
 def unpack_records_reference(
     slab: torch.Tensor,
-    storage: torch.Tensor,
+    storage: ResidentSlabs | torch.Tensor,
     layout: SlabLayout,
     layers: torch.Tensor,
     slots: torch.Tensor,
     records: torch.Tensor | None = None,
 ) -> None:
     """Copy record records[i] of ``slab`` (uint8 [>= K * record_bytes]; only tensor bytes are read)
-    into (layers[i], slots[i]) of ``storage`` (uint8 [L * layout.layer_bytes], written in place).
+    into (layers[i], slots[i]) of ``storage`` (as in :func:`pack_records_reference`, written in place).
 
     layers, slots: int64 [n], distinct (layer, slot) pairs; records: int64 [n] (None: arange(n)), may repeat.
     """
-    layers, slots, records = _items(storage.device, layers, slots, records)
-    for t in range(len(layout.spec)):
-        _resident_rows(storage, layout, t)[layers, slots] = _record_rows(slab, layout.spec, t)[records]
+    for slot_rows, record_rows, s, r in _pairs(storage, layout, slab, layers, slots, records):
+        slot_rows[s] = record_rows[r]
 
 
 def _hash_words(words: torch.Tensor, first_position: int) -> torch.Tensor:
@@ -152,13 +181,16 @@ def _checksum_rows(rows_of: list[torch.Tensor], spec: ExpertSpec) -> torch.Tenso
 
 
 def resident_checksums_reference(
-    storage: torch.Tensor, layout: SlabLayout, layers: torch.Tensor, slots: torch.Tensor
+    storage: ResidentSlabs | torch.Tensor, layout: SlabLayout, layers: torch.Tensor, slots: torch.Tensor
 ) -> torch.Tensor:
-    """int64 [n]: checksum of expert (layers[i], slots[i]) of ``storage`` (uint8 [L * layer_bytes])."""
-    dev = storage.device
-    layers, slots = layers.to(dev), slots.to(dev)
-    rows = [_resident_rows(storage, layout, t)[layers, slots] for t in range(len(layout.spec))]
-    return _checksum_rows(rows, layout.spec)
+    """int64 [n]: checksum of expert (layers[i], slots[i]) of ``storage`` (as in :func:`pack_records_reference`)."""
+    res = as_resident(storage, layout)
+    layers, slots = layers.to(res.device), slots.to(res.device)
+    total = torch.zeros(layers.numel(), dtype=torch.int64, device=res.device)
+    for layer, sel in _by_layer(layers):
+        rows = [_checksum_words(x, slots[sel], layout.spec.word_bytes) for x in res.tensors[layer]]
+        total[sel] = _checksum_rows(rows, layout.spec)
+    return total
 
 
 def slab_checksums_reference(slab: torch.Tensor, spec: ExpertSpec, n: int) -> torch.Tensor:
