@@ -5,9 +5,10 @@ E % G == 0; N nodes; R GPUs (ranks), R % N == 0; S slots per GPU; P = R * S phys
 Slot p lives on GPU ``p // S`` and node ``p // (P // N)``.
 
 :func:`rebalance_experts` has the signature and output meaning of DeepSeek's open-source
-``eplb.rebalance_experts`` (an independent implementation) and adds ``previous=``: the same balance,
-keeping as many (slot -> expert) entries of the placement in service as it can, since every changed
-slot is weight bytes to move. :class:`LoadCounter` measures the load on the device without host
+``eplb.rebalance_experts`` (an independent implementation) and adds ``previous=`` and ``tolerance=``:
+keep the placement in service where the balance allows (within ``tolerance`` of the from-scratch
+one), since every expert brought onto a rank is weight bytes to move; :func:`movement` counts them.
+:class:`LoadCounter` measures the load on the device without host
 syncs. Planning is CPU tensor arithmetic vectorized over layers (and over nodes inside a layer): the
 greedy loops run once per item of one node, not per (layer, item), which keeps a DeepSeek-V3-sized
 plan well under a millisecond per layer.
@@ -15,19 +16,24 @@ plan well under a millisecond per layer.
 
 from __future__ import annotations
 
+import math
 import operator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .errors import PlacementError
 
-__all__ = ["LoadCounter", "rebalance_experts"]
+__all__ = ["LoadCounter", "Movement", "movement", "rebalance_experts"]
 
 # Rounds of local search per matched item after the greedy GPU matching. Each round keeps at least one
 # more slot; on zipf loads at DeepSeek-V3 sizes (L = 58, E = 256, R = 32 and 64, the benchmark's inputs)
 # it settled within 4 rounds, so the cap only bounds the worst case.
 _SWAP_ROUNDS_PER_ITEM = 4
+
+# Swap steps of the movement-aware repair before a layer falls back to the from-scratch contents.
+_REPAIR_STEPS = 64
 
 
 def _count(value: Any, what: str) -> int:
@@ -86,6 +92,16 @@ def _check_previous(previous: Any, L: int, E: int, P: int) -> torch.Tensor:
             f"is outside [0, {E})"
         )
     return prev.contiguous()
+
+
+def _check_tolerance(tolerance: Any) -> float:
+    """``tolerance`` as a float >= 0 (a real number, not a bool)."""
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)):
+        raise PlacementError(f"tolerance must be a real number >= 0, got {type(tolerance).__name__} {tolerance!r}")
+    t = float(tolerance)
+    if not math.isfinite(t) or t < 0:
+        raise PlacementError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+    return t
 
 
 def _pack_equal(load: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +191,192 @@ def _plan(w: torch.Tensor, P: int, G: int, N: int, R: int) -> torch.Tensor:
     gpu, pos = _pack_equal(replica_load, R // N)
     local = torch.empty_like(slot_item).scatter_(1, gpu * S + pos, slot_item)
     meta = (local.view(L, N, slots_per_node) + (torch.arange(N) * experts_per_node).view(1, N, 1)).view(L, P)
-    return log_of_meta.gather(1, meta)
+    phy2log = log_of_meta.gather(1, meta)
+
+    # 4. Second copies of an expert on one GPU go to GPUs without one, where that costs no balance.
+    share, _ = _slot_shares(w, phy2log)
+    rows = _Rows(phy2log.view(L * N, R // N, S), share.view(L * N, R // N, S), E)
+    _spread_replicas(rows)
+    return rows.x.view(L, P)
+
+
+def _slot_shares(w: torch.Tensor, phy2log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 [L, P], the load each slot of ``phy2log`` [L, P] serves (an equal share of its
+    expert's load ``w`` [L, E]), and int64 [L, E], replicas per expert."""
+    count = torch.zeros(w.shape, dtype=torch.int64).scatter_add_(1, phy2log, torch.ones_like(phy2log))
+    return (w / count.clamp(min=1)).gather(1, phy2log), count
+
+
+class _Rows:
+    """A placement as B independent rows of g GPUs of S slots, and swaps of slots inside a row.
+
+    A row is a layer, or one node of a layer under the hierarchical policy (slots never leave their
+    row, so groups stay on their node). x int64 [B, g, S]: expert per slot; a float64 [B, g, S]:
+    its load; load float64 [B, g]: per GPU; has int64 [B, g, E]: copies of each expert per GPU;
+    many bool [B, E]: experts with more replicas than the row has GPUs (they must share one).
+    """
+
+    def __init__(self, x: torch.Tensor, a: torch.Tensor, E: int) -> None:
+        B, g, _ = x.shape
+        self.x, self.a = x.clone(), a.clone()
+        self.load = self.a.sum(dim=2)
+        self.has = torch.zeros(B, g, E, dtype=torch.int64).scatter_add_(2, self.x, torch.ones_like(self.x))
+        self.many = self.has.sum(dim=1) > g
+
+    def swaps(self, idx: torch.Tensor, h: torch.Tensor, i: torch.Tensor | None = None) -> torch.Tensor:
+        """pm float64 [Li, S(i), g(c), S(j)] for rows ``idx`` [Li]: the larger of the loads of GPUs h
+        (``h`` [Li]) and c after swapping h's slot i with c's slot j; inf where the swap would put a
+        second copy of an expert on a GPU (unless it has more replicas than GPUs), or moves no load.
+        With ``i`` [Li], only that slot of h moves: pm is [Li, 1, g, S]."""
+        _, g, S = self.x.shape
+        Li = idx.numel()
+        r = idx.view(Li, 1)
+        x, a, load = self.x[idx], self.a[idx], self.load[idx]
+        slots = torch.arange(S).expand(Li, S) if i is None else i.view(Li, 1)
+        xh, ah = self.x[r, h.view(Li, 1), slots], self.a[r, h.view(Li, 1), slots]  # [Li, k]
+        k = xh.shape[1]
+        lh = load.gather(1, h.view(Li, 1))
+        d = ah.view(Li, k, 1, 1) - a.view(Li, 1, g, S)  # load moving from h to c
+        pm = torch.maximum(lh.view(Li, 1, 1, 1) - d, load.view(Li, 1, g, 1) + d)
+        # c may take h's expert only if it holds none (or the expert has more replicas than GPUs),
+        # and h may take c's expert likewise.
+        c_has_i = self.has[r.view(Li, 1, 1), torch.arange(g).view(1, 1, g), xh.view(Li, k, 1)]  # [Li, k, g]
+        ok_i = (c_has_i == 0) | self.many[r, xh].view(Li, k, 1)
+        h_has_j = self.has[r.view(Li, 1, 1), h.view(Li, 1, 1), x]  # [Li, g, S]
+        ok_j = (h_has_j == 0) | self.many[r.view(Li, 1, 1), x]
+        ok = ok_i.unsqueeze(3) & ok_j.unsqueeze(1) & (d != 0)
+        ok &= (torch.arange(g) != h.view(Li, 1)).view(Li, 1, g, 1)
+        return torch.where(ok, pm, torch.inf)
+
+    def apply(self, r: torch.Tensor, h: torch.Tensor, flat: torch.Tensor) -> None:
+        """In rows ``r`` (distinct), swap slot i of GPU h with slot j of GPU c, flat = (i * g + c) * S + j."""
+        _, g, S = self.x.shape
+        i, c, j = flat // (g * S), flat // S % g, flat % S
+        ei, ej = self.x[r, h, i], self.x[r, c, j]
+        ai, aj = self.a[r, h, i], self.a[r, c, j]
+        self.x[r, h, i], self.x[r, c, j] = ej, ei
+        self.a[r, h, i], self.a[r, c, j] = aj, ai
+        self.load[r, h] += aj - ai
+        self.load[r, c] += ai - aj
+        for gpu, out, into in ((h, ei, ej), (c, ej, ei)):
+            self.has[r, gpu, out] -= 1
+            self.has[r, gpu, into] += 1
+
+
+def _spread_replicas(rows: _Rows, limit: torch.Tensor | None = None) -> None:
+    """Move second copies of an expert off a GPU (when it has at most as many replicas as the row
+    has GPUs) by swaps that keep both GPUs at or under ``limit`` (float64 [B]; default: the row's
+    largest GPU load, so the balance never gets worse).
+
+    The packing puts replicas of one expert on one GPU when that GPU stays the lightest, though a
+    GPU holding two copies serves their tokens as one would: on Pareto loads (shape 1.5) at L = 58,
+    E = 256, P = 288, R = 32 it left 116 such pairs (hierarchical) and 32 (global). A pair stays
+    where no single swap within ``limit`` exists (both copies heavy on the row's busiest GPU).
+    """
+    B, g, S = rows.x.shape
+    if limit is None:
+        limit = rows.load.max(dim=1).values
+    stuck = torch.zeros(B, g, S, dtype=torch.bool)
+    for _ in range(B * g * S):  # each swap removes a duplicate and each failure marks one: a bound
+        dup = (rows.has.gather(2, rows.x) > 1) & ~rows.many.gather(1, rows.x.view(B, -1)).view(B, g, S) & ~stuck
+        idx = dup.view(B, -1).any(dim=1).nonzero().view(-1)
+        if idx.numel() == 0:
+            return
+        first = dup[idx].view(idx.numel(), -1).to(torch.uint8).argmax(dim=1)
+        h, i = first // S, first % S
+        pm = rows.swaps(idx, h, i)  # only the duplicate slot moves, and neither GPU may exceed the limit
+        best = torch.where(pm <= limit[idx].view(-1, 1, 1, 1), pm, torch.inf).view(idx.numel(), -1).min(dim=1)
+        can = torch.isfinite(best.values)
+        stuck[idx[~can], h[~can], i[~can]] = True
+        if bool(can.any()):
+            rows.apply(idx[can], h[can], best.indices[can] + i[can] * (g * S))
+
+
+def _repair(
+    prev: torch.Tensor, share: torch.Tensor, held: torch.Tensor, bound: torch.Tensor, N: int, R: int, rpn: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Swap slots of ``prev`` (int64 [La, P]; ``share`` its float64 [La, P] slot loads, ``held`` its
+    int64 [La, R, E] copies per GPU) until every GPU load is <= ``bound`` (float64 [La]).
+
+    Each step takes the most loaded GPU h of a row over the bound and the swap of one of its slots
+    with a slot of another GPU of the row that lowers h: among the swaps that leave both GPUs within
+    the bound, the one bringing the fewest experts onto GPUs that did not hold them in ``prev``
+    (an expert no rank of the GPU's node held counts 1.5: ``rpn`` ranks per node), then the most
+    balanced; when none fits, the most balanced. Returns the placement and bool [La], the layers that
+    got within the bound (the others are left half-repaired: the caller replaces them).
+    """
+    La, P = prev.shape
+    E, g = held.shape[2], R // N
+    B, S = La * N, P // R
+    rows = _Rows(prev.view(B, g, S), share.view(B, g, S), E)
+    bound_r = bound.repeat_interleave(N)
+    held_old = held.view(B, g, E) > 0
+    # Physical nodes inside a row: a hierarchical row is one node; a global row spans R / rpn nodes.
+    per_node = g if N > 1 else rpn
+    node_held = held_old.view(B, g // per_node, per_node, E).any(dim=2)
+    node_of = torch.arange(g) // per_node
+    failed = torch.zeros(B, dtype=torch.bool)
+    for _ in range(_REPAIR_STEPS):
+        idx = ((rows.load.max(dim=1).values > bound_r) & ~failed).nonzero().view(-1)
+        Li = idx.numel()
+        if Li == 0:
+            break
+        lh, h = rows.load[idx].max(dim=1)
+        pm = rows.swaps(idx, h)
+        pm = torch.where(pm < lh.view(Li, 1, 1, 1), pm, torch.inf)
+        xh, xc = rows.x[idx, h], rows.x[idx]
+        new_i = ~held_old[idx].gather(2, xh.view(Li, 1, S).expand(Li, g, S)).transpose(1, 2)  # c lacked i
+        far_i = ~node_held[idx][:, node_of].gather(2, xh.view(Li, 1, S).expand(Li, g, S)).transpose(1, 2)
+        new_j = ~held_old[idx, h].gather(1, xc.view(Li, g * S)).view(Li, g, S)  # h lacked j
+        far_j = ~node_held[idx, node_of[h]].gather(1, xc.view(Li, g * S)).view(Li, g, S)
+        cost = (new_i + 0.5 * far_i).unsqueeze(3) + (new_j + 0.5 * far_j).unsqueeze(1)
+        rel = pm / lh.view(Li, 1, 1, 1)  # < 1 for every allowed swap
+        key = torch.where(pm <= bound_r[idx].view(Li, 1, 1, 1), 2 * cost + rel, 100 + rel)
+        best = key.reshape(Li, -1).min(dim=1)
+        can = torch.isfinite(best.values)
+        failed[idx[~can]] = True
+        if bool(can.any()):
+            rows.apply(idx[can], h[can], best.indices[can])
+    failed |= rows.load.max(dim=1).values > bound_r
+    _spread_replicas(rows, bound_r)
+    return rows.x.view(La, P), ~failed.view(La, N).any(dim=1)
+
+
+def _keep_previous(
+    w: torch.Tensor, prev: torch.Tensor, scratch: torch.Tensor, tolerance: float, G: int, N: int, R: int, rpn: int
+) -> torch.Tensor:
+    """phy2log int64 [L, P] close to ``prev`` whose every layer's largest GPU load under ``w`` is at
+    most (1 + tolerance) times that of ``scratch`` (the from-scratch placement, int64 [L, P])."""
+    L, E = w.shape
+    P = prev.shape[1]
+    S = P // R
+    share_s, _ = _slot_shares(w, scratch)
+    bound = (1 + tolerance) * share_s.view(L, R, S).sum(dim=2).max(dim=1).values
+    share, count = _slot_shares(w, prev)
+    held = torch.zeros(L, R, E, dtype=torch.int64).scatter_add_(
+        2, prev.view(L, R, S), torch.ones(L, R, S, dtype=torch.int64)
+    )
+    # A layer of prev is a start only if it already has the shape of a result: every expert placed
+    # and (hierarchical) whole groups per node.
+    usable = (count >= 1).all(dim=1)
+    if N > 1:
+        on = torch.zeros(L, G, N, dtype=torch.bool)
+        on[torch.arange(L).view(L, 1), prev // (E // G), torch.arange(P) // (P // N)] = True
+        usable &= (on.sum(dim=2) == 1).all(dim=1) & (on.sum(dim=1) == G // N).all(dim=1)
+    within = share.view(L, R, S).sum(dim=2).max(dim=1).values <= bound
+    if bool((usable & within).all()):
+        return prev
+    out = prev.clone()
+    failed = ~usable
+    todo = (usable & ~within).nonzero().view(-1)
+    if todo.numel():
+        repaired, ok = _repair(prev[todo], share[todo], held[todo], bound[todo], N, R, rpn)
+        out[todo[ok]] = repaired[ok]
+        failed[todo[~ok]] = True
+    if bool(failed.any()):
+        f = failed.nonzero().view(-1)
+        out[f] = _follow_previous(scratch[f], prev[f], E, N, R)
+    return out
 
 
 def _occurrence(x: torch.Tensor) -> torch.Tensor:
@@ -300,6 +501,7 @@ def rebalance_experts(
     num_gpus: int,
     *,
     previous: torch.Tensor | None = None,
+    tolerance: float = 0.05,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Place E logical experts in P physical slots on R GPUs so that GPU loads are balanced.
 
@@ -316,10 +518,21 @@ def rebalance_experts(
         num_groups: G, E % G == 0.
         num_nodes: N, num_gpus % N == 0.
         num_gpus: R.
-        previous: optional int64 [L, P], the phy2log in service. The result then has the same GPU
-            contents (hence the same balance) as without it, but GPUs and slots are renumbered to
-            keep as many (slot -> expert) entries of ``previous`` as possible, never fewer than
-            without it; when the contents did not change, ``previous`` is returned unchanged.
+        previous: optional int64 [L, P], the phy2log in service. The result then moves as little as
+            the balance allows: a layer of ``previous`` whose largest GPU load under ``weight`` is
+            within (1 + tolerance) of the from-scratch placement's is kept as it is (when every
+            layer is, ``previous`` itself is returned: nothing moves); a layer over it is repaired by
+            swapping slots, each time between its most loaded GPU and another GPU of the same node
+            (hierarchical) or layer (global), choosing among the swaps that get both within bound
+            the one that brings the fewest experts onto GPUs that did not hold them (an expert no
+            rank of the node held counts more), until the layer is within bound. Replica counts stay
+            those of ``previous``; a layer that swaps cannot bring within bound (or that misses an
+            expert, or splits a group over nodes under the hierarchical policy) gets the
+            from-scratch contents, GPUs renumbered to keep as many slots of ``previous`` as possible.
+        tolerance: float >= 0 (default 0.05): with ``previous``, every layer's max GPU load over
+            mean GPU load is at most (1 + tolerance) times the from-scratch placement's; 0 asks for
+            the from-scratch balance or better, larger values trade balance for fewer transfers.
+            Ignored without ``previous``.
 
     Returns:
         phy2log: int64 [L, P], the logical expert in each slot;
@@ -327,6 +540,10 @@ def rebalance_experts(
             (P - E + 1, the most replicas any expert can get, as in DeepSeek's EPLB: the width does
             not depend on the load, so an engine's buffer for it never changes shape);
         logcnt: int64 [L, E], replicas per expert (>= 1).
+
+    Redundant replicas of an expert go to distinct GPUs of its node (hierarchical) or of all
+    (global) where a swap can do it without raising the largest GPU load (with ``previous``: the
+    bound); a pair of heavy copies on the busiest GPU can stay together.
 
     The result is deterministic: ties go to the lowest index everywhere. With integer loads (token
     counts, as :class:`LoadCounter` gives) the only sums over many values (group loads) are exact in
@@ -354,12 +571,110 @@ def rebalance_experts(
         raise PlacementError(f"num_gpus (R = {R}) must be a multiple of num_nodes (N = {N}): nodes hold equal GPUs")
     prev = None if previous is None else _check_previous(previous, L, E, P)
 
+    tol = _check_tolerance(tolerance)
+    rpn = R // N  # GPUs per physical node, whichever policy applies
     if G % N:
         G, N = 1, 1  # groups cannot be split evenly over nodes: global policy
     phy2log = _plan(w, P, G, N, R)
     if prev is not None:
-        phy2log = _follow_previous(phy2log, prev, E, N, R)
+        phy2log = _keep_previous(w, prev, phy2log, tol, G, N, R, rpn)
     return (phy2log, *_logical_tables(phy2log, E, P - E + 1))
+
+
+@dataclass(frozen=True)
+class Movement:
+    """What replacing one placement by another brings onto ranks, per layer (int64 [L] tensors).
+
+    brought_in: (rank, expert) pairs the new placement has and the old did not: each is one expert's
+    weights that the rank must receive (from a peer or the checkpoint). same_node / other_node: that
+    split by whether some rank of the receiving rank's node held the expert in the old placement
+    (None when the node size is not given). local_copies: slots whose expert changes to one the
+    rank already held (a copy inside the rank, no transfer).
+    """
+
+    brought_in: torch.Tensor
+    same_node: torch.Tensor | None
+    other_node: torch.Tensor | None
+    local_copies: torch.Tensor
+
+    @property
+    def total_brought_in(self) -> int:
+        return int(self.brought_in.sum())
+
+    @property
+    def total_same_node(self) -> int | None:
+        return None if self.same_node is None else int(self.same_node.sum())
+
+    @property
+    def total_other_node(self) -> int | None:
+        return None if self.other_node is None else int(self.other_node.sum())
+
+    @property
+    def total_local_copies(self) -> int:
+        return int(self.local_copies.sum())
+
+    def totals(self) -> dict[str, int | None]:
+        """The four totals by field name (JSON-friendly)."""
+        return {
+            "brought_in": self.total_brought_in,
+            "same_node": self.total_same_node,
+            "other_node": self.total_other_node,
+            "local_copies": self.total_local_copies,
+        }
+
+
+def movement(
+    old_phy2log: torch.Tensor, new_phy2log: torch.Tensor, num_ranks: int, ranks_per_node: int | None = None
+) -> Movement:
+    """Per layer, the experts that replacing ``old_phy2log`` by ``new_phy2log`` (int64 [L, P], slot p
+    on rank p // (P / num_ranks)) brings onto ranks, and the local copies; see :class:`Movement`.
+
+    ``ranks_per_node`` (ranks n * k .. n * k + k - 1 form node n) splits what is brought in by
+    whether it can come from inside the node. It compares placements only: which ranks are alive
+    is the transfer planner's business (:mod:`expert_store.plan`).
+
+    Raises:
+        PlacementError: on tensors that are not int64 [L, P] of the same shape with ids >= 0, P not
+            a multiple of num_ranks, or num_ranks not a multiple of ranks_per_node.
+    """
+    for name, t in (("old_phy2log", old_phy2log), ("new_phy2log", new_phy2log)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 2:
+            what = f"{t.dtype} of shape {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise PlacementError(f"{name} must be an int64 torch.Tensor [L, P], got {what}")
+        if t.numel() and int(t.min()) < 0:
+            raise PlacementError(f"{name} holds a negative expert id ({int(t.min())})")
+    if old_phy2log.shape != new_phy2log.shape:
+        raise PlacementError(
+            f"old_phy2log and new_phy2log must have the same shape [L, P], got {list(old_phy2log.shape)} "
+            f"and {list(new_phy2log.shape)}"
+        )
+    R = _count(num_ranks, "num_ranks")
+    L, P = old_phy2log.shape
+    if P % R:
+        raise PlacementError(f"num_ranks (R = {R}) must divide the P = {P} slots of the placements")
+    rpn = None if ranks_per_node is None else _count(ranks_per_node, "ranks_per_node")
+    if rpn is not None and R % rpn:
+        raise PlacementError(f"ranks_per_node ({rpn}) must divide num_ranks (R = {R})")
+    old, new = old_phy2log.detach().cpu(), new_phy2log.detach().cpu()
+    E = int(max(old.max(), new.max())) + 1 if L * P else 1
+    S = P // R
+
+    def held(phy2log: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(L, R, E, dtype=torch.bool).scatter_(2, phy2log.view(L, R, S), True)
+
+    held_old, held_new = held(old), held(new)
+    arrived = held_new & ~held_old  # [L, R, E]
+    brought = arrived.sum(dim=(1, 2))
+    same = other = None
+    if rpn is not None:
+        node_old = held_old.view(L, R // rpn, rpn, E).any(dim=2)  # [L, nodes, E]
+        near = arrived & node_old.repeat_interleave(rpn, dim=1)
+        same = near.sum(dim=(1, 2))
+        other = brought - same
+    rank_of_slot = (torch.arange(P) // S).expand(L, P)
+    had = held_old.view(L, R * E).gather(1, rank_of_slot * E + new)
+    local = ((old != new) & had).sum(dim=1)
+    return Movement(brought, same, other, local)
 
 
 class LoadCounter:

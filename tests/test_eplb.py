@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from expert_store.eplb import LoadCounter, rebalance_experts
+from expert_store.eplb import LoadCounter, movement, rebalance_experts
 from expert_store.errors import PlacementError, StoreError
 
 # (P, G, N, R): hierarchical (G % N == 0) and global (G % N != 0, or G = N = 1) policies,
@@ -213,39 +213,114 @@ def kept(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((a == b).sum())
 
 
-@pytest.mark.parametrize(("P", "G", "N", "R"), CONFIGS)
-@pytest.mark.parametrize("noise", [0.05, 0.5])
-def test_previous_keeps_balance_and_more_slots(P, G, N, R, noise):
-    """previous= only renumbers GPUs/slots: same GPU contents (same balance, same logcnt), never fewer kept slots."""
-    L = 3
-    w_old = zipf_load(L, E_DS, 0.9, seed=P + R)
-    old, _, _ = rebalance_experts(w_old, P, G, N, R)
-    g = torch.Generator().manual_seed(R)
-    w_new = torch.round(w_old * (1 + noise * torch.rand(L, E_DS, generator=g, dtype=torch.float64)))
-    plain = rebalance_experts(w_new, P, G, N, R)
-    moved = rebalance_experts(w_new, P, G, N, R, previous=old)
-    check_outputs(*moved, L=L, E=E_DS, P=P, G=G, N=N, R=R)
-    assert gpu_contents(moved[0], R) == gpu_contents(plain[0], R)
-    assert torch.equal(moved[2], plain[2])
-    # Sum each GPU's slots in a canonical (sorted) order so equal contents give bit-equal loads.
-    loads = [
-        gpu_loads(w_new, x.view(L, R, -1).sort(dim=2).values.view(L, P), R).sort(dim=1).values
-        for x in (moved[0], plain[0])
-    ]
-    assert torch.equal(loads[0], loads[1])
-    assert kept(moved[0], old) >= kept(plain[0], old)
+def pareto_load(L: int, E: int, seed: int) -> torch.Tensor:
+    """float64 [L, E]: Pareto-distributed loads (shape 1.5: a few very hot experts), as the benchmark's."""
+    g = torch.Generator().manual_seed(seed)
+    return 1000.0 * (1 - torch.rand(L, E, generator=g, dtype=torch.float64)) ** (-1 / 1.5)
 
 
-def test_previous_beats_plain_numbering_clearly():
-    """On a perturbed DeepSeek-V3-sized load, following previous keeps far more slots than not (movement is cost)."""
-    L, P, R = 4, 320, 64
-    w_old = zipf_load(L, E_DS, 1.0, seed=4)
-    old, _, _ = rebalance_experts(w_old, P, 1, 1, R)
-    g = torch.Generator().manual_seed(0)
-    w_new = w_old * (1 + 0.1 * torch.rand(L, E_DS, generator=g, dtype=torch.float64))
-    plain = rebalance_experts(w_new, P, 1, 1, R)[0]
-    moved = rebalance_experts(w_new, P, 1, 1, R, previous=old)[0]
-    assert kept(moved, old) >= 2 * kept(plain, old)
+def drifted(w: torch.Tensor, drift: float, seed: int) -> torch.Tensor:
+    """Each load times a factor drawn uniformly from [1 - drift, 1 + drift]."""
+    g = torch.Generator().manual_seed(seed)
+    return w * (1 + drift * (2 * torch.rand(w.shape, generator=g, dtype=torch.float64) - 1))
+
+
+def layer_balance(weight: torch.Tensor, phy2log: torch.Tensor, R: int) -> torch.Tensor:
+    """float64 [L]: max GPU load / mean GPU load per layer."""
+    loads = gpu_loads(weight, phy2log, R)
+    return loads.max(dim=1).values / loads.mean(dim=1)
+
+
+MOVEMENT_CONFIGS = [
+    pytest.param(288, 8, 4, 32, 8, id="ds-v3-hier-P288-R32"),
+    pytest.param(288, 1, 1, 32, 8, id="ds-v3-global-P288-R32"),
+    pytest.param(320, 8, 8, 64, 4, id="ds-v3-hier-P320-R64"),
+    pytest.param(40, 4, 2, 8, 6, id="small-hier"),
+    pytest.param(48, 1, 1, 8, 6, id="small-global"),
+]
+
+
+@pytest.mark.parametrize(("P", "G", "N", "R", "L"), MOVEMENT_CONFIGS)
+@pytest.mark.parametrize("drift", [0.01, 0.05, 0.2])
+def test_previous_moves_at_most_half_at_the_same_balance(P, G, N, R, L, drift):
+    """After a drift, previous= brings in at most half of what a from-scratch placement brings in,
+    every layer's largest GPU load within 1.05x the from-scratch one's, with every invariant."""
+    E = E_DS if P >= 256 else P * 2 // 3 // (G if G > 1 else 1) * (G if G > 1 else 1)
+    w_old = pareto_load(L, E, seed=P + R)
+    old = rebalance_experts(w_old, P, G, N, R)[0]
+    w_new = drifted(w_old, drift, seed=1)
+    scratch = rebalance_experts(w_new, P, G, N, R)[0]
+    kept = rebalance_experts(w_new, P, G, N, R, previous=old)
+    check_outputs(*kept, L=L, E=E, P=P, G=G, N=N, R=R)
+    rpn = R // N
+    assert movement(old, kept[0], R, rpn).total_brought_in <= 0.5 * movement(old, scratch, R, rpn).total_brought_in
+    ratio = layer_balance(w_new, kept[0], R) / layer_balance(w_new, scratch, R)
+    assert float(ratio.max()) <= 1.05 + 1e-12
+
+
+def test_previous_within_tolerance_is_returned_unchanged():
+    """When the old placement is within tolerance under the new load, nothing moves."""
+    w = pareto_load(6, E_DS, seed=2)
+    old = rebalance_experts(w, 288, 8, 4, 32)[0]
+    for drift, tolerance in ((0.0, 0.0), (0.01, 0.05), (0.3, 10.0)):
+        kept = rebalance_experts(drifted(w, drift, seed=3), 288, 8, 4, 32, previous=old, tolerance=tolerance)[0]
+        assert torch.equal(kept, old)
+        assert movement(old, kept, 32, 8).total_brought_in == 0
+
+
+def test_tolerance_zero_never_worse_than_scratch():
+    """tolerance=0: every layer at least as balanced as the from-scratch placement, still moving little."""
+    w_old = pareto_load(6, E_DS, seed=4)
+    old = rebalance_experts(w_old, 288, 1, 1, 32)[0]
+    w_new = drifted(w_old, 0.05, seed=5)
+    scratch = rebalance_experts(w_new, 288, 1, 1, 32)[0]
+    kept = rebalance_experts(w_new, 288, 1, 1, 32, previous=old, tolerance=0)[0]
+    assert bool((layer_balance(w_new, kept, 32) <= layer_balance(w_new, scratch, 32) * (1 + 1e-12)).all())
+    assert movement(old, kept, 32).total_brought_in < movement(old, scratch, 32).total_brought_in
+
+
+def test_movement_counts_by_hand():
+    """brought_in, the same/other node split and local copies on hand-checked placements."""
+    old = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]])
+    new = torch.tensor([[0, 2, 1, 3], [0, 0, 2, 3]])
+    m = movement(old, new, 2, ranks_per_node=2)  # one node of two ranks
+    assert m.brought_in.tolist() == [2, 0] and m.same_node.tolist() == [2, 0] and m.other_node.tolist() == [0, 0]
+    assert m.local_copies.tolist() == [0, 1]  # layer 1: slot 1 becomes expert 0, which rank 0 held
+    m = movement(old, new, 2, ranks_per_node=1)  # each rank its own node
+    assert m.same_node.tolist() == [0, 0] and m.other_node.tolist() == [2, 0]
+    m = movement(old, new, 2)
+    assert m.same_node is None and m.other_node is None and m.total_brought_in == 2
+    assert m.totals() == {"brought_in": 2, "same_node": None, "other_node": None, "local_copies": 1}
+    assert m.brought_in.dtype == m.local_copies.dtype == torch.int64
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            (torch.zeros(1, 4, dtype=torch.int32), torch.zeros(1, 4, dtype=torch.int64), 2),
+            "old_phy2log must be an int64",
+        ),
+        ((torch.zeros(1, 4, dtype=torch.int64), [0, 0, 0, 0], 2), "new_phy2log must be an int64"),
+        ((torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, 6, dtype=torch.int64), 2), "same shape"),
+        ((torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, 4, dtype=torch.int64), 3), r"num_ranks \(R = 3\)"),
+        ((torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, 4, dtype=torch.int64), 0), "num_ranks must be"),
+        ((torch.tensor([[0, -1, 0, 0]]), torch.zeros(1, 4, dtype=torch.int64), 2), "old_phy2log holds a negative"),
+    ],
+)
+def test_movement_bad_arguments(args, message):
+    """Malformed movement() arguments raise PlacementError naming the argument."""
+    with pytest.raises(PlacementError, match=message):
+        movement(*args)
+    with pytest.raises(PlacementError, match="ranks_per_node"):
+        movement(torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, 4, dtype=torch.int64), 4, ranks_per_node=3)
+
+
+@pytest.mark.parametrize("tolerance", [-0.1, float("nan"), float("inf"), "0.05", True, None])
+def test_bad_tolerance_raises(tolerance):
+    """tolerance must be a finite real >= 0; the error names it."""
+    with pytest.raises(PlacementError, match="tolerance"):
+        rebalance_experts(torch.ones(2, 16), 24, 4, 2, 4, tolerance=tolerance)
 
 
 @pytest.mark.parametrize(("P", "G", "N", "R"), CONFIGS)
