@@ -61,6 +61,7 @@ from expert_store.kernels.reference import slab_checksums_reference
 
 from .checkpoint import Checkpoint
 from .checks import MAX_BYTES, check_bytes, check_int, is_int
+from .eplb import movement
 from .errors import ManifestError, PlacementError, StoreError
 from .execute import planned_staging_peak
 from .manifest import _FILE_RE, _TMP_RE, Manifest, ManifestLog, store_difference
@@ -549,7 +550,9 @@ def plan_between(
     was made by a rebalance), else the store's defaults; rounds get the store's budget
     (:func:`~expert_store.plan.round_budget`). ``fresh``: live ranks whose memory was
     empty (joined) for that rebalance. ``balancedness``: both placements under the load
-    recorded in ``b``, else in ``a`` (None when neither has one).
+    recorded in ``b``, else in ``a`` (None when neither has one). ``movement``: the totals of
+    :func:`expert_store.eplb.movement` from ``a``'s placement to ``b``'s (experts brought onto
+    ranks, same/other node by the store's ranks_per_node, local copies), liveness aside.
     """
     log = _open_log(root)
     ma, mb = _read_pair(log, a, b)
@@ -768,6 +771,8 @@ def _plan_report(
             for (s, t), n in sorted(links.items())
         ],
         "rounds": round_rows,
+        # What the placement change brings onto ranks, counted on the placements (liveness aside).
+        "movement": movement(ma.phy2log, new.phy2log, new.num_ranks, ma.ranks_per_node).totals(),
         "balancedness": balance,
     }
 
@@ -799,12 +804,18 @@ def _render_plan(d: dict[str, Any]) -> list[str]:
         if d["rounds"]
         else None,
         ["links (src -> dst)", *_table(["src", "dst", "records", "bytes", ""], links, indent="  ")] if links else None,
+        _movement_text(d["movement"]),
         None
         if bal is None
         else f"balance {_ratio(bal['a']['overall'])} -> {_ratio(bal['b']['overall'])} (max / mean GPU load under "
         f"the load recorded in version {bal['load_version']})",
         None if rec is None else _render_recorded(rec, d["b"]["version"]),
     )
+
+
+def _movement_text(mv: dict[str, Any]) -> str:
+    near = "" if mv["same_node"] is None else f" (same node {mv['same_node']}, other node {mv['other_node']})"
+    return f"movement: {mv['brought_in']} experts brought in{near}, {mv['local_copies']} local copies"
 
 
 def _render_recorded(rec: dict[str, Any], version: int) -> str:

@@ -873,6 +873,24 @@ def test_dry_run_json_accounting_and_balance(capsys, tmp_path, ds):
     assert rc == 0 and d2["balancedness"]["load_version"] == 4 and d2["placement_file"] is None
 
 
+def test_plan_reports_movement(capsys, tmp_path, ds):
+    """plan (both forms) reports what the placement change brings onto ranks, as eplb.movement counts
+    it on the two placements (same/other node split by the store's ranks_per_node), text and JSON."""
+    root, placements = _loaded_root(tmp_path, ds)
+    old, new = placements[2], placements[1]
+    rpn = es.ManifestLog(root).read(4).ranks_per_node
+    want = es.eplb.movement(old.phy2log, new.phy2log, 4, rpn).totals()
+    assert want["brought_in"] > 0
+    f = _write_placement(tmp_path / "new.json", new.phy2log, "json")
+    rc, d = run_json(capsys, "plan", root, f)
+    assert rc == 0 and d["movement"] == want
+    rc, text, _ = run(capsys, "plan", root, f)
+    near = "" if rpn is None else f" (same node {want['same_node']}, other node {want['other_node']})"
+    assert f"movement: {want['brought_in']} experts brought in{near}, {want['local_copies']} local copies" in text
+    rc, d = run_json(capsys, "plan", root, 3, 4)  # same placement: nothing moves
+    assert rc == 0 and d["movement"]["brought_in"] == 0 and d["movement"]["local_copies"] == 0
+
+
 @pytest.mark.parametrize("chunked", [False, True])
 def test_dry_run_equals_the_rebalance(capsys, tmp_path, ds, monkeypatch, chunked):
     """The dry run's totals, rounds and staging peak equal what ExpertStore.rebalance to the same
