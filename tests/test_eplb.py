@@ -562,3 +562,65 @@ def test_load_counter_on_cuda_matches_cpu():
         cpu.step()
         gpu.step()
     assert torch.equal(gpu.load().cpu(), cpu.load())
+
+
+def reference_max_loads(w: torch.Tensor, P: int, G: int, N: int, R: int) -> list[float]:
+    """Per layer, the largest GPU load of the published hierarchical EPLB recipe, in plain Python:
+    groups to nodes by greedy balanced packing (heaviest first to the lightest node with room),
+    each node's extra slots one by one to its expert of highest load per replica, then the node's
+    replicas to its GPUs by the same packing. G % N != 0 runs it with one group and one node."""
+    if G % N:
+        G, N = 1, 1
+    E = w.shape[1]
+
+    def pack(items: list[float], packs: int) -> list[list[int]]:
+        out, load = [[] for _ in range(packs)], [0.0] * packs
+        for i in sorted(range(len(items)), key=lambda i: -items[i]):
+            p = min((q for q in range(packs) if len(out[q]) < len(items) // packs), key=lambda q: load[q])
+            out[p].append(i)
+            load[p] += items[i]
+        return out
+
+    result = []
+    for row in w.tolist():
+        groups = [sum(row[g * E // G : (g + 1) * E // G]) for g in range(G)]
+        worst = 0.0
+        for node_groups in pack(groups, N):
+            experts = [e for g in node_groups for e in range(g * E // G, (g + 1) * E // G)]
+            count = [1] * len(experts)
+            for _ in range(P // N - len(experts)):
+                count[max(range(len(experts)), key=lambda k: row[experts[k]] / count[k])] += 1
+            replicas = [row[e] / c for e, c in zip(experts, count) for _ in range(c)]
+            worst = max(worst, max(sum(replicas[i] for i in gpu) for gpu in pack(replicas, R // N)))
+        result.append(worst)
+    return result
+
+
+@pytest.mark.parametrize(("P", "G", "N", "R"), [(288, 8, 4, 32), (288, 1, 1, 32), (80, 4, 2, 8)])
+def test_balance_no_worse_than_the_published_recipe(P, G, N, R):
+    """From scratch, the largest GPU load per layer is no worse than the published recipe's on the
+    same loads (spreading replicas over GPUs never raises it)."""
+    E = E_DS if P > 100 else 64
+    w = pareto_load(4, E, seed=P + G)
+    ours = gpu_loads(w, rebalance_experts(w, P, G, N, R)[0], R).max(dim=1).values.tolist()
+    for mine, theirs in zip(ours, reference_max_loads(w, P, G, N, R)):
+        assert mine <= theirs * (1 + 1e-9)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="not met yet: single swaps that keep the largest GPU load leave some pairs of copies on one GPU "
+    "(the hierarchical packing at P=288, R=32 on these loads); needs a distinct-GPU packing as good as LPT",
+)
+def test_replicas_spread_over_gpus():
+    """An expert with k <= R replicas sits on k distinct GPUs when swaps allow it at no balance cost:
+    on random loads (moderate skew) no GPU holds two copies of one expert."""
+    w = random_load(6, E_DS, seed=21)
+    for P, G, N, R in ((288, 8, 4, 32), (320, 1, 1, 64)):
+        for kwargs in ({}, {"previous": rebalance_experts(random_load(6, E_DS, seed=22), P, G, N, R)[0]}):
+            phy2log = rebalance_experts(w, P, G, N, R, **kwargs)[0]
+            L = phy2log.shape[0]
+            held = torch.zeros(L, R, E_DS, dtype=torch.int64)
+            held.scatter_add_(2, phy2log.view(L, R, -1), torch.ones(L, R, P // R, dtype=torch.int64))
+            allowed = held.sum(dim=1, keepdim=True) > R // (N if G % N == 0 else 1)
+            assert bool(((held <= 1) | allowed).all()), (P, kwargs.keys())
