@@ -12,6 +12,11 @@ One rank keeps all its experts in a single ``uint8`` allocation::
 so ``storage[region].view(dtype).view(S, *shape)`` is a contiguous, zero-copy
 ``[S, *shape]`` view per (layer, tensor) whose address never changes while the
 store lives: CUDA graphs captured against it stay valid.
+
+Or the engine keeps its own tensors (one ``[S, *shape]`` tensor per layer and
+weight kind, anywhere in memory) and :class:`ResidentSlabs` adopts them. Either
+way the kernels see an int64 [L, T] table of per-(layer, tensor) base addresses;
+one allocation is the case of evenly spaced addresses.
 """
 
 from __future__ import annotations

@@ -5,18 +5,25 @@ holds, C chunks per expert, W = ``spec.word_bytes``.
 
 Byte layouts (:mod:`expert_store.layout`, :mod:`expert_store.spec`)::
 
-    storage: uint8 [L * layer_bytes]   tensor t of (l, s) at l*layer_bytes + region_offsets[t] + s*nbytes_t
-    slab:    uint8 [K * record_bytes]  tensor t of record r at r*record_bytes + record_offsets[t]
+    resident: int64 [L, T] addresses   tensor t of (l, s) at addresses[l, t] + s*nbytes_t
+    slab:     uint8 [K * record_bytes] tensor t of record r at r*record_bytes + record_offsets[t]
+
+The address table (``ResidentSlabs.table``, built once) covers the engine's own tensors and one
+allocation alike (there ``base + l*layer_bytes + region_offsets[t]``). Under Triton's interpreter
+the loaded address becomes a pointer as on the GPU and is read as host memory: CPU tensors only
+(CUDA tensors there take the reference).
 
 Work decomposition: tensors are cut into chunks of ``chunk_bytes``, one row each of an int64 [C, 4]
 device table per layout (region offset, slot stride, record offset, length; in words); a call's
 items are int64 [n, 3] rows (layer, slot, record). Program k of the n * C moves chunk k % C of item
 k // C, so programs do equal work whatever the shapes (a 29 MB DeepSeek-V3 w13 beside 3.5 KB scales
-balances like bf16 experts). Only ``_chunk_addresses`` forms resident addresses: separately
-allocated layers would change only it.
+balances like bf16 experts). Only ``_chunk_addresses`` forms resident addresses: one load of the
+address table per program (8 bytes beside a 128 KiB chunk).
 
-16-byte vectors: both buffers are viewed as W-byte words, one path for every dtype. When every
-tensor size is a multiple of 16 bytes and both buffers are 16-byte aligned (checked per call), so is
+16-byte vectors: both sides are viewed as words of U = W bytes (narrower, down to 1, where a table
+address is: the checksum then gathers each W-byte word from W / U pieces), one path for every
+dtype. When every tensor size is a multiple of 16 bytes and the slab and every table address are
+16-byte aligned (checked per call; the table's once), so is
 every chunk (regions 256-aligned, records 16-aligned, chunks multiples of 16), and ALIGNED's
 ``tl.multiple_of`` hints make each thread move 16-byte vectors (ld/st.global.v4 in the sm_90a PTX;
 without them 4-byte accesses, several times slower). On the H200 (results/bench_kernels_*) pack and

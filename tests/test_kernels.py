@@ -32,7 +32,7 @@ from expert_store.kernels import (
     unpack_records,
 )
 from expert_store.kernels import reference as ref
-from expert_store.layout import SlabLayout
+from expert_store.layout import ResidentSlabs, SlabLayout
 from expert_store.spec import ExpertSpec, TensorSpec
 
 HAS_CUDA = torch.cuda.is_available()
@@ -865,3 +865,69 @@ def test_gpu_prepared_copies_launch_on_another_stream():
         prepared.launch(0, out)
     torch.cuda.synchronize()
     assert torch.equal(out, pack_records(storage, layout, [1, 0, 1], [3, 0, 2]))
+
+
+def carved_slabs(layout: SlabLayout, shift: int, device: str) -> tuple[ResidentSlabs, torch.Tensor]:
+    """ResidentSlabs over per-(layer, tensor) tensors carved from one uint8 buffer, each at
+    ``shift`` mod 16 bytes (rounded down to the tensor's itemsize), layers in reverse order (the
+    table is not evenly spaced), filled with pattern bytes; and a plain storage holding the same bytes."""
+    spec, S = layout.spec, layout.slots
+    buf = torch.zeros(
+        2 * layout.total_bytes + 64 * layout.num_layers * len(spec) + 64, dtype=torch.uint8, device=device
+    )
+    off = -buf.data_ptr() % 16
+    w: dict[str, list] = {t.name: [None] * layout.num_layers for t in spec.tensors}
+    for layer in reversed(range(layout.num_layers)):
+        for t in spec.tensors:
+            start = -(-off // 16) * 16 + shift // t.itemsize * t.itemsize
+            w[t.name][layer] = buf[start : start + S * t.nbytes].view(t.dtype).view(S, *t.shape)
+            off = start + S * t.nbytes + 16
+    slabs = ResidentSlabs(layout, device, weights=w)
+    storage = pattern(layout.total_bytes, 3, device)
+    for layer in range(layout.num_layers):
+        for i, t in enumerate(spec.tensors):
+            start = layout.slot_offset(layer, 0, i)
+            slabs.tensors[layer][i].view(-1).view(torch.uint8).copy_(storage[start : start + S * t.nbytes])
+    return slabs, storage
+
+
+@pytest.mark.parametrize("shift", [0, 4, 2, 1])
+@pytest.mark.parametrize("device", DEVICES)
+def test_table_addressing_over_engine_tensors(shift, device):
+    """Over separately placed tensors (16-byte aligned, 4, 2 or 1 mod 16), pack, unpack, PreparedCopies
+    and checksums give exactly the bytes and sums of the same experts in one allocation."""
+    spec = ExpertSpec([TensorSpec("w", (40, 8), torch.bfloat16), TensorSpec("s", (3,), torch.float32),
+                       TensorSpec("q", (48,), torch.float8_e4m3fn)])  # fmt: skip
+    layout = SlabLayout.build(spec, num_layers=3, slots=4)
+    slabs, storage = carved_slabs(layout, shift, device)
+    assert slabs.alignment == (16 if shift == 0 else shift)
+    layers, slots = random_items(layout, 7, seed=shift)
+    records = list(range(6, -1, -1))
+    want = ref.pack_records_reference(storage, layout, idx(layers), idx(slots), torch.zeros(7 * spec.record_bytes,
+                                      dtype=torch.uint8, device=device), idx(records))  # fmt: skip
+    mask = tensor_mask(want.numel(), spec, records, device)
+    for poison in POISONS:
+        out = torch.full_like(want, poison)
+        pack_records(slabs, layout, layers, slots, out=out, records=records)
+        assert torch.equal(out[mask], want[mask]) and bool((out[~mask] == poison).all())
+    assert torch.equal(resident_checksums(slabs, layout, layers, slots),
+                       ref.resident_checksums_reference(storage, layout, idx(layers), idx(slots)))  # fmt: skip
+    assert torch.equal(ref.resident_checksums_reference(slabs, layout, idx(layers), idx(slots)),
+                       slab_checksums(want, spec, 7)[torch.tensor(records)])  # fmt: skip
+    slab = pattern(7 * spec.record_bytes, 9, device)
+    expect = expected_after_unpack(storage, slab, layout, layers, slots, records)
+    for poison in POISONS:
+        for x in (t for row in slabs.tensors for t in row):
+            x.view(-1).view(torch.uint8).copy_(storage.new_full((x.numel() * x.element_size(),), poison))
+        PreparedCopies(slabs, layout, [("unpack", layers, slots, records)]).launch(0, slab)
+        for la, s in zip(layers, slots):
+            for i in range(len(spec)):
+                got = slabs.tensors[la][i][s].reshape(-1).view(torch.uint8)
+                assert torch.equal(got, slot_bytes(expect, layout, la, s, i))
+    oracle = ResidentSlabs(layout, device, fill=0)
+    ref.unpack_records_reference(slab, slabs, layout, idx(layers), idx(slots), idx(records))
+    ref.unpack_records_reference(slab, oracle, layout, idx(layers), idx(slots), idx(records))
+    unpack_records(slab, slabs, layout, layers, slots, records=records)
+    assert torch.equal(
+        resident_checksums(slabs, layout, layers, slots), resident_checksums(oracle, layout, layers, slots)
+    )
