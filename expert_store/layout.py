@@ -90,6 +90,8 @@ class ResidentSlabs:
         adopt instead of allocating (checked by :func:`check_weights`); they are never copied."""
         self.layout = layout
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # as tensors report it: cuda:N
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self._table: torch.Tensor | None = None
         self._alignment: int | None = None
         if weights is not None:

@@ -321,6 +321,12 @@ def launch_path(triton_version: str, device_type: str, hooks_installed: bool) ->
     return "direct" if direct else "triton"
 
 
+def _hooks_installed() -> bool:
+    """Whether a Triton launch hook (a profiler) is installed: then every launch takes Triton's own path."""
+    rt = triton.knobs.runtime
+    return any(bool(getattr(h, "calls", h)) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
+
+
 def _raw_stream(index: int) -> int:
     """Handle of the current CUDA stream of device ``index`` (what Triton launches on, found as Triton finds it)."""
     return torch._C._cuda_getCurrentRawStream(index)
@@ -362,8 +368,7 @@ def _run(
     aligned = (res is None or res.alignment == 16) and slab_t.data_ptr() % 16 == 0
     args = plan.args[aligned]
     sums = plan.kernel is _checksum_kernel
-    rt = triton.knobs.runtime
-    hooks = any(bool(getattr(h, "calls", h)) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
+    hooks = _hooks_installed()
     direct = launch_path(triton.__version__, slab_t.device.type, hooks) == "direct"
     compiled = plan.compiled.get(aligned) if direct else None
     if compiled is not None:
