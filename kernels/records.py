@@ -46,8 +46,8 @@ import ctypes
 import operator
 import threading
 from array import array
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -418,10 +418,9 @@ class _IndexRing:
         self.guards: list[list[torch.cuda.Event]] = [[] for _ in range(RING_SEGMENTS)]
         self.lock = threading.Lock()
 
-    def stage(self, rows: array) -> int | None:
-        """Queue the copy of ``rows`` for the current stream; their first index in ``self.rows``,
-        or None when they exceed a segment."""
-        nbytes = len(rows) * 8
+    def stage(self, ptr: int, nbytes: int) -> int | None:
+        """Queue the copy of the ``nbytes`` of int64 rows at host address ``ptr`` for the current
+        stream; their first index in ``self.rows``, or None when they exceed a segment."""
         k = -(-nbytes // RING_SLOT_BYTES)
         if k > self.seg_slots:
             return None
@@ -433,7 +432,7 @@ class _IndexRing:
         if main is None:
             main = self.users[self.cur][raw] = torch.cuda.current_stream(self.index)
         off = i * RING_SLOT_BYTES
-        ctypes.memmove(self.host_ptr + off, rows.buffer_info()[0], nbytes)
+        ctypes.memmove(self.host_ptr + off, ptr, nbytes)
         h, d = self.views[i] if k == 1 else (self.host[off : off + nbytes], self.dev[off : off + nbytes])
         torch.cuda.set_stream(self.copy_stream)
         try:
@@ -459,25 +458,34 @@ _RINGS: dict[int, _IndexRing] = {}
 _RINGS_LOCK = threading.Lock()
 
 
-def _launch(plan: _Plan, n: int, device: torch.device, rows: array, *tensors) -> None:
-    """Stage the validated index rows (int64 [n, 3]) on ``device``, then :func:`_run` with ``tensors``
-    (res, slab, out)."""
-    if device.type != "cuda":
-        _run(plan, n, *tensors, torch.frombuffer(rows, dtype=torch.int64), 0)
-        return
+@contextmanager
+def staged_rows(device: torch.device, ptr: int, nbytes: int) -> Iterator[tuple[torch.Tensor, int]]:
+    """The ``nbytes`` of int64 rows at host address ``ptr`` on CUDA ``device``, for one launch made
+    inside the block: yields (int64 tensor on the device, index of the first row). Through the
+    device's index ring (no allocation, the copy on a side stream), or, for more rows than a ring
+    segment holds, through torch's pinned allocator, which guards that copy until it has run."""
     with _device_guard(device):
         ring = _RINGS.get(device.index)
         if ring is None:
             with _RINGS_LOCK:
                 ring = _RINGS.get(device.index) or _RINGS.setdefault(device.index, _IndexRing(device))
         with ring.lock:
-            start = ring.stage(rows)
+            start = ring.stage(ptr, nbytes)
             if start is not None:
-                _run(plan, n, *tensors, ring.rows, start)
+                yield ring.rows, start
                 return
-        # More rows than a ring segment holds: torch's pinned allocator guards this copy.
-        idx = torch.frombuffer(rows, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
-        _run(plan, n, *tensors, idx, 0)
+        host = torch.frombuffer((ctypes.c_char * nbytes).from_address(ptr), dtype=torch.int64)
+        yield host.pin_memory().to(device, non_blocking=True), 0
+
+
+def _launch(plan: _Plan, n: int, device: torch.device, rows: array, *tensors) -> None:
+    """Stage the validated index rows (int64 [n, 3]) on ``device``, then :func:`_run` with ``tensors``
+    (res, slab, out)."""
+    if device.type != "cuda":
+        _run(plan, n, *tensors, torch.frombuffer(rows, dtype=torch.int64), 0)
+        return
+    with staged_rows(device, rows.buffer_info()[0], len(rows) * 8) as (idx, start):
+        _run(plan, n, *tensors, idx, start)
 
 
 # ---- host side: validation ----
