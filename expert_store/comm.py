@@ -63,6 +63,7 @@ class Kind(IntEnum):
     COMPLETION = 4
     BLOB = 5
     SLAB = 6
+    STEP = 7  # a rebalance job's per-step readiness
 
 
 def call_id(*parts: bytes) -> int:

@@ -19,7 +19,7 @@ from enum import IntEnum
 
 import torch
 
-__all__ = ["Agreement", "Completion", "Outcome", "Status", "digest_words", "new_nonce"]
+__all__ = ["Agreement", "Completion", "Outcome", "Status", "StepReady", "StepStatus", "digest_words", "new_nonce"]
 
 
 def digest_words(*parts: bytes) -> tuple[int, int, int, int]:
@@ -51,6 +51,14 @@ class Outcome(IntEnum):
     DONE = 1  # every byte in place (and verified when asked)
     VERIFY_FAILED = 2  # an arrived record did not match its checksum
     MANIFEST_FAILED = 3  # the new manifest could not be written
+
+
+class StepStatus(IntEnum):
+    """What a rank says at one step of a rebalance job (:class:`StepReady`)."""
+
+    READY = 0  # the layers it reports are staged (and verified when asked)
+    VERIFY_FAILED = 1  # a staged record of ``layer`` did not match its checksum
+    FAILED = 2  # staging ``layer`` failed otherwise (a checkpoint read, say)
 
 
 def _words(row: torch.Tensor, n: int, what: str) -> list[int]:
@@ -112,3 +120,35 @@ class Completion:
             return cls(Outcome(w))
         except ValueError:
             raise ValueError(f"a completion carries the unknown outcome {w}") from None
+
+
+@dataclass(frozen=True)
+class StepReady:
+    """A rank's state at one step of a rebalance job.
+
+    ``step``: the step number (0, 1, ...); ``ready``: layers 0..ready-1 are switched or
+    staged on this rank; on a failure, ``layer`` / ``expert`` / ``source`` name what
+    failed (``source``: the sending rank, -1 for the checkpoint, -2 for none)."""
+
+    step: int
+    ready: int
+    status: StepStatus
+    layer: int = -1
+    expert: int = -1
+    source: int = -2
+
+    WORDS = 6
+
+    def encode(self) -> torch.Tensor:
+        return torch.tensor(
+            [self.step, self.ready, int(self.status), self.layer, self.expert, self.source], dtype=torch.int64
+        )
+
+    @classmethod
+    def decode(cls, row: torch.Tensor) -> StepReady:
+        w = _words(row, cls.WORDS, "a step message")
+        try:
+            status = StepStatus(w[2])
+        except ValueError:
+            raise ValueError(f"a step message carries the unknown status {w[2]}") from None
+        return cls(w[0], w[1], status, w[3], w[4], w[5])

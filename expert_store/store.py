@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -49,6 +49,9 @@ from .messages import Agreement, Completion, Outcome, Status, digest_words, new_
 from .placement import Placement
 from .plan import RebalancePlan, plan_chunks
 from .spec import ExpertSpec
+
+if TYPE_CHECKING:
+    from .job import RebalanceJob
 
 __all__ = ["DEFAULT_ROUND_BYTES", "DEFAULT_STAGING_BYTES", "ExpertStore", "RebalanceReport"]
 
@@ -102,6 +105,7 @@ class _Call(NamedTuple):
     verify: bool
     live: list[int]
     load: torch.Tensor | None = None  # float32 [L, E] on the CPU
+    job_layers: int = 0  # start_rebalance's layers_per_step (0: the blocking rebalance)
 
     def inputs(self) -> tuple[int, int, int, int]:
         """What every live rank must have been given alike."""
@@ -111,6 +115,7 @@ class _Call(NamedTuple):
             struct.pack(f"<{len(self.fresh)}q", *self.fresh),
             struct.pack("<qq?", self.staging_bytes, self.round_bytes, self.verify),
             b"" if self.load is None else b"load" + self.load.numpy().astype("<f4", copy=False).tobytes(),
+            struct.pack("<q", self.job_layers),
         )
 
 
@@ -150,6 +155,8 @@ class ExpertStore:
         self._closed = False
         self._broken: str | None = None  # set when bytes may not match the version
         self._manifest: Manifest | None = None
+        self._job = None  # the open RebalanceJob (start_rebalance), if any
+        self._routing: tuple[torch.Tensor, torch.Tensor] | None = None  # routing(), made on first use
         if not isinstance(spec, ExpertSpec):
             raise StoreError(f"spec must be an ExpertSpec, got {type(spec).__name__}")
         if not isinstance(placement, Placement):
@@ -193,6 +200,42 @@ class ExpertStore:
         ``placement``: its placement when the caller holds it already validated."""
         self._placement = manifest.placement() if placement is None else placement
         self._manifest = manifest
+        self._refresh_routing(range(self._placement.num_layers))
+
+    def _refresh_routing(self, layers: Iterable[int]) -> None:
+        """Write the current placement's ``layers`` into the routing tensors, in place."""
+        if self._routing is None:
+            return
+        log2phy, logcnt = self._routing
+        p = self._placement
+        layers = list(layers)
+        if not layers:
+            return
+        src = torch.full((len(layers), p.num_experts, log2phy.shape[2]), -1, dtype=torch.int64)
+        src[:, :, : p.max_replicas] = p.log2phy[layers]
+        index = torch.tensor(layers, dtype=torch.int64, device=log2phy.device)
+        log2phy.index_copy_(0, index, src.to(log2phy.device))
+        logcnt.index_copy_(0, index, p.logcnt[layers].to(logcnt.device))
+
+    def routing(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log2phy, logcnt)`` of the placement the slots hold, on the store's device.
+
+        ``log2phy``: int64 [L, E, X], the physical slots of each (layer, logical expert),
+        increasing, padded with -1, with X = P - E + 1 (the most replicas any placement of E
+        experts in P slots can give one expert, so X never changes); ``logcnt``: int64 [L, E],
+        the replicas of each. The same two tensors (same ``data_ptr()``) for the store's life:
+        a rebalance updates them in place when it commits, a rebalance job (:meth:`start_rebalance`)
+        each time a layer switches, both on the current stream. Allowed while a job is open."""
+        with self._call("routing", during_job=True):
+            if self._routing is None:
+                p = self._placement
+                X = p.num_physical - p.num_experts + 1
+                self._routing = (
+                    torch.full((p.num_layers, p.num_experts, X), -1, dtype=torch.int64, device=self.device),
+                    torch.zeros(p.num_layers, p.num_experts, dtype=torch.int64, device=self.device),
+                )
+                self._refresh_routing(range(p.num_layers))
+            return self._routing
 
     @classmethod
     def create(
@@ -346,9 +389,15 @@ class ExpertStore:
 
     # ---------------------------------------------------------- one call at a time
     @contextmanager
-    def _call(self, what: str, *, usable: bool = True) -> Iterator[None]:
+    def _call(self, what: str, *, usable: bool = True, during_job: bool = False) -> Iterator[None]:
         """Guard of every public call: one thread at a time, never on a closed store, and (unless
-        the call shares the refusal with its peers itself) never on an unusable one."""
+        the call shares the refusal with its peers itself) never on an unusable one; while a
+        rebalance job is open, only the calls marked ``during_job`` (read-only ones, the job's own)."""
+        if self._job is not None and not during_job:
+            raise StoreError(
+                f"rank {self.rank}: {what} called while a rebalance job is open on this store; "
+                "finish it first (job.step() until job.done, or job.wait())"
+            )
         if not self._lock.acquire(blocking=False):
             raise StoreError(
                 f"rank {self.rank}: {what} called while {self._running} is running on this store; "
@@ -420,12 +469,12 @@ class ExpertStore:
     def weights(self, name: str, layer: int) -> torch.Tensor:
         """``[S, *shape]`` zero-copy view of tensor ``name`` in ``layer`` (the engine's own tensor when the
         store was given ``weights``); its address never changes."""
-        with self._call("weights"):
+        with self._call("weights", during_job=True):
             return self.slabs.weights(name, layer)
 
     def local_experts(self) -> torch.Tensor:
         """int64 [L, S]: logical expert in each of this rank's slots (current version)."""
-        with self._call("local_experts"):
+        with self._call("local_experts", during_job=True):
             return self._placement.rank_experts(self.rank)
 
     # ---------------------------------------------------------------- loading
@@ -513,7 +562,7 @@ class ExpertStore:
             slots: (layer, local slot) pairs to check; default all of this rank's slots.
         Returns the number of slots checked. Raises IntegrityError naming layer,
         slot and expert at the first mismatch."""
-        with self._call("verify"):
+        with self._call("verify", during_job=True):
             return self._verify_slots(slots)
 
     def _verify_slots(self, slots) -> int:
@@ -586,6 +635,62 @@ class ExpertStore:
             report = self._run_and_commit(call, run, created=rows[0].clock_ns / 1e9, phases=phases)
             report.seconds = time.perf_counter() - t_start
             return report
+
+    def start_rebalance(
+        self,
+        new_placement: Placement,
+        *,
+        alive: Sequence[bool] | torch.Tensor | None = None,
+        fresh: Iterable[int] = (),
+        staging_bytes: int | None = None,
+        verify: bool = True,
+        layers_per_step: int = 1,
+        load: torch.Tensor | None = None,
+    ) -> RebalanceJob:
+        """Start a rebalance to ``new_placement`` that moves layer by layer between forward passes.
+
+        Collective over the live ranks, like :meth:`rebalance` (same validation, plan, agreement
+        and accounting; ranks given other arguments all raise before anything moves). Returns a
+        :class:`~expert_store.job.RebalanceJob` right after the agreement: each ``job.step()``,
+        called by every live rank between forward passes on the thread that started the job,
+        switches up to ``layers_per_step`` layers, in layer order, on every live rank alike; until
+        the job is done, :attr:`placement` and :meth:`routing` describe what the slots hold (the
+        new placement in switched layers, the old one in the others).
+
+        ``staging_bytes`` (default :data:`DEFAULT_STAGING_BYTES`) bounds the staging this rank
+        holds at once; staging is allocated by whole layers, and a layer whose staging alone does
+        not fit makes every live rank raise a StoreError before anything moves. ``fresh`` ranks
+        are not supported by a job (StoreError on every rank): use :meth:`rebalance` for them.
+
+        While the job is open, only its own ``step()`` / ``wait()`` and the read-only calls
+        (:meth:`weights`, :meth:`local_experts`, :meth:`routing`, :meth:`verify` and the
+        properties) are allowed; any other call raises StoreError."""
+        from .job import RebalanceJob, plan_job
+
+        with self._call("start_rebalance", usable=False):
+            t_start = time.perf_counter()
+            phases: dict[str, float] = {}
+            call, problem = self._validate(new_placement, alive, fresh, staging_bytes, None, verify, load)
+            if problem is None:
+                try:
+                    steps = check_int(layers_per_step, "layers_per_step", low=1)
+                    if call.fresh:
+                        raise StoreError(
+                            f"rank {self.rank}: start_rebalance does not take fresh ranks (got {list(call.fresh)}); "
+                            "use rebalance"
+                        )
+                    call = call._replace(job_layers=steps)
+                except StoreError as e:
+                    problem = e
+            t0 = time.perf_counter()
+            plan = plan_job(self, call) if problem is None else None
+            phases["plan"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            rows, plan = self._agree(call, problem, plan, None)
+            phases["agree"] = time.perf_counter() - t0
+            job = RebalanceJob(self, call, plan, rows, phases=phases, t_start=t_start)
+            self._job = job
+            return job
 
     def _validate(self, new_placement, alive, fresh, staging_bytes, round_bytes, verify, load):
         """(call, None), or (a call good enough to tell the peers, the StoreError to raise after)."""
@@ -761,7 +866,8 @@ class ExpertStore:
             """The new manifest is fully known: write and fsync it while the last round is in flight.
             A failure here travels with the completion messages, so no rank commits."""
             try:
-                prepared.append(self.log.prepare(self._next_manifest(call, run, created, new_version)))
+                manifest = self._next_manifest(call, run.plan, run.rounds.rounds, created, new_version)
+                prepared.append(self.log.prepare(manifest))
             except StoreError as e:
                 manifest_error.append(str(e))
 
@@ -830,18 +936,30 @@ class ExpertStore:
         )
 
     # ------------------------------------------------------------------ manifests
-    def _next_manifest(self, call: _Call, run: RebalanceRun, created: float, version: int) -> Manifest:
-        """The current manifest moved to ``call.new``, with the rebalance's statistics."""
-        plan: RebalancePlan = run.plan
+    def _next_manifest(
+        self,
+        call: _Call,
+        plan: RebalancePlan,
+        rounds: int,
+        created: float,
+        version: int,
+        *,
+        placement: Placement | None = None,
+        reason: str = "rebalance",
+        extra: Mapping[str, int] | None = None,
+    ) -> Manifest:
+        """The current manifest moved to ``placement`` (default ``call.new``), with the statistics
+        of ``plan`` (the layers moved) and ``extra``."""
+        placement = call.new if placement is None else placement
         stats = {
             k: sum(getattr(a, k) for a in plan.accounts.values()) for k in ("bytes_p2p", "bytes_local", "bytes_disk")
         }
         stats.update(moves=len(plan.moves), disk_reads=len(plan.disk_reads), post_copies=len(plan.post_copies),
-                     rounds=run.rounds.rounds, staging_bytes=call.staging_bytes, round_bytes=call.round_bytes,
-                     live_ranks=len(call.live), fresh_ranks=len(call.fresh))  # fmt: skip
+                     rounds=rounds, staging_bytes=call.staging_bytes, round_bytes=call.round_bytes,
+                     live_ranks=len(call.live), fresh_ranks=len(call.fresh), **(extra or {}))  # fmt: skip
         return dataclasses.replace(
-            self._manifest, version=version, parent=self.version, created=created, reason="rebalance",
-            phy2log=call.new.phy2log, alive=torch.tensor(call.alive, dtype=torch.bool),
+            self._manifest, version=version, parent=self.version, created=created, reason=reason,
+            phy2log=placement.phy2log, alive=torch.tensor(call.alive, dtype=torch.bool),
             checkpoint=self.checkpoint.to_dict(), stats=dict(sorted(stats.items())), load=call.load,
         )  # fmt: skip
 

@@ -1,0 +1,245 @@
+"""Non-blocking rebalance (``ExpertStore.start_rebalance``): layer by layer between forward passes.
+
+At every step each rank runs a simulated forward: every slot of every layer must hold exactly the
+checkpoint bytes of the expert the live placement names (old placement in layers not yet switched,
+new one after), and ``routing()`` keeps its addresses and matches the live placement.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import ckpt_factory as cf
+import pytest
+import torch
+from dist_util import run_ranks
+from store_util import assert_slots_exact, expected_accounting, random_placement
+
+import expert_store as es
+from expert_store.comm import Comm
+
+COMM_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    return cf.write_qwen(tmp_path_factory.mktemp("qwen"), H=32, I=16, num_layers=4, num_experts=6)
+
+
+def _padded(p: es.Placement) -> torch.Tensor:
+    X = p.num_physical - p.num_experts + 1
+    out = torch.full((p.num_layers, p.num_experts, X), -1, dtype=torch.int64)
+    out[:, :, : p.max_replicas] = p.log2phy
+    return out
+
+
+def _forward(store, info, old, new, switched, ptrs, what):
+    """The simulated forward pass: placement per layer, routing tables, every slot's bytes."""
+    want = torch.cat([new.phy2log[:switched], old.phy2log[switched:]])
+    assert torch.equal(store.placement.phy2log, want), f"{what}: placement after {switched} switched layers"
+    log2phy, logcnt = store.routing()
+    assert (log2phy.data_ptr(), logcnt.data_ptr()) == ptrs, f"{what}: routing tensors moved"
+    assert torch.equal(log2phy.cpu(), _padded(store.placement)), f"{what}: log2phy"
+    assert torch.equal(logcnt.cpu(), store.placement.logcnt), f"{what}: logcnt"
+    assert_slots_exact(store, info, what=what)
+
+
+def _run_job(store, info, new, *, layers_per_step=1, **kw):
+    old = store.placement
+    log2phy, logcnt = store.routing()
+    ptrs = (log2phy.data_ptr(), logcnt.data_ptr())
+    version = store.version
+    job = store.start_rebalance(new, layers_per_step=layers_per_step, **kw)
+    steps = 0
+    while not job.done:
+        _forward(store, info, old, new, job.switched_layers, ptrs, f"before step {steps}")
+        switched = job.step()
+        assert len(switched) <= layers_per_step
+        steps += 1
+        assert steps <= store.layout.num_layers + 1
+    _forward(store, info, old, new, store.layout.num_layers, ptrs, "done")
+    assert job.step() == [] and job.report.version == version + 1 == store.version
+    assert store.placement == new
+    return job.report
+
+
+# ----------------------------------------------------------------------------- one process
+
+
+def test_single_process_job_local_moves(tmp_path, qwen):
+    """World 1: local moves and post copies only, one and two layers per step; the committed
+    version reopens exact; while the job is open, other calls are refused."""
+    L, E = qwen.num_layers, qwen.num_experts
+    gen = torch.Generator().manual_seed(7)
+    p0 = random_placement(gen, L=L, E=E, R=1, S=9)
+    store = es.ExpertStore.create(tmp_path / "store", spec=qwen.spec, placement=p0, checkpoint=qwen.checkpoint())
+    p1 = random_placement(gen, L=L, E=E, R=1, S=9)
+    rep = _run_job(store, qwen, p1)
+    want = expected_accounting(p0, p1, rank=0, expert_bytes=qwen.spec.nbytes, old_alive=[True], alive=[True], fresh=())
+    assert (rep.bytes_p2p, rep.bytes_local, rep.bytes_disk, rep.missing) == want
+    assert rep.rounds == L
+    p2 = random_placement(gen, L=L, E=E, R=1, S=9)
+    job = store.start_rebalance(p2, layers_per_step=2)
+    with pytest.raises(es.StoreError, match="rebalance job is open"):
+        store.rebalance(p2)
+    with pytest.raises(es.StoreError, match="rebalance job is open"):
+        store.start_rebalance(p2)
+    assert store.verify() == L * 9  # read-only calls are allowed
+    assert job.step() == [0, 1]
+    rep = job.wait()
+    assert rep.version == 3 and store.placement == p2
+    assert_slots_exact(store, qwen, what="after wait")
+    m = es.ManifestLog(tmp_path / "store").read_current()
+    assert m.reason == "rebalance" and m.stats["layers_switched"] == L
+    again = es.ExpertStore.open(tmp_path / "store", checkpoint=qwen.checkpoint())
+    assert again.version == 3 and again.placement == p2
+    assert_slots_exact(again, qwen, what="reopened")
+
+
+def test_job_layer_larger_than_staging_is_refused(tmp_path, qwen):
+    """A layer whose staging alone exceeds staging_bytes: StoreError naming the layer, nothing moves."""
+    L, E = qwen.num_layers, qwen.num_experts
+    p0 = es.Placement.contiguous(num_layers=L, num_experts=E, num_ranks=1, slots_per_rank=E)
+    store = es.ExpertStore.create(tmp_path / "store", spec=qwen.spec, placement=p0, checkpoint=qwen.checkpoint())
+    p1 = es.Placement(torch.roll(p0.phy2log, 1, dims=1), num_ranks=1, num_experts=E)
+    with pytest.raises(es.StoreError, match="layer 0 needs"):
+        store.start_rebalance(p1, staging_bytes=2 * qwen.spec.record_bytes)
+    assert store.version == 1 and store.placement == p0
+    with pytest.raises(es.StoreError, match="fresh"):
+        store.start_rebalance(p1, fresh=(0,))
+    with pytest.raises(es.StoreError, match="layers_per_step"):
+        store.start_rebalance(p1, layers_per_step=0)
+    rep = _run_job(store, qwen, p1, staging_bytes=E * qwen.spec.record_bytes)  # exactly one layer at a time
+    assert rep.staging_peak <= E * qwen.spec.record_bytes
+
+
+# ----------------------------------------------------------------------------- gloo
+
+
+def job_scenario(rank, world, info, root_base, seed):
+    L, E = info.num_layers, info.num_experts
+    S = {2: 5, 3: 4}[world]
+    root = root_base / f"rank{rank}"
+    gen = torch.Generator().manual_seed(seed)
+    kw = dict(rank=rank, world_size=world, timeout_s=COMM_TIMEOUT_S)
+    p0 = random_placement(gen, L=L, E=E, R=world, S=S)
+    store = es.ExpertStore.create(root, spec=info.spec, placement=p0, checkpoint=info.checkpoint(), **kw)
+    alive = [True] * world
+    p1 = random_placement(gen, L=L, E=E, R=world, S=S)
+    rep = _run_job(store, info, p1)
+    want = expected_accounting(p0, p1, rank=rank, expert_bytes=info.spec.nbytes, old_alive=alive, alive=alive, fresh=())
+    assert (rep.bytes_p2p, rep.bytes_local, rep.bytes_disk, rep.missing) == want
+    # two layers a step, staging for about one layer: the job stages what fits
+    p2 = random_placement(gen, L=L, E=E, R=world, S=S)
+    _run_job(store, info, p2, layers_per_step=2, staging_bytes=2 * S * info.spec.record_bytes)
+    # a blocking rebalance afterwards still works, and updates routing() in place
+    p3 = random_placement(gen, L=L, E=E, R=world, S=S)
+    ptr = store.routing()[0].data_ptr()
+    store.rebalance(p3)
+    assert store.routing()[0].data_ptr() == ptr and torch.equal(store.routing()[0], _padded(p3))
+    # disagreement on the job's arguments: every rank raises before anything moves
+    before = store.slabs.storage.clone()
+    with pytest.raises(es.AgreementError):
+        store.start_rebalance(p1, layers_per_step=1 + (rank == 0))
+    mine = random_placement(torch.Generator().manual_seed(99 + (rank == 0)), L=L, E=E, R=world, S=S)
+    with pytest.raises(es.AgreementError):
+        store.start_rebalance(mine)
+    assert torch.equal(before, store.slabs.storage) and store.version == 4
+    again = es.ExpertStore.open(root, checkpoint=info.checkpoint(), **kw)
+    assert again.version == 4 and again.placement == p3
+    assert_slots_exact(again, info, what="reopened")
+    return rep.bytes_p2p
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world", [2, 3])
+def test_job_gloo(tmp_path, qwen, world):
+    """Layer-by-layer jobs on gloo: exact slots and routing at every step, exact accounting, the
+    committed version reopens exact; disagreeing ranks all raise before anything moves."""
+    got = run_ranks(job_scenario, world, qwen, tmp_path / "store", 11 + world, timeout_s=200)
+    assert any(b > 0 for b in got)
+
+
+def corrupt_scenario(rank, world, info, root):
+    """Rank 1 corrupts the records it sends for layer 1: layer 0 switches, then every rank raises
+    IntegrityError naming layer 1; layer 0 is committed as a partial version."""
+    L, E = info.num_layers, info.num_experts
+    p0 = es.Placement.contiguous(num_layers=L, num_experts=E, num_ranks=world, slots_per_rank=E // world)
+    store = es.ExpertStore.create(root / f"rank{rank}", spec=info.spec, placement=p0, checkpoint=info.checkpoint(),
+                                  rank=rank, world_size=world, timeout_s=COMM_TIMEOUT_S)  # fmt: skip
+    p1 = es.Placement(torch.roll(p0.phy2log, E // world, dims=1), num_ranks=world, num_experts=E)
+    if rank == 1:
+        real = Comm.start_exchange
+
+        def corrupting(self, sends, recvs, *, seq):
+            if seq == 1:
+                sends = {p: t.clone() for p, t in sends.items()}
+                for t in sends.values():
+                    t[:16].bitwise_xor_(0xFF)
+            return real(self, sends, recvs, seq=seq)
+
+        Comm.start_exchange = corrupting
+    job = store.start_rebalance(p1)
+    assert job.step() == [0]
+    with pytest.raises(es.IntegrityError, match="layer 1 expert") as failed:
+        job.step()
+    message = str(failed.value)
+    assert "rank 1" in message, message
+    assert job.failed is not None and store.version == 2 and store._job is None
+    with pytest.raises(es.StoreError, match="ended"):
+        job.step()
+    m = es.ManifestLog(root / f"rank{rank}").read_current()
+    assert m.reason == "rebalance-partial" and m.stats["layers_switched"] == 1
+    want = torch.cat([p1.phy2log[:1], p0.phy2log[1:]])
+    assert torch.equal(store.placement.phy2log, want)
+    assert_slots_exact(store, info, what="after the corrupt record")
+    store.verify()
+    again = es.ExpertStore.open(root / f"rank{rank}", checkpoint=info.checkpoint(), rank=rank, world_size=world)
+    assert torch.equal(again.placement.phy2log, want)
+    assert_slots_exact(again, info, what="reopened partial")
+    return message
+
+
+@pytest.mark.timeout(180)
+def test_job_verify_catches_corrupt_record(tmp_path, qwen):
+    """A record corrupted in flight is caught in staging, before it touches a live slot."""
+    messages = run_ranks(corrupt_scenario, 2, qwen, tmp_path, timeout_s=150)
+    assert "this rank staged layer 1" in messages[0] and "from rank 1" in messages[0], messages
+
+
+def killed_scenario(rank, world, info, root):
+    """Rank 2 dies (os._exit) at the job's second step; survivors raise PeerTimeoutError."""
+    L, E = info.num_layers, info.num_experts
+    p0 = es.Placement.contiguous(num_layers=L, num_experts=E, num_ranks=world, slots_per_rank=E // world)
+    store = es.ExpertStore.create(root, spec=info.spec, placement=p0, checkpoint=info.checkpoint(), rank=rank,
+                                  world_size=world, timeout_s=8.0)  # fmt: skip
+    p1 = es.Placement(torch.roll(p0.phy2log, E // world, dims=1), num_ranks=world, num_experts=E)
+    job = store.start_rebalance(p1)
+    assert job.step() == [0]
+    if rank == 2:
+        os._exit(17)
+    t0 = time.monotonic()
+    with pytest.raises(es.PeerTimeoutError) as failed:
+        job.step()
+    waited = time.monotonic() - t0
+    assert "rank 2" in str(failed.value), str(failed.value)
+    assert store.version == 2 and store._job is None
+    want = torch.cat([p1.phy2log[:1], p0.phy2log[1:]])
+    assert torch.equal(store.placement.phy2log, want)
+    assert_slots_exact(store, info, what="survivor after the failure")
+    assert store.weights("w2", 0) is not None  # usable
+    m = es.ManifestLog(root).read_current()
+    assert m.reason == "rebalance-partial"
+    again = es.ExpertStore.open(root, checkpoint=info.checkpoint(), rank=rank, world_size=world)
+    assert torch.equal(again.placement.phy2log, want)
+    assert_slots_exact(again, info, what="reopened partial")
+    return waited
+
+
+@pytest.mark.timeout(180)
+def test_job_peer_killed(tmp_path, qwen):
+    """A peer killed mid-job: survivors raise PeerTimeoutError within about timeout_s, the switched
+    layer is committed as a partial version (one shared root: identical commits) that opens exact."""
+    waited = run_ranks(killed_scenario, 3, qwen, tmp_path / "store", timeout_s=150, may_die=(2,))
+    assert waited[2] is None and all(w < 2 * 8.0 + 5 for w in waited[:2]), waited
