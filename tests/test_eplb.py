@@ -609,8 +609,9 @@ def test_balance_no_worse_than_the_published_recipe(P, G, N, R):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="not met yet: single swaps that keep the largest GPU load leave some pairs of copies on one GPU "
-    "(the hierarchical packing at P=288, R=32 on these loads); needs a distinct-GPU packing as good as LPT",
+    reason="not met yet: swaps that keep the layer's largest GPU load leave some pairs of copies on one GPU "
+    "(2 here; 30 hierarchical and 17 global of 58 Pareto layers at P=288, R=32), on the busiest GPUs of "
+    "evenly packed rows; needs a distinct-GPU packing as good as LPT",
 )
 def test_replicas_spread_over_gpus():
     """An expert with k <= R replicas sits on k distinct GPUs when swaps allow it at no balance cost:
