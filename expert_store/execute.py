@@ -46,6 +46,7 @@ __all__ = [
     "RebalanceRun",
     "RoundRunner",
     "copy_slots",
+    "exchange_views",
     "planned_staging_peak",
     "run_disk_reads",
 ]
@@ -217,15 +218,7 @@ class RoundRunner:
 
     def _issue(self, k: int) -> list:
         io, rb = self.ios[k], self.rb
-        buf = self.bufs[k % len(self.bufs)]
-        sends, recvs = {}, {}
-        pos = len(io.local)
-        for q, v in io.out.items():
-            sends[q] = buf[pos * rb : (pos + len(v)) * rb]
-            pos += len(v)
-        for q, v in io.inc.items():
-            recvs[q] = buf[pos * rb : (pos + len(v)) * rb]
-            pos += len(v)
+        sends, recvs = exchange_views(self.bufs[k % len(self.bufs)], len(io.local), io.out, io.inc, rb)
         return self.comm.start_exchange(sends, recvs, seq=self.seqs[k])
 
     def _unpack(self, k: int) -> None:
@@ -376,6 +369,20 @@ class ChunkedRun:
         self.comm.sync_device(self.slabs.device, what="rebalance rounds")
         stats.rounds = self.rounds
         return self.plan
+
+
+def exchange_views(
+    buf: torch.Tensor, first: int, out: dict[int, list], inc: dict[int, list], record_bytes: int
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """({peer: records sent}, {peer: records received}) as views of ``buf`` laid out as
+    ``[first records | sent to q (ascending q) | received from q (ascending q)]``; ``out`` /
+    ``inc``: peer -> its moves, in ascending peer order."""
+    sends, recvs, pos, rb = {}, {}, first, record_bytes
+    for table, views in ((out, sends), (inc, recvs)):
+        for q, v in table.items():
+            views[q] = buf[pos * rb : (pos + len(v)) * rb]
+            pos += len(v)
+    return sends, recvs
 
 
 def allocate_staging(nbytes: int, device: torch.device, rank: int) -> torch.Tensor:

@@ -43,7 +43,7 @@ from expert_store.kernels import pack_records, slab_checksums, unpack_records
 
 from .comm import Kind, call_id
 from .errors import AgreementError, IntegrityError, ManifestError, StoreError
-from .execute import allocate_staging, copy_slots
+from .execute import allocate_staging, copy_slots, exchange_views
 from .messages import Completion, Outcome, StepReady, StepStatus
 from .placement import Placement
 from .plan import Move, RebalancePlan, merge_plans, plan_rebalance
@@ -295,13 +295,7 @@ class RebalanceJob:
         if packed:
             pack_records(slabs, store.layout, [layer] * len(packed), [m.src_slot for m in packed], out=buf)
         # 2. the layer's exchange with its peers
-        sends, recvs, pos = {}, {}, len(part.local)
-        for q, v in part.out.items():
-            sends[q] = buf[pos * rb : (pos + len(v)) * rb]
-            pos += len(v)
-        for q, v in part.inc.items():
-            recvs[q] = buf[pos * rb : (pos + len(v)) * rb]
-            pos += len(v)
+        sends, recvs = exchange_views(buf, len(part.local), part.out, part.inc, rb)
         ex = store._comm.start_exchange(sends, recvs, seq=layer)
         # 3. checkpoint reads while the records travel
         failure = None

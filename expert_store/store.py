@@ -12,12 +12,16 @@ Lifecycle:
 * :meth:`ExpertStore.join` gives a restarted rank an empty store at the
   current version, to be filled by ``rebalance(..., fresh=(rank,))``;
 * :meth:`ExpertStore.rebalance` is collective over the live ranks and reads as
-  its five steps: validate, plan, agree, run, commit (version + 1).
+  its five steps: validate, plan, agree, run, commit (version + 1);
+* :meth:`ExpertStore.start_rebalance` validates, plans and agrees alike, then
+  returns a :class:`~expert_store.job.RebalanceJob` that switches layers between
+  forward passes (``job.step()``) and commits once the last one switched.
 
 The committed manifest is the store's one record of its version, placement,
 live ranks and checksums. A store never claims a version whose bytes are not in
 place: if a call fails after bytes started to move, the store refuses every
-further use until it is reopened, and the manifest is not advanced. A store is
+further use until it is reopened, and the manifest is not advanced (a rebalance
+job that fails commits the layers it switched instead: their bytes are in place). A store is
 used by one thread at a time: a call made while another runs raises at once.
 """
 

@@ -243,3 +243,33 @@ def test_job_peer_killed(tmp_path, qwen):
     layer is committed as a partial version (one shared root: identical commits) that opens exact."""
     waited = run_ranks(killed_scenario, 3, qwen, tmp_path / "store", timeout_s=150, may_die=(2,))
     assert waited[2] is None and all(w < 2 * 8.0 + 5 for w in waited[:2]), waited
+
+
+def lost_rank_scenario(rank, world, info, root):
+    """Rank 2 is gone before the job: survivors read its unique experts from the checkpoint into
+    staging (verified there) and switch layer by layer."""
+    L, E = info.num_layers, info.num_experts
+    p0 = es.Placement(torch.tensor([[0, 1, 2, 3, 0, 1, 4, 5, 2]] * L), num_ranks=world, num_experts=E)
+    store = es.ExpertStore.create(root / f"rank{rank}", spec=info.spec, placement=p0, checkpoint=info.checkpoint(),
+                                  rank=rank, world_size=world, timeout_s=COMM_TIMEOUT_S)  # fmt: skip
+    if rank == 2:
+        return None
+    alive = [True, True, False]
+    # experts 4 and 5 (rank 2's only) go to the survivors, whose experts change places
+    p1 = es.Placement(torch.tensor([[4, 2, 1, 0, 3, 5, 0, 0, 0]] * L), num_ranks=world, num_experts=E)
+    rep = _run_job(store, info, p1, alive=alive)
+    want = expected_accounting(p0, p1, rank=rank, expert_bytes=info.spec.nbytes, old_alive=[True] * 3, alive=alive,
+                               fresh=())  # fmt: skip
+    assert (rep.bytes_p2p, rep.bytes_local, rep.bytes_disk, rep.missing) == want
+    assert rep.bytes_disk > 0
+    again = es.ExpertStore.open(root / f"rank{rank}", checkpoint=info.checkpoint(), rank=rank, world_size=world)
+    assert again.placement == p1 and not bool(again.alive[2])
+    assert_slots_exact(again, info, what="reopened")
+    return rep.bytes_disk
+
+
+@pytest.mark.timeout(180)
+def test_job_with_a_lost_rank_reads_the_checkpoint(tmp_path, qwen):
+    """Experts only the lost rank held come from the checkpoint, through verified staging."""
+    got = run_ranks(lost_rank_scenario, 3, qwen, tmp_path, timeout_s=150)
+    assert got[2] is None and got[0] > 0 and got[1] > 0
