@@ -20,6 +20,7 @@ import expert_store as es
 from expert_store.comm import Comm
 
 COMM_TIMEOUT_S = 60.0
+CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +68,19 @@ def _run_job(store, info, new, *, layers_per_step=1, **kw):
 # ----------------------------------------------------------------------------- one process
 
 
-def test_single_process_job_local_moves(tmp_path, qwen):
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")])],
+)
+def test_single_process_job_local_moves(tmp_path, qwen, device):
     """World 1: local moves and post copies only, one and two layers per step; the committed
     version reopens exact; while the job is open, other calls are refused."""
     L, E = qwen.num_layers, qwen.num_experts
     gen = torch.Generator().manual_seed(7)
     p0 = random_placement(gen, L=L, E=E, R=1, S=9)
-    store = es.ExpertStore.create(tmp_path / "store", spec=qwen.spec, placement=p0, checkpoint=qwen.checkpoint())
+    store = es.ExpertStore.create(
+        tmp_path / "store", spec=qwen.spec, placement=p0, checkpoint=qwen.checkpoint(), device=device
+    )
     p1 = random_placement(gen, L=L, E=E, R=1, S=9)
     rep = _run_job(store, qwen, p1)
     want = expected_accounting(p0, p1, rank=0, expert_bytes=qwen.spec.nbytes, old_alive=[True], alive=[True], fresh=())
@@ -92,7 +99,7 @@ def test_single_process_job_local_moves(tmp_path, qwen):
     assert_slots_exact(store, qwen, what="after wait")
     m = es.ManifestLog(tmp_path / "store").read_current()
     assert m.reason == "rebalance" and m.stats["layers_switched"] == L
-    again = es.ExpertStore.open(tmp_path / "store", checkpoint=qwen.checkpoint())
+    again = es.ExpertStore.open(tmp_path / "store", checkpoint=qwen.checkpoint(), device=device)
     assert again.version == 3 and again.placement == p2
     assert_slots_exact(again, qwen, what="reopened")
 
@@ -117,12 +124,12 @@ def test_job_layer_larger_than_staging_is_refused(tmp_path, qwen):
 # ----------------------------------------------------------------------------- gloo
 
 
-def job_scenario(rank, world, info, root_base, seed):
+def job_scenario(rank, world, info, root_base, seed, device="cpu"):
     L, E = info.num_layers, info.num_experts
     S = {2: 5, 3: 4}[world]
     root = root_base / f"rank{rank}"
     gen = torch.Generator().manual_seed(seed)
-    kw = dict(rank=rank, world_size=world, timeout_s=COMM_TIMEOUT_S)
+    kw = dict(rank=rank, world_size=world, timeout_s=COMM_TIMEOUT_S, device=device)
     p0 = random_placement(gen, L=L, E=E, R=world, S=S)
     store = es.ExpertStore.create(root, spec=info.spec, placement=p0, checkpoint=info.checkpoint(), **kw)
     alive = [True] * world
@@ -137,7 +144,7 @@ def job_scenario(rank, world, info, root_base, seed):
     p3 = random_placement(gen, L=L, E=E, R=world, S=S)
     ptr = store.routing()[0].data_ptr()
     store.rebalance(p3)
-    assert store.routing()[0].data_ptr() == ptr and torch.equal(store.routing()[0], _padded(p3))
+    assert store.routing()[0].data_ptr() == ptr and torch.equal(store.routing()[0].cpu(), _padded(p3))
     # disagreement on the job's arguments: every rank raises before anything moves
     before = store.slabs.storage.clone()
     with pytest.raises(es.AgreementError):
@@ -158,6 +165,16 @@ def test_job_gloo(tmp_path, qwen, world):
     """Layer-by-layer jobs on gloo: exact slots and routing at every step, exact accounting, the
     committed version reopens exact; disagreeing ranks all raise before anything moves."""
     got = run_ranks(job_scenario, world, qwen, tmp_path / "store", 11 + world, timeout_s=200)
+    assert any(b > 0 for b in got)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_job_gloo_on_one_gpu(tmp_path, qwen):
+    """The same jobs with 3 ranks whose slabs live on one GPU (Triton kernels on CUDA, gloo
+    bouncing records through the host, checkpoint reads into device staging)."""
+    got = run_ranks(job_scenario, 3, qwen, tmp_path / "store", 5, "cuda:0", timeout_s=280)
     assert any(b > 0 for b in got)
 
 
@@ -245,13 +262,13 @@ def test_job_peer_killed(tmp_path, qwen):
     assert waited[2] is None and all(w < 2 * 8.0 + 5 for w in waited[:2]), waited
 
 
-def lost_rank_scenario(rank, world, info, root):
+def lost_rank_scenario(rank, world, info, root, device="cpu"):
     """Rank 2 is gone before the job: survivors read its unique experts from the checkpoint into
     staging (verified there) and switch layer by layer."""
     L, E = info.num_layers, info.num_experts
     p0 = es.Placement(torch.tensor([[0, 1, 2, 3, 0, 1, 4, 5, 2]] * L), num_ranks=world, num_experts=E)
     store = es.ExpertStore.create(root / f"rank{rank}", spec=info.spec, placement=p0, checkpoint=info.checkpoint(),
-                                  rank=rank, world_size=world, timeout_s=COMM_TIMEOUT_S)  # fmt: skip
+                                  rank=rank, world_size=world, timeout_s=COMM_TIMEOUT_S, device=device)  # fmt: skip
     if rank == 2:
         return None
     alive = [True, True, False]
@@ -262,7 +279,8 @@ def lost_rank_scenario(rank, world, info, root):
                                fresh=())  # fmt: skip
     assert (rep.bytes_p2p, rep.bytes_local, rep.bytes_disk, rep.missing) == want
     assert rep.bytes_disk > 0
-    again = es.ExpertStore.open(root / f"rank{rank}", checkpoint=info.checkpoint(), rank=rank, world_size=world)
+    again = es.ExpertStore.open(root / f"rank{rank}", checkpoint=info.checkpoint(), rank=rank, world_size=world,
+                                device=device)  # fmt: skip
     assert again.placement == p1 and not bool(again.alive[2])
     assert_slots_exact(again, info, what="reopened")
     return rep.bytes_disk
@@ -272,4 +290,13 @@ def lost_rank_scenario(rank, world, info, root):
 def test_job_with_a_lost_rank_reads_the_checkpoint(tmp_path, qwen):
     """Experts only the lost rank held come from the checkpoint, through verified staging."""
     got = run_ranks(lost_rank_scenario, 3, qwen, tmp_path, timeout_s=150)
+    assert got[2] is None and got[0] > 0 and got[1] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(200)
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_job_with_a_lost_rank_on_one_gpu(tmp_path, qwen):
+    """Checkpoint reads into device staging, verified by the CUDA checksum kernel."""
+    got = run_ranks(lost_rank_scenario, 3, qwen, tmp_path, "cuda:0", timeout_s=180)
     assert got[2] is None and got[0] > 0 and got[1] > 0
