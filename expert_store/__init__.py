@@ -18,6 +18,7 @@ from .errors import (
     SpecError,
     StoreError,
 )
+from .job import RebalanceJob
 from .manifest import Manifest, ManifestLog
 from .placement import Placement
 from .spec import ExpertSpec, TensorSpec
@@ -38,6 +39,7 @@ __all__ = [
     "PeerTimeoutError",
     "Placement",
     "PlacementError",
+    "RebalanceJob",
     "RebalanceReport",
     "SpecError",
     "StoreError",
