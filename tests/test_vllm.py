@@ -98,7 +98,8 @@ def rearrange_cases(rank, world, seed):
         P = world * S
         E = min(E, P)
         old, new = random_indices(rng, L, E, P)
-        for staging in (None, 48, 200):
+        # Tiny budgets split rows into many rounds: every size on 2 ranks, one on more (CI time).
+        for staging in (None, 48, 200) if world == 2 else (None, 200):
             weights = make_weights(old, rank, S)
             rearrange_expert_weights_inplace(old, new, weights, None, staging_bytes=staging, timeout_s=TIMEOUT_S)
             check(weights, expected_bytes(old, new, rank, S), f"case {case} staging {staging} rank {rank}")
