@@ -91,18 +91,22 @@ def rearrange_cases(rank, world, seed):
     from expert_store.integrations.vllm import rearrange_expert_weights_inplace
 
     rng = random.Random(seed)
-    shapes = [(2, 2, 1), (3, 5, 2), (2, 200, 55), (4, 17, 5)]  # (L, E, S): up to 200 experts, 220 slots
-    if world == 8:  # the same kinds of case within 220 slots: 8 ranks of 27 slots at most
-        shapes = [(2, 2, 1), (3, 5, 2), (2, 200, 27), (2, 17, 3)]
+    # (L, E, S): up to 200 experts and 220 slots on 2 ranks; on 4 and 8 ranks the large and the
+    # odd case only (CI time), within 220 slots
+    shapes = {2: [(2, 2, 1), (3, 5, 2), (2, 200, 55), (4, 17, 5)], 4: [(3, 5, 2), (2, 200, 55)]}.get(
+        world, [(2, 200, 27)]
+    )
     for case, (L, E, S) in enumerate(shapes):
         P = world * S
         E = min(E, P)
         old, new = random_indices(rng, L, E, P)
         # Tiny budgets split rows into many rounds: every size on 2 ranks, one on more (CI time).
-        for staging in (None, 48, 200) if world == 2 else (None, 200):
+        for staging in {2: (None, 48, 200), 4: (None, 200)}.get(world, (200,)):
             weights = make_weights(old, rank, S)
             rearrange_expert_weights_inplace(old, new, weights, None, staging_bytes=staging, timeout_s=TIMEOUT_S)
             check(weights, expected_bytes(old, new, rank, S), f"case {case} staging {staging} rank {rank}")
+    if world > 4:
+        return "ok"  # 8 processes on the CI machine's 2 cores: the large case alone
     # unchanged indices move nothing; swapped halves of one layer (cycles across ranks)
     L, S = 2, 3
     P = world * S
@@ -111,8 +115,9 @@ def rearrange_cases(rank, world, seed):
     rearrange_expert_weights_inplace(old, old.clone(), weights, None, timeout_s=TIMEOUT_S)
     check(weights, expected_bytes(old, old, rank, S), "unchanged")
     new = torch.roll(old, S, dims=1)
-    rearrange_expert_weights_inplace(old, new, weights, None, staging_bytes=16, timeout_s=TIMEOUT_S)
-    check(weights, expected_bytes(old, new, rank, S), "rolled, 16-byte rounds")
+    tiny = 16 if world == 2 else 200  # 16-byte rounds: hundreds of rounds, each one message per peer
+    rearrange_expert_weights_inplace(old, new, weights, None, staging_bytes=tiny, timeout_s=TIMEOUT_S)
+    check(weights, expected_bytes(old, new, rank, S), f"rolled, {tiny}-byte rounds")
     return "ok"
 
 
