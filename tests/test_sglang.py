@@ -44,8 +44,9 @@ def sglang_cases(rank, world, seed):
             continue  # inactive ranks do not call
         layer = case
         weights = make_weights(torch.tensor([old] * (layer + 1)), rank, S)[layer:]
+        per_node = (1, 2, world)[case % 3]  # world, world / 2 and 1 nodes (4, 2, 1 on 4 ranks)
         got = update_expert_weights_single_layer(
-            weights[0], None, old, torch.tensor(new), S, 2, rank, world, active_ranks=form,
+            weights[0], None, old, torch.tensor(new), S, per_node, rank, world, active_ranks=form,
             staging_bytes=staging, timeout_s=TIMEOUT_S,
         )  # fmt: skip
         missing = _expected_missing(old, new, rank, S, live)

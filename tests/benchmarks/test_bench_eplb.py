@@ -91,7 +91,7 @@ def _name(shape) -> str:
 def test_gate_eplb_previous_speed(benchmark, drift_case):
     """rebalance_experts(previous=) at L=58, E=256, P=288, 32 GPUs within 50 ms. Margin: on the
     2-core CI machine it takes about 8 ms (hierarchical) and 17 ms (global) when quiet, 3x or more
-    under the target; the median of 7 rounds (3 in the quick form) absorbs one slow round."""
+    under the target; the median of 7 rounds (the best of 5 in the quick form) absorbs slow rounds."""
     shape, w_new, old, _, _ = drift_case
     s = measure(benchmark, lambda: rebalance_experts(w_new, *shape, previous=old), rounds=7)
     plain = median_seconds(lambda: rebalance_experts(w_new, *shape), rounds=3)
