@@ -66,12 +66,12 @@ def test_store_over_engine_tensors(tmp_path, ds, carve):
     """create fills the engine's tensors with the checkpoint bytes; rebalances move bytes inside them
     (never the tensors); open reloads into fresh ones; close leaves them to the engine."""
     gen = torch.Generator().manual_seed(3)
-    S = 11
+    S = 9
     w = engine_weights(ds.spec, S, carve=carve)
     ptrs = _ptrs(w)
     store = _create(tmp_path / "s", ds, random_placement(gen, L=L, E=E, R=1, S=S), weights=w)
     assert_slots_exact(store, ds, what="create")
-    for step in range(3):
+    for step in range(2):
         store.rebalance(random_placement(gen, L=L, E=E, R=1, S=S), staging_bytes=4 * ds.spec.record_bytes)
         assert_slots_exact(store, ds, what=f"rebalance {step}")
         for (n, layer), p in ptrs.items():

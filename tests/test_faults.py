@@ -344,7 +344,7 @@ def _resources(info) -> tuple[int, int, int, int]:
 
 @pytest.mark.timeout(240)
 def test_open_close_and_rebalance_cycles_leak_nothing(tmp_path_factory, tmp_path):
-    """100 open/close cycles and 200 rebalances leave open descriptors, checkpoint maps and threads
+    """40 open/close cycles and 80 rebalances leave open descriptors, checkpoint maps and threads
     flat, and resident memory within 64 MiB: the documented recovery (reopen) can be repeated."""
     info = cf.write_qwen(tmp_path_factory.mktemp("tiny"), H=16, I=8, num_layers=1, num_experts=2)
     p0 = es.Placement(torch.tensor([[0, 1, 1]]), num_ranks=1, num_experts=2)
@@ -355,14 +355,14 @@ def test_open_close_and_rebalance_cycles_leak_nothing(tmp_path_factory, tmp_path
         warm.rebalance(p1)
         warm.rebalance(p0)
     base = _resources(info)
-    for _ in range(100):
+    for _ in range(40):  # a leak of one descriptor, map or thread a cycle shows at once
         with es.ExpertStore.open(root, checkpoint=info.checkpoint()):
             pass
     with es.ExpertStore.open(root) as s:
         s.keep_versions = 2
-        for i in range(200):
+        for i in range(80):
             s.rebalance(p1 if i % 2 == 0 else p0, verify=False)  # resources are the point
-        assert s.version == 203
+        assert s.version == 83
     fds, maps, threads, rss = _resources(info)
     assert (fds, maps, threads) == base[:3] and rss - base[3] < 64, (base, (fds, maps, threads, rss))
     with pytest.raises(es.StoreError, match="closed"):
