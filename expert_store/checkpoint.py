@@ -90,6 +90,11 @@ class _ReadSettings:
 
 
 _SETTINGS = _ReadSettings()
+# Diagnostics only (tools/diagnose_reads_gpu.py): None, or an object with ``plan(nbuf=, buf_bytes=,
+# warm=, cold=, readers=)`` (once per call), ``copies_begin(streams) -> mark`` (before a staged read's
+# copies are queued) and ``read(job, buffer, t_start, t_buffer, t_read, t_queued, mark)`` after each
+# read (perf_counter times; buffer -1: no staging). Unused, it costs one lookup per call.
+_TRACE: Any = None
 # Templates may zero-pad ({expert:03d}); fill, alignment, signs, other bases and nested fields
 # would build names no checkpoint uses, or none at all.
 _FORMAT_SPEC = re.compile(r"0?[0-9]{0,3}d?")
@@ -552,18 +557,28 @@ class Checkpoint:
             for b in range(nbuf):
                 free.put((b, []))
 
+            trace = _TRACE
+            if trace is not None:
+                trace.plan(nbuf=nbuf, buf_bytes=buf_bytes, warm=warm, cold=cold, readers=(n_warm, n_cold))
+
             def transfer(job: _Job) -> None:
                 f = files[job.path]
+                t0 = time.perf_counter() if trace is not None else 0.0
                 if not job.staged:
                     f.read(job.offset, [memoryview(cpu_np[d][o : o + n]) for d, o, n in job.pieces])
+                    if trace is not None:
+                        trace.read(job, -1, t0, t0, time.perf_counter(), time.perf_counter(), None)
                     return
                 b, events = free.get()
                 try:
                     for ev in events:
                         ev.synchronize()  # this buffer's previous copies are done
                     events = []
+                    t1 = time.perf_counter() if trace is not None else 0.0
                     lo = b * buf_bytes
                     f.read(job.offset, [memoryview(staging_np[lo : lo + job.nbytes])])
+                    if trace is not None:
+                        t2, mark = time.perf_counter(), trace.copies_begin(list(side.values()))
                     used = {}
                     for d, o, n in job.pieces:
                         st = side[dests[d].device]
@@ -574,6 +589,8 @@ class Checkpoint:
                     for st in used:
                         events.append(ops.event())
                         events[-1].record(st)
+                    if trace is not None:
+                        trace.read(job, b, t0, t1, t2, time.perf_counter(), mark)
                 finally:
                     free.put((b, events))
 
