@@ -87,6 +87,13 @@ class _ReadSettings:
     # Buffers per preadv: the kernel takes at most IOV_MAX (1024), and a run of adjacent tiny
     # tensors (every expert's scales side by side) can exceed it.
     max_pieces: int = 512
+    # How much Python a staged read runs while holding the GIL, which every reader needs between
+    # its preadv and its copies: False (issue 13): a reader enters the side stream once (with one
+    # destination device), each staging buffer has its events made once per call and re-recorded,
+    # warm reads are taken off a counter without a lock. True: the stream entered, and an event
+    # made, for every copy, warm reads taken under the lock the prefetcher waits on (as before;
+    # kept to measure against, tools/diagnose_reads_gpu.py).
+    per_copy_setup: bool = False
 
 
 _SETTINGS = _ReadSettings()
@@ -551,6 +558,11 @@ class Checkpoint:
             for d in {dests[p[3]].device for p in dev_parts}:
                 side[d] = ops.stream(d)
                 side[d].wait_stream(ops.current_stream(d))  # destinations may still be in use
+            side_of = [side.get(d.device) for d in dests]
+            # One destination device: each reader enters its side stream once (streams are per
+            # thread), and its copies are queued there without a context per copy.
+            one_stream = next(iter(side.values())) if len(side) == 1 and not s.per_copy_setup else None
+            buf_events = [{st: ops.event() for st in side.values()} for _ in range(nbuf)]
             # Free staging buffers: (index, events of the copies last queued out of it), FIFO:
             # the buffer taken is the one released longest ago, whose copies are likeliest done.
             free: queue.Queue[tuple[int, list]] = queue.Queue()
@@ -579,15 +591,21 @@ class Checkpoint:
                     f.read(job.offset, [memoryview(staging_np[lo : lo + job.nbytes])])
                     if trace is not None:
                         t2, mark = time.perf_counter(), trace.copies_begin(list(side.values()))
-                    used = {}
-                    for d, o, n in job.pieces:
-                        st = side[dests[d].device]
-                        used[st] = None
-                        with ops.use_stream(st):
+                    if one_stream is not None:  # the reader is in it
+                        for d, o, n in job.pieces:
                             dests[d][o : o + n].copy_(staging_t[lo : lo + n], non_blocking=True)
-                        lo += n
+                            lo += n
+                        used = (one_stream,)
+                    else:
+                        used = {}
+                        for d, o, n in job.pieces:
+                            st = side_of[d]
+                            used[st] = None
+                            with ops.use_stream(st):
+                                dests[d][o : o + n].copy_(staging_t[lo : lo + n], non_blocking=True)
+                            lo += n
                     for st in used:
-                        events.append(ops.event())
+                        events.append(ops.event() if s.per_copy_setup else buf_events[b][st])
                         events[-1].record(st)
                     if trace is not None:
                         trace.read(job, b, t0, t1, t2, time.perf_counter(), mark)
@@ -600,16 +618,30 @@ class Checkpoint:
             taken = [0, 0]  # warm, cold
             cum = [0, *itertools.accumulate(j.nbytes for j in cold)]  # bytes of cold reads 0 .. j-1
 
+            warm_next = itertools.count().__next__  # atomic: a C call under the GIL
+
             def reader(k: int) -> None:
                 """Take the warm (k=0) or cold (1) reads in file order until none is left or one fails."""
+                if one_stream is None:
+                    take(k)
+                else:
+                    with ops.use_stream(one_stream):
+                        take(k)
+
+            def take(k: int) -> None:
                 todo = (warm, cold)[k]
                 while not failed.is_set():
-                    with progress:
-                        j = taken[k]
+                    if k == 0 and not s.per_copy_setup:
+                        j = warm_next()  # only the cold reads are watched by the prefetcher
                         if j >= len(todo):
                             return
-                        taken[k] = j + 1
-                        progress.notify_all()
+                    else:
+                        with progress:
+                            j = taken[k]
+                            if j >= len(todo):
+                                return
+                            taken[k] = j + 1
+                            progress.notify_all()
                     try:
                         transfer(todo[j])
                     except BaseException as e:

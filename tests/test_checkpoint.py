@@ -230,6 +230,21 @@ def test_reads_cut_into_chunks(deepseek, monkeypatch, path_kind, chunk_bytes, th
     assert stats.warm_reads + stats.cold_reads >= len(targets) * info.spec.nbytes // chunk_bytes
 
 
+@pytest.mark.parametrize("per_copy_setup", [False, True])
+def test_staged_copies_queued_either_way(deepseek, monkeypatch, per_copy_setup):
+    """Both ways of queueing a staged read's copies (the stream entered once per reader and the
+    buffers' events reused, or a stream context and an event per copy) land the same bytes,
+    with staging buffers reused many times by several readers."""
+    monkeypatch.setattr(ckmod, "_DEVICE_OPS", _FakeDeviceOps())
+    _settings(monkeypatch, chunk_bytes=3 * 4096 + 8, threads=3, per_copy_setup=per_copy_setup)
+    info = deepseek
+    targets = _every_expert(info)
+    with info.checkpoint() as ckpt:
+        stats = ckpt.read_into(info.spec, targets)
+    _check_targets(info, targets)
+    assert stats.nbytes == len(targets) * info.spec.nbytes
+
+
 def test_staging_stays_within_staging_bytes(qwen_mid, monkeypatch):
     """Through the staging pipeline, the pinned staging of one call never exceeds staging_bytes
     (one page at least) however small it is, and the bytes still land exactly."""

@@ -70,8 +70,12 @@ MiB, GiB = 1 << 20, 1 << 30
 # are dropped (so this runs against the settings of either version).
 BASELINE = {"threads": 8, "chunk_bytes": 16 * MiB, "buffers_per_thread": 2, "staging_bytes": 256 * MiB}
 NAMED: dict[str, dict] = {
-    "baseline (8 thr, 16 MiB, 2/thr)": BASELINE,
+    "before issue 13 (8 thr, 16 MiB x 2/thr)": BASELINE | {"per_copy_setup": True},
+    "lean copies, same settings": BASELINE | {"per_copy_setup": False},
 }
+BEFORE = next(iter(NAMED))
+# The Python run per staged read: as before issue 13 (True) and leaner (False); both in the sweep.
+PATHS = (True, False)
 
 
 # -- device, or a CPU stand-in (--smoke) ---------------------------------------------
@@ -461,7 +465,7 @@ def _union_ms(intervals: list[tuple[float, float]]) -> float:
     return busy
 
 
-def traced_read(ckpt, spec, targets, dev: Dev) -> dict:
+def traced_read(ckpt, spec, targets, dev: Dev, staging: int | None = None) -> dict:
     """One read_into with the trace on; what the threads and the copy engine did."""
     tr = Trace(dev)
     ref = dev.event(timing=True)
@@ -470,7 +474,7 @@ def traced_read(ckpt, spec, targets, dev: Dev) -> dict:
     t_call = time.perf_counter()
     ckmod._TRACE = tr
     try:
-        stats = ckpt.read_into(spec, targets)
+        stats = ckpt.read_into(spec, targets, staging_bytes=staging)
     finally:
         ckmod._TRACE = None
     dev.sync()
@@ -539,6 +543,29 @@ def traced_read(ckpt, spec, targets, dev: Dev) -> dict:
     return out
 
 
+def print_trace(what: str, tr: dict) -> None:
+    sp, dma = tr.get("thread_time_split", {}), tr.get("dma", {})
+    print(
+        f"  {what}, traced {tr['traced_gbps']:.1f} GB/s: staging {tr.get('nbuf')} x "
+        f"{tr.get('buf_bytes', 0) / MiB:.0f} MiB, {tr.get('reads_per_buffer', 0):.1f} reads per buffer, "
+        f"{tr.get('pieces_per_read', 0):.2f} copies per read, {len(tr.get('threads', []))} threads; "
+        f"setup {tr.get('setup_ms', 0):.1f} ms, drain after last queued {tr.get('after_last_queued_ms', 0):.1f} ms "
+        f"of {tr['wall_ms']:.1f}"
+    )
+    print(
+        "    reader time: "
+        + ", ".join(f"{k.replace('_ms', '')} {v:.0%}" for k, v in sp.items())
+        + f"; copy rate per thread {tr.get('per_thread_copy_gbps', 0):.2f} GB/s "
+        f"(min/max {', '.join(f'{x:.2f}' for x in tr.get('thread_copy_gbps_min_max', []))})"
+    )
+    if dma:
+        print(
+            f"    copy engine: first copy at {dma['first_copy_ms']:.1f} ms, busy {dma['busy_ms']:.1f} ms, "
+            f"idle {dma['idle_in_window_ms']:.1f} ms between copies, idle {dma['idle_fraction_of_wall']:.0%} "
+            f"of the call; {dma['rate_while_busy_gbps']:.1f} GB/s while busy"
+        )
+
+
 # -- 6. the settings sweep ---------------------------------------------------------------
 
 
@@ -569,26 +596,29 @@ def es_rate(ckpt, spec, targets, dev: Dev, repeats: int, over: dict | None) -> t
 
 def sweep_grid(smoke: bool) -> list[dict]:
     grid = []
-    for threads in (4, 8, 12, 16) if not smoke else (2, 4):
+    for threads in (6, 8, 12, 16) if not smoke else (2, 4):
         for chunk in (2, 4, 8, 16, 32) if not smoke else (1, 2):
             for bpt in (1, 2, 4):
                 staging = threads * bpt * chunk * MiB
                 if staging > GiB:
                     continue
-                grid.append(
-                    {
-                        "threads": threads,
-                        "chunk_bytes": chunk * MiB,
-                        "buffers_per_thread": bpt,
-                        "staging_bytes": staging,
-                    }
-                )
+                for per_copy in PATHS:
+                    grid.append(
+                        {
+                            "threads": threads,
+                            "chunk_bytes": chunk * MiB,
+                            "buffers_per_thread": bpt,
+                            "staging_bytes": staging,
+                            "per_copy_setup": per_copy,
+                        }
+                    )
     return grid
 
 
 def label(over: dict) -> str:
-    extra = [f"{k}={v}" for k, v in over.items() if k not in BASELINE]
-    return f"{over['threads']} thr, {over['chunk_bytes'] // MiB} MiB x {over['buffers_per_thread']}/thr" + (
+    extra = [f"{k}={v}" for k, v in over.items() if k not in BASELINE and k != "per_copy_setup"]
+    path = {True: ", per-copy setup", False: ", lean copies"}.get(over.get("per_copy_setup"), "")
+    return f"{over['threads']} thr, {over['chunk_bytes'] // MiB} MiB x {over['buffers_per_thread']}/thr{path}" + (
         f" ({', '.join(extra)})" if extra else ""
     )
 
@@ -720,34 +750,28 @@ def main(argv: list[str] | None = None) -> int:
             for name, targets in sets.items():
                 nbytes = len(targets) * info.spec.nbytes
                 rate, st = es_rate(ckpt, info.spec, targets, dev, args.repeats, None)
-                base, _ = es_rate(ckpt, info.spec, targets, dev, args.repeats, BASELINE)
+                base, _ = es_rate(ckpt, info.spec, targets, dev, args.repeats, NAMED[BEFORE])
+                saved = ckmod._SETTINGS
+                ckmod._SETTINGS = settings_variant(NAMED[BEFORE])[0]
+                try:
+                    tr_before = traced_read(ckpt, info.spec, targets, dev, NAMED[BEFORE].get("staging_bytes"))
+                finally:
+                    ckmod._SETTINGS = saved
                 tr = traced_read(ckpt, info.spec, targets, dev)
-                doc["read_into"][name] = {"bytes": nbytes, "gbps": rate, "baseline_gbps": base, **st, "trace": tr}
-                sp = tr.get("thread_time_split", {})
-                dma = tr.get("dma", {})
+                doc["read_into"][name] = {
+                    "bytes": nbytes,
+                    "gbps": rate,
+                    "before_gbps": base,
+                    **st,
+                    "trace": tr,
+                    "trace_before": tr_before,
+                }
                 print(
                     f"read_into {name} ({nbytes / 1e9:.2f} GB): {rate:.1f} GB/s (library settings), "
-                    f"{base:.1f} (baseline settings); traced {tr['traced_gbps']:.1f}"
+                    f"{base:.1f} (as before issue 13)"
                 )
-                print(
-                    f"  staging {tr.get('nbuf')} x {tr.get('buf_bytes', 0) / MiB:.0f} MiB, "
-                    f"{tr.get('reads_per_buffer', 0):.1f} reads per buffer, {tr.get('pieces_per_read', 0):.2f} "
-                    f"copies per read, {len(tr.get('threads', []))} threads; setup {tr.get('setup_ms', 0):.1f} ms, "
-                    f"drain after last queued {tr.get('after_last_queued_ms', 0):.1f} ms of {tr['wall_ms']:.1f}"
-                )
-                print(
-                    "  reader time: "
-                    + ", ".join(f"{k.replace('_ms', '')} {v:.0%}" for k, v in sp.items())
-                    + f"; copy rate per thread {tr.get('per_thread_copy_gbps', 0):.2f} GB/s "
-                    f"(min/max {', '.join(f'{x:.2f}' for x in tr.get('thread_copy_gbps_min_max', []))})"
-                )
-                if dma:
-                    print(
-                        f"  copy engine: first copy at {dma['first_copy_ms']:.1f} ms, busy {dma['busy_ms']:.1f} ms, "
-                        f"idle {dma['idle_in_window_ms']:.1f} ms between copies, "
-                        f"idle {dma['idle_fraction_of_wall']:.0%} of the call; "
-                        f"{dma['rate_while_busy_gbps']:.1f} GB/s while busy"
-                    )
+                print_trace("as before issue 13", tr_before)
+                print_trace("library now", tr)
 
             # 6. sweep
             if not args.skip_sweep:
@@ -765,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"settings sweep, {k16} experts ({nb16 / 1e9:.2f} GB), {time.perf_counter() - t_sw:.0f} s; best 8:"
                 )
                 for r in sweep[:8]:
-                    print(f"  {r['label']:40s} {r['gbps']:6.1f} GB/s")
+                    print(f"  {r['label']:60s} {r['gbps']:6.1f} GB/s")
                 by_threads = {}
                 for r in sweep:
                     by_threads.setdefault(r["threads"], r)
@@ -775,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 targets_all = sets[f"all {n_exp}"]
                 nb_all = len(targets_all) * info.spec.nbytes
-                again = {r["label"]: {k: r[k] for k in BASELINE} for r in sweep[:5]}
+                again = {r["label"]: {k: v for k, v in r.items() if k not in ("label", "gbps")} for r in sweep[:6]}
                 again |= {name: over for name, over in NAMED.items()}
                 doc["sweep_all"] = []
                 print(f"again on all {n_exp} experts ({nb_all / 1e9:.2f} GB):")
@@ -783,7 +807,10 @@ def main(argv: list[str] | None = None) -> int:
                     rate, _ = es_rate(ckpt, info.spec, targets_all, dev, args.repeats, over)
                     doc["sweep_all"].append({**over, "label": name, "gbps": rate})
                     dev.free_host_cache()
-                    print(f"  {name:40s} {rate:6.1f} GB/s")
+                    print(f"  {name:60s} {rate:6.1f} GB/s")
+                best = max(doc["sweep_all"], key=lambda r: r["gbps"])
+                doc["best_all"] = best
+                print(f"best on all {n_exp}: {best['label']} {best['gbps']:.1f} GB/s")
         h2d = doc.get("h2d", {}).get("pinned_h2d_1copy")
         if h2d:
             print(f"target (75% of pinned H2D {h2d:.1f}): {0.75 * h2d:.1f} GB/s")
