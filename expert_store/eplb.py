@@ -21,6 +21,7 @@ import operator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import PlacementError
@@ -32,8 +33,14 @@ __all__ = ["LoadCounter", "Movement", "movement", "rebalance_experts"]
 # it settled within 4 rounds, so the cap only bounds the worst case.
 _SWAP_ROUNDS_PER_ITEM = 4
 
-# Swap steps of the movement-aware repair before a layer falls back to the from-scratch contents.
+# Swap steps of the movement-aware repair before a layer falls back to the from-scratch contents, and
+# of the descent that brings a distinct-GPU packing down to the plain packing's largest GPU load.
 _REPAIR_STEPS = 64
+
+# Re-packings of a row that still has two copies of an expert on one GPU after the distinct-GPU packing,
+# each with that expert's replicas capped at the GPUs it spans (its spare replicas go to other experts).
+# On Pareto loads at L = 58, E = 256, P = 288, R = 32 a third one removed no further pair.
+_CAP_ROUNDS = 2
 
 
 def _count(value: Any, what: str) -> int:
@@ -104,10 +111,21 @@ def _check_tolerance(tolerance: Any) -> float:
     return t
 
 
-def _pack_equal(load: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pack_equal(
+    load: torch.Tensor,
+    num_packs: int,
+    key: torch.Tensor | None = None,
+    num_keys: int = 0,
+    keyed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy balanced packing of the n items of each row of ``load`` (float64 [B, n], n a multiple
     of num_packs) into ``num_packs`` packs of n / num_packs items: heaviest first, each to the
     lightest pack with room (longest-processing-time first with a cardinality limit).
+
+    With ``key`` (int64 [B, n] in [0, num_keys): the expert of each replica), each item goes to the
+    lightest pack with room among those holding the fewest items of its key: replicas of one expert
+    land on distinct packs while there are packs with room that lack it. ``keyed`` (bool [B]) limits
+    that to some rows (the others are packed as without ``key``: one loop packs both ways).
 
     Returns int64 [B, n] twice: the pack of each item, and its place in the pack.
     """
@@ -118,31 +136,56 @@ def _pack_equal(load: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch
     if per_pack == 1:
         # One item per pack: every bijection has the same pack loads.
         return torch.arange(n).expand(B, n).clone(), torch.zeros(B, n, dtype=torch.int64)
-    order = load.argsort(dim=1, descending=True, stable=True)
-    sorted_load = load.gather(1, order)
-    rows = torch.arange(B)
-    pack_load = torch.zeros(B, num_packs, dtype=torch.float64)
-    pack_fill = torch.zeros(B, num_packs, dtype=torch.int64)
-    pack_sorted = torch.empty(B, n, dtype=torch.int64)
-    pos_sorted = torch.empty(B, n, dtype=torch.int64)
-    inf = torch.tensor(float("inf"), dtype=torch.float64)
+    # numpy: the loop runs n small steps, where a torch call costs several times a numpy one.
+    w = load.numpy()
+    order = np.argsort(-w, axis=1, kind="stable")  # heaviest first, ties in index order
+    sorted_load = np.take_along_axis(w, order, axis=1)
+    base = np.arange(B) * num_packs
+    pack_load = np.zeros(B * num_packs)  # flat [B, num_packs]
+    free = np.zeros((B, num_packs))  # pack load, inf once full
+    free_flat = free.reshape(-1)
+    fill = np.zeros(B * num_packs, dtype=np.int64)
+    pack_sorted = np.empty((B, n), dtype=np.int64)
+    pos_sorted = np.empty((B, n), dtype=np.int64)
+    if key is not None:
+        sorted_key = np.take_along_axis(key.numpy(), order, axis=1)
+        copies = np.zeros((B, num_keys, num_packs))
+        # A copy of the key outweighs any load difference: lexicographic (copies, load) in one sum.
+        heavy = 2 * w.sum(axis=1) + 1
+        if keyed is not None:
+            heavy = np.where(keyed.numpy(), heavy, 0.0)
+        rows = np.arange(B)
     for k in range(n):
         # argmin returns the first minimum: ties go to the lowest pack, deterministically.
-        p = torch.where(pack_fill < per_pack, pack_load, inf).argmin(dim=1)
+        if key is None:
+            p = free.argmin(axis=1)
+        else:
+            e = sorted_key[:, k]
+            p = (copies[rows, e] * heavy[:, None] + free).argmin(axis=1)
+            copies[rows, e, p] += 1
+        flat = base + p
+        f = fill[flat]
         pack_sorted[:, k] = p
-        pos_sorted[:, k] = pack_fill[rows, p]
-        pack_load[rows, p] += sorted_load[:, k]
-        pack_fill[rows, p] += 1
-    pack = torch.empty_like(pack_sorted).scatter_(1, order, pack_sorted)
-    pos = torch.empty_like(pos_sorted).scatter_(1, order, pos_sorted)
-    return pack, pos
+        pos_sorted[:, k] = f
+        fill[flat] = f + 1
+        acc = pack_load[flat] + sorted_load[:, k]
+        pack_load[flat] = acc
+        free_flat[flat] = np.where(f + 1 < per_pack, acc, np.inf)
+    pack = np.empty_like(pack_sorted)
+    pos = np.empty_like(pos_sorted)
+    np.put_along_axis(pack, order, pack_sorted, axis=1)
+    np.put_along_axis(pos, order, pos_sorted, axis=1)
+    return torch.from_numpy(pack), torch.from_numpy(pos)
 
 
-def _replicate(load: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _replicate(
+    load: torch.Tensor, num_slots: int, cap: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Give the n experts of each row of ``load`` (float64 [B, n]) ``num_slots`` >= n replicas: one
     each, then each extra one to the expert with the highest load per replica (ties: fewest
     replicas, then lowest id, so an idle layer spreads its extra replicas instead of piling them
-    on expert 0).
+    on expert 0). ``cap`` (int64 [B, n] >= 1, with room for num_slots in every row): an expert at
+    its cap gets no more.
 
     Returns slot_item int64 [B, num_slots], the expert of each replica (the first n are 0..n-1),
     and count int64 [B, n], replicas per expert.
@@ -154,7 +197,7 @@ def _replicate(load: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.
     slot_item[:, :n] = torch.arange(n)
     too_many = torch.tensor(num_slots + 1, dtype=torch.int64)
     for k in range(n, num_slots):
-        per_replica = load / count
+        per_replica = load / count if cap is None else torch.where(count < cap, load / count, -1.0)
         top = per_replica.max(dim=1, keepdim=True).values
         e = torch.where(per_replica == top, count, too_many).argmin(dim=1)
         slot_item[:, k] = e
@@ -168,7 +211,6 @@ def _plan(w: torch.Tensor, P: int, G: int, N: int, R: int) -> torch.Tensor:
     group_size = E // G
     experts_per_node = E // N
     slots_per_node = P // N
-    S = P // R
 
     # 1. Whole groups to nodes, balancing node load. "meta" numbers the experts so
     # that node n holds meta ids [n * E/N, (n + 1) * E/N), group by group.
@@ -187,20 +229,76 @@ def _plan(w: torch.Tensor, P: int, G: int, N: int, R: int) -> torch.Tensor:
 
     # 3. Pack the node's replicas onto its GPUs, S each, balancing GPU load; a
     # replica carries an equal share of its expert's load.
-    replica_load = (node_load / count).gather(1, slot_item)
-    gpu, pos = _pack_equal(replica_load, R // N)
-    local = torch.empty_like(slot_item).scatter_(1, gpu * S + pos, slot_item)
-    meta = (local.view(L, N, slots_per_node) + (torch.arange(N) * experts_per_node).view(1, N, 1)).view(L, P)
-    phy2log = log_of_meta.gather(1, meta)
+    # One loop packs each row twice: as the published recipe does (its largest GPU load is the bound
+    # below), and keeping replicas apart (the first candidate of _pack_distinct).
+    B = L * N
+    keyed = torch.arange(2 * B) >= B
+    both = _packed(node_load.repeat(2, 1), slot_item.repeat(2, 1), count.repeat(2, 1), R // N, keyed)
+    rows, distinct = both.part(slice(0, B)), both.part(slice(B, 2 * B))
+    # The layer's largest GPU load, whichever node it is on, bounds every later change: balancedness
+    # is the layer's max over its mean, so a node below it has room to spare.
+    limit = rows.load.view(L, R).max(dim=1).values.repeat_interleave(N)
 
     # 4. Second copies of an expert on one GPU go to GPUs without one, where that costs no balance.
-    share, _ = _slot_shares(w, phy2log)
-    rows = _Rows(phy2log.view(L * N, R // N, S), share.view(L * N, R // N, S), E)
-    # Up to the layer's busiest GPU, whichever node it is on: balancedness is the layer's max over
-    # its mean, and the packing leaves a node's GPUs within a few units of each other, so the node's
-    # own maximum left no room to move a replica (10 pairs stayed on 5 of 6 test layers).
-    _spread_replicas(rows, rows.load.view(L, N * (R // N)).max(dim=1).values.repeat_interleave(N))
-    return rows.x.view(L, P)
+    _spread_replicas(rows, limit)
+    _pack_distinct(rows, distinct, node_load, count, limit)
+    meta = rows.x.view(L, N, slots_per_node) + (torch.arange(N) * experts_per_node).view(1, N, 1)
+    return log_of_meta.gather(1, meta.view(L, P))
+
+
+def _packed(
+    node_load: torch.Tensor, slot_item: torch.Tensor, count: torch.Tensor, g: int, keyed: torch.Tensor | None = None
+) -> _Rows:
+    """The replicas ``slot_item`` (int64 [B, n], expert ids < ``node_load``'s [B, K] width, ``count``
+    replicas each) packed onto g GPUs per row by :func:`_pack_equal`, keyed by expert in the rows
+    ``keyed`` (bool [B]; None: none)."""
+    B, n = slot_item.shape
+    K = node_load.shape[1]
+    replica_load = (node_load / count).gather(1, slot_item)
+    key = None if keyed is None else slot_item
+    gpu, pos = _pack_equal(replica_load, g, key, K, keyed)
+    dest = gpu * (n // g) + pos
+    x = torch.empty_like(slot_item).scatter_(1, dest, slot_item)
+    a = torch.empty_like(replica_load).scatter_(1, dest, replica_load)
+    return _Rows(x.view(B, g, n // g), a.view(B, g, n // g), K)
+
+
+def _pack_distinct(
+    rows: _Rows, distinct: _Rows, node_load: torch.Tensor, count: torch.Tensor, limit: torch.Tensor
+) -> None:
+    """Give the rows of ``rows`` that still hold two copies of an expert on one GPU a placement with
+    fewer such pairs whose largest GPU load stays <= ``limit`` (float64 [B]), where one is found.
+
+    Candidates, each tried on the rows still holding pairs: ``distinct``, the same replicas (``count``
+    per expert of ``node_load`` [B, K]) packed by the distinct-GPU packing (:func:`_pack_equal` keyed
+    by expert), then up to ``_CAP_ROUNDS`` times the same with the
+    replicas of each expert that still shares a GPU capped at the GPUs it spans (the spare replicas
+    go to other experts by the usual rule). Each candidate's most loaded GPU is lowered by swaps that
+    keep replicas apart (:func:`_lower_max`) down to ``limit``, then :func:`_spread_replicas` runs;
+    a row takes it if it ends within ``limit`` with fewer pairs.
+    """
+    _, g, S = rows.x.shape
+    pairs = rows.pairs()
+    cap = count.clone()
+    for round_ in range(1 + _CAP_ROUNDS):
+        idx = (pairs > 0).nonzero().view(-1)
+        if idx.numel() == 0:
+            return
+        if round_ == 0:
+            cand = distinct.part(idx)
+        else:
+            # An expert with extra copies on shared GPUs keeps one replica per GPU it spans.
+            has = rows.has[idx]
+            spans = (has > 0).sum(dim=1)
+            shared = (has.sum(dim=1) > spans) & ~rows.many[idx]
+            cap[idx] = torch.where(shared, torch.minimum(cap[idx], spans), cap[idx])
+            items, counts = _replicate(node_load[idx], g * S, cap[idx])
+            cand = _packed(node_load[idx], items, counts, g, torch.ones(idx.numel(), dtype=torch.bool))
+        _lower_max(cand, limit[idx])
+        _spread_replicas(cand, limit[idx])
+        better = (cand.load.max(dim=1).values <= limit[idx]) & (cand.pairs() < pairs[idx])
+        rows.take(idx[better], cand, better)
+        pairs[idx[better]] = cand.pairs()[better]
 
 
 def _slot_shares(w: torch.Tensor, phy2log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,6 +323,23 @@ class _Rows:
         self.load = self.a.sum(dim=2)
         self.has = torch.zeros(B, g, E, dtype=torch.int64).scatter_add_(2, self.x, torch.ones_like(self.x))
         self.many = self.has.sum(dim=1) > g
+
+    def pairs(self) -> torch.Tensor:
+        """int64 [B]: extra copies of experts sharing a GPU, not counting experts in ``many``."""
+        extra = (self.has - 1).clamp(min=0).sum(dim=1)  # [B, E]
+        return torch.where(self.many, 0, extra).sum(dim=1)
+
+    def part(self, r: torch.Tensor | slice) -> _Rows:
+        """A copy of rows ``r``."""
+        out = _Rows.__new__(_Rows)
+        for name in ("x", "a", "load", "has", "many"):
+            setattr(out, name, getattr(self, name)[r].clone())
+        return out
+
+    def take(self, r: torch.Tensor, other: _Rows, sel: torch.Tensor) -> None:
+        """Rows ``r`` become the rows ``sel`` (bool over other's rows) of ``other``."""
+        for name in ("x", "a", "load", "has", "many"):
+            getattr(self, name)[r] = getattr(other, name)[sel]
 
     def swaps(self, idx: torch.Tensor, h: torch.Tensor, i: torch.Tensor | None = None) -> torch.Tensor:
         """pm float64 [Li, S(i), g(c), S(j)] for rows ``idx`` [Li]: the larger of the loads of GPUs h
@@ -271,10 +386,10 @@ def _spread_replicas(rows: _Rows, limit: torch.Tensor | None = None) -> None:
     has GPUs) by swaps that keep both GPUs at or under ``limit`` (float64 [B]; default: the row's
     largest GPU load, so the balance never gets worse).
 
-    The packing puts replicas of one expert on one GPU when that GPU stays the lightest, though a
-    GPU holding two copies serves their tokens as one would: on Pareto loads (shape 1.5) at L = 58,
-    E = 256, P = 288, R = 32 it left 116 such pairs (hierarchical) and 32 (global). A pair stays
-    where no single swap within ``limit`` exists (both copies heavy on the row's busiest GPU).
+    The plain packing puts replicas of one expert on one GPU when that GPU stays the lightest, though
+    a GPU holding two copies serves their tokens as one would: on Pareto loads (shape 1.5) at L = 58,
+    E = 256, P = 288, R = 32 it left 116 such pairs (hierarchical) and 32 (global), and these swaps
+    30 and 17 (both copies heavy on the row's busiest GPU); :func:`_pack_distinct` takes it from there.
     """
     B, g, S = rows.x.shape
     if limit is None:
@@ -318,31 +433,50 @@ def _repair(
     per_node = g if N > 1 else rpn
     node_held = held_old.view(B, g // per_node, per_node, E).any(dim=2)
     node_of = torch.arange(g) // per_node
+
+    def cost(idx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        Li = idx.numel()
+        xh, xc = rows.x[idx, h], rows.x[idx]
+        new_i = ~held_old[idx].gather(2, xh.view(Li, 1, S).expand(Li, g, S)).transpose(1, 2)  # c lacked i
+        far_i = ~node_held[idx][:, node_of].gather(2, xh.view(Li, 1, S).expand(Li, g, S)).transpose(1, 2)
+        new_j = ~held_old[idx, h].gather(1, xc.view(Li, g * S)).view(Li, g, S)  # h lacked j
+        far_j = ~node_held[idx, node_of[h]].gather(1, xc.view(Li, g * S)).view(Li, g, S)
+        return (new_i + 0.5 * far_i).unsqueeze(3) + (new_j + 0.5 * far_j).unsqueeze(1)
+
+    failed = _lower_max(rows, bound_r, cost)
+    _spread_replicas(rows, bound_r)
+    return rows.x.view(La, P), ~failed.view(La, N).any(dim=1)
+
+
+def _lower_max(rows: _Rows, bound: torch.Tensor, cost=None) -> torch.Tensor:
+    """Swap slots until every GPU load of a row is <= ``bound`` (float64 [B]), at most
+    ``_REPAIR_STEPS`` steps; returns bool [B], the rows still over it.
+
+    Each step takes the most loaded GPU h of a row over the bound and the swap of one of its slots
+    with a slot of another GPU of the row that lowers h and puts no second copy of an expert on a
+    GPU (:meth:`_Rows.swaps`): among the swaps that leave both GPUs within the bound, the one of
+    least ``cost(idx, h)`` (float [Li, S, g, S], default 0), then the most balanced; when none fits,
+    the most balanced. A row where no swap lowers h stops there.
+    """
+    B = rows.x.shape[0]
     failed = torch.zeros(B, dtype=torch.bool)
     for _ in range(_REPAIR_STEPS):
-        idx = ((rows.load.max(dim=1).values > bound_r) & ~failed).nonzero().view(-1)
+        idx = ((rows.load.max(dim=1).values > bound) & ~failed).nonzero().view(-1)
         Li = idx.numel()
         if Li == 0:
             break
         lh, h = rows.load[idx].max(dim=1)
         pm = rows.swaps(idx, h)
         pm = torch.where(pm < lh.view(Li, 1, 1, 1), pm, torch.inf)
-        xh, xc = rows.x[idx, h], rows.x[idx]
-        new_i = ~held_old[idx].gather(2, xh.view(Li, 1, S).expand(Li, g, S)).transpose(1, 2)  # c lacked i
-        far_i = ~node_held[idx][:, node_of].gather(2, xh.view(Li, 1, S).expand(Li, g, S)).transpose(1, 2)
-        new_j = ~held_old[idx, h].gather(1, xc.view(Li, g * S)).view(Li, g, S)  # h lacked j
-        far_j = ~node_held[idx, node_of[h]].gather(1, xc.view(Li, g * S)).view(Li, g, S)
-        cost = (new_i + 0.5 * far_i).unsqueeze(3) + (new_j + 0.5 * far_j).unsqueeze(1)
         rel = pm / lh.view(Li, 1, 1, 1)  # < 1 for every allowed swap
-        key = torch.where(pm <= bound_r[idx].view(Li, 1, 1, 1), 2 * cost + rel, 100 + rel)
+        within = 0 if cost is None else 2 * cost(idx, h)
+        key = torch.where(pm <= bound[idx].view(Li, 1, 1, 1), within + rel, 100 + rel)
         best = key.reshape(Li, -1).min(dim=1)
         can = torch.isfinite(best.values)
         failed[idx[~can]] = True
         if bool(can.any()):
             rows.apply(idx[can], h[can], best.indices[can])
-    failed |= rows.load.max(dim=1).values > bound_r
-    _spread_replicas(rows, bound_r)
-    return rows.x.view(La, P), ~failed.view(La, N).any(dim=1)
+    return failed | (rows.load.max(dim=1).values > bound)
 
 
 def _keep_previous(
@@ -544,9 +678,21 @@ def rebalance_experts(
             not depend on the load, so an engine's buffer for it never changes shape);
         logcnt: int64 [L, E], replicas per expert (>= 1).
 
-    Redundant replicas of an expert go to distinct GPUs of its node (hierarchical) or of all
-    (global) where a swap can do it without raising the largest GPU load (with ``previous``: the
-    bound); a pair of heavy copies on the busiest GPU can stay together.
+    Distinct GPUs: let g be the GPUs of a node (hierarchical) or all R (global). What is guaranteed:
+    from scratch, every layer's largest GPU load is at most that of the plain packing above (the
+    published recipe's), and a GPU holds two replicas of an expert with at most g replicas only if
+    none of these kept them apart within that load: swaps of single slots from the plain packing,
+    the distinct-GPU packing (each replica to the lightest GPU with room among those holding the
+    fewest replicas of its expert) lowered by swaps, and the same after capping such an expert's
+    replicas at the GPUs it spans (its spare replicas go to other experts). Zero such pairs is not
+    promised at that load, since it is sometimes impossible: with more heavy replicas than GPUs, some
+    GPU takes two, and when the lightest two are copies of one expert, any other two weigh more. On
+    Pareto loads (shape 1.5) at L = 58, E = 256 none remained at P = 288, R = 32 (either policy) nor
+    at P = 320, R = 64 global; 3 at P = 320, R = 64, 8 nodes (8 GPUs of 5 slots per node). Experts
+    with more than g replicas spread as evenly as those steps make them. With ``previous``, a layer
+    kept as it is keeps its contents, pairs included; swaps never put a second copy on a GPU, and a
+    repaired layer's pairs move where a swap keeps both GPUs within the bound; a replaced layer
+    gets the from-scratch contents.
 
     The result is deterministic: ties go to the lowest index everywhere. With integer loads (token
     counts, as :class:`LoadCounter` gives) the only sums over many values (group loads) are exact in
