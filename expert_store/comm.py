@@ -32,7 +32,7 @@ import hashlib
 import struct
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import IntEnum
@@ -176,7 +176,9 @@ class Comm:
             cause = f"did not answer within {waited:.1f} s"
         else:
             cause = f"failed after {waited:.1f} s ({text})"
-        return PeerTimeoutError(f"rank {self.rank}: {what}: rank {peer} {cause}; {RECOVERY}")
+        error = PeerTimeoutError(f"rank {self.rank}: {what}: rank {peer} {cause}; {RECOVERY}")
+        error.peer = peer  # the rank that did not answer (a rebalance job tells its peers)
+        return error
 
     def _post(self, ops: list[tuple[bool, torch.Tensor, int, int]], what: str) -> list:
         """Post (is_send, tensor, peer, tag) operations; returns (work, peer) pairs.
@@ -416,7 +418,12 @@ class Gather:
                 self.table_hdr = torch.empty(HEADER_WORDS, dtype=torch.int64, device=dev)
                 self.sent = self.mine.to(dev)  # referenced until the transfer is done
                 ops = [(True, self.sent, live[0], self.row_tag), (False, self.table_hdr, live[0], self.hdr_tag)]
-            self.works = comm._post(ops, what)
+            try:
+                self.works = comm._post(ops, what)
+            except PeerTimeoutError as e:
+                if comm.rank == live[0]:
+                    self._tell_lost(e)
+                raise
 
     def result(self) -> torch.Tensor:
         """int64 [len(live), K] on the CPU, row i from live[i]."""
@@ -424,7 +431,12 @@ class Gather:
             return self.table
         comm, live, what = self.comm, self.live, self.what
         with comm._messages_on():
-            comm._wait(self.works, what)
+            try:
+                comm._wait(self.works, what)
+            except PeerTimeoutError as e:
+                if comm.rank == live[0]:
+                    self._tell_lost(e)
+                raise
             comm._sync_messages(what)
             rows = self._lead() if comm.rank == live[0] else self._follow()
         self.table = rows[:, HEADER_WORDS:].clone()
@@ -440,12 +452,20 @@ class Gather:
         nonce = new_nonce()
         size = -1 if other_view else 8 * self.buf.numel()
         hdr = torch.tensor(comm._header(Kind.TABLE, nonce, size), dtype=torch.int64).to(self.buf.device)
-        ops = []
+        # Every row has arrived, so the table stands: a follower that dies now (after sending its
+        # row) is not waited for. The others get the table, and the next message to the lost rank
+        # fails on every survivor alike; raising here would leave this rank one call behind them.
+        self.hdr, per_peer, works = hdr, [], []  # (hdr referenced until the sends are done)
         for p in live[1:]:
-            ops.append((True, hdr, p, self.hdr_tag))
+            per_peer.append([(True, hdr, p, self.hdr_tag)])
             if not other_view:
-                ops.append((True, self.buf, p, _tag(comm.call, Kind.TABLE, nonce, 1)))
-        comm._wait(comm._post(ops, f"{what} (broadcast)"), f"{what} (broadcast)")
+                per_peer[-1].append((True, self.buf, p, _tag(comm.call, Kind.TABLE, nonce, 1)))
+        batches = [[op for peer_ops in per_peer for op in peer_ops]] if comm._nccl else per_peer  # NCCL: one batch
+        for batch in batches:
+            with suppress(PeerTimeoutError):
+                works += comm._post(batch, f"{what} (broadcast)")
+        with suppress(PeerTimeoutError):
+            comm._wait(works, f"{what} (broadcast)")
         comm._sync_messages(what)
         if other_view:
             raise AgreementError(
@@ -456,9 +476,26 @@ class Gather:
                                nbytes=nbytes, what=what)  # fmt: skip
         return rows
 
+    def _tell_lost(self, error: PeerTimeoutError) -> None:
+        """The leader lost a peer: the other peers get a table header naming it (size -2 - peer), so
+        that they raise at once, naming the lost rank, instead of waiting for the leader's deadline."""
+        comm, peer = self.comm, getattr(error, "peer", None)
+        if peer is None:
+            return
+        hdr = torch.tensor(comm._header(Kind.TABLE, 0, -2 - peer), dtype=torch.int64).to(self.buf.device)
+        ops = [(True, hdr, p, self.hdr_tag) for p in self.live[1:] if p != peer]
+        with suppress(StoreError):  # best effort: a peer that does not take it raises at its own deadline
+            comm._wait(comm._post(ops, f"{self.what} (lost rank {peer})"), f"{self.what} (lost rank {peer})")
+
     def _follow(self) -> torch.Tensor:
         comm, live, what = self.comm, self.live, self.what
         got = self.table_hdr.tolist()
+        if got[0] == _MAGIC and got[1] == comm.call and got[4] <= -2:
+            error = PeerTimeoutError(
+                f"rank {comm.rank}: {what}: rank {live[0]} lost rank {-2 - got[4]} (it did not answer); {RECOVERY}"
+            )
+            error.peer = -2 - got[4]
+            raise error
         if got[0] == _MAGIC and got[1] == comm.call and got[4] == -1:
             raise AgreementError(
                 f"rank {comm.rank}: {what}: rank {live[0]} reports ranks that see other live ranks than it does "

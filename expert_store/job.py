@@ -1,52 +1,63 @@
-"""A rebalance that moves layer by layer between forward passes (``ExpertStore.start_rebalance``).
+"""A rebalance that moves bytes in the background and switches layer by layer between forward
+passes (``ExpertStore.start_rebalance``).
 
-Symbols: L layers, E logical experts, R ranks, S slots per rank, P = R * S.
+Symbols: L layers, E logical experts, R ranks, S slots per rank, P = R * S, X = P - E + 1.
 
-The job is planned and agreed like a blocking rebalance (one plan per layer, planned in
-layer order with one shared load, so the moves and the accounting are those of
-``rebalance``). Then each :meth:`RebalanceJob.step`, on every live rank:
+The job is planned and agreed like a blocking rebalance (one plan per layer, planned in layer
+order with one shared load, so the moves and the accounting are those of ``rebalance``). Then:
 
-1. *stages* the next layers (at most ``layers_per_step`` ahead of the last switched one, and
-   only while every live rank's staging of them fits ``staging_bytes``: the window is computed
-   from the plan, the same on every rank, so the ranks exchange the same layers). Staging a
-   layer fills this rank's buffer for it, uint8 [n * record_bytes]::
+* **A background thread stages the layers, in order** (:class:`_Stager`). Staging a layer fills
+  this rank's region of the staging arena for it, uint8 [n * record_bytes]::
 
-       [ local moves | records sent to peer q (ascending q) | records received from q | checkpoint reads ]
+      [ local moves | records sent to peer q (ascending q) | records received from q | checkpoint reads ]
 
-   packed from the live slots (only read), exchanged with the peers (one exchange per layer),
-   read from the checkpoint; the records that arrived (from peers and the checkpoint) are
-   checked against the manifest's checksums there, before any slot is written;
-2. *agrees* with the live ranks (a small gather through the lowest live rank, never a
-   collective of the whole group) on how many layers every rank has ready, and on failures;
-3. *switches* the agreed layers: one unpack of the staged records into the layer's slots, then
-   the layer's local post copies; ``store.placement`` and ``store.routing()`` follow.
+  packed from the live slots (only read: the forward passes keep using them), exchanged with
+  the peers (one exchange per layer, on the job's own process group and, on a GPU, its own
+  stream), read from the checkpoint. What arrived (from peers and the checkpoint) is checked
+  against the manifest's checksums there, before any slot is written. A layer is staged only
+  while every live rank's staging of the layers not yet switched fits ``staging_bytes`` (the
+  window is computed from the plan, the same on every rank, so the ranks exchange the same
+  layers in the same order).
+* **``step()`` switches, on the caller's thread and stream.** Each step posts this rank's
+  readiness (layers staged, or the failure) to the lowest live rank, which sends the table back;
+  the *next* step reads that table, already arrived while the forward pass ran, and switches
+  the layers every rank had ready, up to ``layers_per_step`` (layers that change nothing on any
+  rank switch for free). Switching a layer is one prepared unpack of its staged records into
+  its slots (and its local duplicate copies), and an in-place device copy of its routing rows:
+  no host-to-device copy, nothing that waits for the device. Every live rank switches the same
+  layers at the same step.
 
-Staging is done synchronously inside ``step()`` (no background thread): a step costs the
-transfer of the layers it stages. A failure (a peer that does not answer within the store's
-``timeout_s``, a corrupt record, a failed checkpoint read) ends the job: the layers switched
-so far are committed as a version with reason ``"rebalance-partial"`` (none switched: nothing
-is committed, the version stays), the other layers keep the old placement, and the store
-stays usable. When the last layer switches, the version is committed with reason
-``"rebalance"``, as :meth:`ExpertStore.rebalance` commits it.
+A failure (a peer that does not answer within the store's ``timeout_s``, a corrupt record, a
+failed checkpoint read) ends the job at the same step on every live rank: the layers switched
+so far are committed as a version with reason ``"rebalance-partial"`` (none switched: nothing is
+committed), the other layers keep the old placement, and the store stays usable. When the last
+layer switches, the version is committed with reason ``"rebalance"``, as ``rebalance`` does.
+
+Known limit: if the lowest live rank dies while it sends a step's table, ranks that got the
+table switch one step more than ranks that did not; their partial versions then differ, which
+the next call's agreement detects (the ranks raise AgreementError and must reopen).
 """
 
 from __future__ import annotations
 
+import atexit
 import struct
 import threading
 import time
+import weakref
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import torch
 
-from expert_store.kernels import pack_records, slab_checksums, unpack_records
+from expert_store.kernels import PreparedCopies, slab_checksums
 
-from .comm import Kind, call_id
-from .errors import AgreementError, IntegrityError, ManifestError, StoreError
-from .execute import allocate_staging, copy_slots, exchange_views
+from .comm import Comm, Kind, call_id
+from .errors import AgreementError, IntegrityError, ManifestError, PeerTimeoutError, StoreError
+from .execute import _RoundIO, allocate_staging, exchange_views
 from .messages import Completion, Outcome, StepReady, StepStatus
 from .placement import Placement
-from .plan import Move, RebalancePlan, merge_plans, plan_rebalance
+from .plan import RebalancePlan, Round, merge_plans, plan_rebalance
 
 if TYPE_CHECKING:
     from .store import ExpertStore, RebalanceReport, _Call
@@ -58,36 +69,22 @@ _NONE = -2
 
 
 class _LayerPart:
-    """This rank's records of one layer, in staging order."""
+    """This rank's records of one layer, in staging order (see the module docstring)."""
 
     def __init__(self, plan: RebalancePlan, rank: int) -> None:
-        out: dict[int, list[Move]] = {}
-        inc: dict[int, list[Move]] = {}
-        self.local: list[Move] = []
-        for m in plan.moves:
-            if m.src_park >= 0:
-                raise StoreError(f"rank {rank}: layer {m.layer}: a job's plan has no parked records")
-            if m.is_local:
-                if m.src_rank == rank:
-                    self.local.append(m)
-            elif m.src_rank == rank:
-                out.setdefault(m.dst_rank, []).append(m)
-            elif m.dst_rank == rank:
-                inc.setdefault(m.src_rank, []).append(m)
-        self.out = dict(sorted(out.items()))
-        self.inc = dict(sorted(inc.items()))
+        self.io = _RoundIO(rank, Round(parks=[], moves=plan.moves))
         self.reads = [d for d in plan.disk_reads if d.rank == rank]
         self.posts = [c for c in plan.post_copies if c.rank == rank]
-        self.n_pack = len(self.local) + sum(len(v) for v in self.out.values())
-        self.n_in = sum(len(v) for v in self.inc.values())
-        self.n_records = self.n_pack + self.n_in + len(self.reads)
-        # post copies go through the layer's buffer once it is unpacked: at least one record
-        self.buffer_records = max(self.n_records, 1 if self.posts else 0)
+        self.n_pack = self.io.n_pack
+        self.n_in = self.io.n_total - self.io.n_pack
+        self.n_records = self.io.n_total + len(self.reads)
+        # post copies go through the layer's region once it is unpacked
+        self.buffer_records = max(self.n_records, len(self.posts))
 
 
 def _records_per_rank(plan: RebalancePlan, R: int) -> list[int]:
-    """Records of the layer's staging buffer on each rank (see :class:`_LayerPart`)."""
-    n = [0] * R
+    """Records of the layer's staging region on each rank (see :class:`_LayerPart`)."""
+    n, posts = [0] * R, [0] * R
     for m in plan.moves:
         n[m.src_rank] += 1
         if not m.is_local:
@@ -95,8 +92,8 @@ def _records_per_rank(plan: RebalancePlan, R: int) -> list[int]:
     for d in plan.disk_reads:
         n[d.rank] += 1
     for c in plan.post_copies:
-        n[c.rank] = max(n[c.rank], 1)
-    return n
+        posts[c.rank] += 1
+    return [max(a, b) for a, b in zip(n, posts)]
 
 
 class JobPlan:
@@ -106,6 +103,8 @@ class JobPlan:
         self.plans = plans
         self.parts = [_LayerPart(p, rank) for p in plans]
         self.need = [[n * record_bytes for n in _records_per_rank(p, R)] for p in plans]  # [L][R] bytes
+        # layers in which no rank moves, reads or copies anything: they switch without a cost
+        self.idle = [not (p.moves or p.disk_reads or p.post_copies) for p in plans]
         self.merged = merge_plans(plans)
 
 
@@ -115,11 +114,12 @@ def plan_job(store: ExpertStore, call: _Call) -> JobPlan | StoreError:
     StoreError instead of raising it (it is shared through the agreement)."""
     old = store.placement
     load = [0] * old.num_ranks
+    kw = dict(old_alive=store._manifest.alive, alive=call.alive, fresh=call.fresh, ranks_per_node=store.ranks_per_node)
     try:
-        plans = []
-        for layer in range(old.num_layers):
-            kw = dict(old_alive=store._manifest.alive, alive=call.alive, ranks_per_node=store.ranks_per_node)
-            plans.append(plan_rebalance(old, call.new, expert_bytes=store.spec.nbytes, layers=[layer], load=load, **kw))
+        plans = [
+            plan_rebalance(old, call.new, expert_bytes=store.spec.nbytes, layers=[layer], load=load, **kw)
+            for layer in range(old.num_layers)
+        ]
         jp = JobPlan(plans, store.rank, old.num_ranks, store.spec.record_bytes)
     except StoreError as e:
         return e
@@ -133,6 +133,233 @@ def plan_job(store: ExpertStore, call: _Call) -> JobPlan | StoreError:
     return jp
 
 
+# Staging threads still running: stopped at interpreter exit, where a daemon thread frozen in the
+# middle of a torch call aborts the process ("dec_ref() is being called while the GIL is ... not held").
+_RUNNING: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_staging() -> None:
+    for stager in list(_RUNNING):
+        stager.shutdown(timeout=1.0)
+
+
+class _Staged:
+    """One staged layer: its region of the arena, and the prepared copies of its switch (entries
+    ``first..`` of ``copies``: the unpack, then the post copies' pack and unpack)."""
+
+    def __init__(self, start: int, nbytes: int) -> None:
+        self.start, self.nbytes = start, nbytes
+        self.copies: PreparedCopies | None = None
+        self.first = 0
+
+
+class _Stager:
+    """The background thread that stages the layers in order (see the module docstring).
+
+    State shared with the stepping thread is guarded by ``cv``: ``ready`` (layers 0..ready-1
+    staged), ``fault`` (the StepReady of a failure, and its text), ``switched`` (set by the
+    stepping thread), ``stop``. The arena is used as a ring: layers are staged and switched in
+    order, so the regions in use are always one contiguous run (wrapping once)."""
+
+    def __init__(self, job: RebalanceJob, comm: Comm, arena: torch.Tensor, entry) -> None:
+        store = job.store
+        self.job, self.comm, self.arena, self.entry = job, comm, arena, entry
+        self.cv = threading.Condition()
+        self.ready = 0
+        self.switched = 0
+        self.stop = False
+        self.fault: StepReady | None = None
+        self.fault_text = ""
+        self.staged: dict[int, _Staged] = {}  # layer -> its region (staged, not yet switched)
+        self.held = [0] * store.world_size  # every rank's staging held by unswitched staged layers
+        self.peak = 0
+        self.freed = None  # CUDA: an event after the last switch's use of the arena
+        cuda = store.device.type == "cuda"
+        # Priority 0 is CUDA's lowest: the engine's streams (default priority 0 or higher) go first.
+        self.stream = torch.cuda.Stream(store.device, priority=0) if cuda else None
+        self.thread = threading.Thread(target=self._run, name=f"expert-store-job-rank{store.rank}", daemon=True)
+
+    # ------------------------------------------------------------------ the thread
+    def _run(self) -> None:
+        job = self.job
+        L = job.store.layout.num_layers
+        layer = 0
+        try:
+            with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+                if self.entry is not None:
+                    self.stream.wait_event(self.entry)  # the engine's work queued before the job comes first
+                for layer in range(L):
+                    start = self._reserve(layer)
+                    if start is None:
+                        return
+                    fault = self._stage(layer, start)
+                    with self.cv:
+                        if fault is not None:
+                            self.fault = fault
+                            self.cv.notify_all()
+                            return
+                        self.ready = layer + 1
+                        self.cv.notify_all()
+        except BaseException as e:  # reported through the next step, never raised in this thread
+            status, source = StepStatus.FAILED, _NONE
+            if isinstance(e, PeerTimeoutError):
+                status, source = StepStatus.PEER_LOST, getattr(e, "peer", _NONE)
+            with self.cv:
+                self.fault = StepReady(0, layer, status, layer, -1, source)
+                self.fault_text = self.fault_text or f"{type(e).__name__}: {e}"
+                self.cv.notify_all()
+        finally:
+            with self.cv:
+                if self.stop:  # the job ended while this thread still waited for a peer
+                    self.comm.close()
+
+    def _reserve(self, layer: int) -> int | None:
+        """Wait until ``layer`` may be staged (the window of every rank, then a contiguous region
+        of this rank's arena); returns the region's start, or None when the job stops."""
+        need = self.job.plan.need[layer]
+        mine = need[self.job.store.rank]
+        with self.cv:
+            while True:
+                if self.stop:
+                    return None
+                fits = all(h + n <= self.job.call.staging_bytes for h, n in zip(self.held, need))
+                if fits or not self.staged:  # an empty staging always takes one layer (plan_job checked it)
+                    start = self._place(mine)
+                    if start is not None:
+                        self.held = [h + n for h, n in zip(self.held, need)]
+                        self.staged[layer] = _Staged(start, mine)
+                        self.peak = max(self.peak, sum(s.nbytes for s in self.staged.values()))
+                        freed = self.freed
+                        break
+                self.cv.wait()
+        if freed is not None:
+            self.stream.wait_event(freed)  # the region may have held a layer the engine's stream just unpacked
+        return start
+
+    def _place(self, nbytes: int) -> int | None:
+        """Start of a free contiguous ``nbytes`` of the arena after the regions in use (FIFO ring)."""
+        used = [s for s in self.staged.values() if s.nbytes]
+        if not nbytes or not used:
+            return 0  # the arena holds any one layer (plan_job checked it against staging_bytes)
+        tail, head = used[0].start, used[-1].start + used[-1].nbytes
+        if head > tail:  # in use: tail..head
+            if head + nbytes <= self.arena.numel():
+                return head
+            return 0 if nbytes <= tail else None
+        return head if head + nbytes <= tail else None  # in use: tail..end and 0..head
+
+    def _stage(self, layer: int, start: int) -> StepReady | None:
+        """Fill this rank's region for ``layer``; a StepReady naming a failure, or None."""
+        job, store = self.job, self.job.store
+        part = job.plan.parts[layer]
+        io, rb, spec = part.io, store.spec.record_bytes, store.spec
+        region = self.arena[start : start + part.buffer_records * rb]
+        entries = []
+        layers, slots, pos, _, _ = io.pack_lists()
+        if layers:
+            entries.append(("pack", layers, slots, pos))
+        first = len(entries)
+        u_layers, u_slots, u_pos = io.unpack_lists()
+        u_layers += [layer] * len(part.reads)
+        u_slots += [d.slot for d in part.reads]
+        u_pos += list(range(io.n_total, part.n_records))
+        if u_layers:
+            entries.append(("unpack", u_layers, u_slots, u_pos))
+        if part.posts:  # after the unpack: the sources hold the new expert, copied through the region
+            entries.append(("pack", [layer] * len(part.posts), [c.src_slot for c in part.posts], None))
+            entries.append(("unpack", [layer] * len(part.posts), [c.dst_slot for c in part.posts], None))
+        copies = PreparedCopies(store.slabs, store.layout, entries) if entries else None
+        if layers:
+            copies.launch(0, region)  # 1. from live slots (only read before the switch)
+        # 2. the layer's exchange with its peers, while 3. the checkpoint is read
+        sends, recvs = exchange_views(region, len(io.local), io.out, io.inc, rb)
+        ex = self.comm.start_exchange(sends, recvs, seq=layer)
+        failure = None
+        if part.reads:
+            targets = [(layer, d.expert, _record(region, spec, io.n_total + i)) for i, d in enumerate(part.reads)]
+            try:
+                store.checkpoint.read_into(spec, targets)
+            except StoreError as e:
+                failure = StepReady(0, layer, StepStatus.FAILED, layer, part.reads[0].expert, _CHECKPOINT)
+                self.fault_text = str(e)
+        self.comm.finish_exchange(ex)
+        self.comm.sync_device(store.device, what=f"staging of layer {layer}")
+        if failure is not None:
+            return failure
+        # 4. what arrived, checked against the manifest before any slot is written
+        n = part.n_in + len(part.reads)
+        if job.call.verify and n:
+            got = slab_checksums(region[io.n_pack * rb :], spec, n).cpu()
+            arrived = [(m.expert, q) for q, v in io.inc.items() for m in v]
+            arrived += [(d.expert, _CHECKPOINT) for d in part.reads]
+            want = job._old.checksums[layer, [e for e, _ in arrived]]
+            bad = (got != want).nonzero().flatten().tolist()
+            if bad:
+                e, src = arrived[bad[0]]
+                return StepReady(0, layer, StepStatus.VERIFY_FAILED, layer, e, src)
+        with self.cv:
+            self.staged[layer].copies, self.staged[layer].first = copies, first
+        return None
+
+    # ------------------------------------------------------------------ the stepping thread
+    def status(self) -> StepReady:
+        with self.cv:
+            if self.fault is not None:
+                return self.fault
+            return StepReady(0, self.ready, StepStatus.READY)
+
+    def switch(self, layer: int) -> None:
+        """Launch ``layer``'s switch copies on the current stream (its staging is complete)."""
+        with self.cv:
+            s = self.staged[layer]
+        if s.copies is not None:
+            region = self.arena[s.start : s.start + s.nbytes]
+            for i in range(s.first, len(s.copies)):
+                s.copies.launch(i, region)
+
+    def release(self, layer: int) -> None:
+        """``layer`` switched: its region (and its place in every rank's window) is free once the
+        stepping thread's stream is past the switch."""
+        freed = None
+        if self.stream is not None:
+            freed = torch.cuda.Event()
+            freed.record()
+        with self.cv:
+            self.staged.pop(layer, None)
+            self.held = [h - n for h, n in zip(self.held, self.job.plan.need[layer])]
+            self.switched = layer + 1
+            if freed is not None:
+                self.freed = freed
+            self.cv.notify_all()
+
+    def wait_progress(self, reported: int, timeout: float) -> None:
+        """Block until more layers than ``reported`` are staged, staging failed or ``timeout`` passed."""
+        with self.cv:
+            self.cv.wait_for(lambda: self.ready > reported or self.fault is not None, timeout=timeout)
+
+    def shutdown(self, timeout: float) -> bool:
+        """Stop staging; True once the thread has ended (it ends within the comm's deadline)."""
+        with self.cv:
+            self.stop = True
+            self.cv.notify_all()
+        if self.thread.ident is not None:
+            self.thread.join(timeout)
+        if not self.thread.is_alive():
+            self.comm.close()
+            return True
+        return False
+
+
+def _record(buf: torch.Tensor, spec, i: int) -> dict[str, torch.Tensor]:
+    """{spec name: view} of record ``i`` of ``buf`` (what a checkpoint read fills)."""
+    base = i * spec.record_bytes
+    return {
+        t.name: buf[base + off : base + off + t.nbytes].view(t.dtype).view(t.shape)
+        for t, off in zip(spec.tensors, spec.record_offsets)
+    }
+
+
 class RebalanceJob:
     """A rebalance in progress, made by :meth:`ExpertStore.start_rebalance`.
 
@@ -142,23 +369,39 @@ class RebalanceJob:
     switches the same layers at the same step. A failure ends the job with the switched
     layers committed (reason ``"rebalance-partial"``); the store stays usable."""
 
-    def __init__(self, store: ExpertStore, call: _Call, plan: JobPlan, rows, *, phases, t_start: float) -> None:
+    def __init__(
+        self, store: ExpertStore, call: _Call, plan: JobPlan, rows, *, transfers: Comm, phases, t_start: float
+    ) -> None:
         self.store, self.call, self.plan = store, call, plan
         self._thread = threading.get_ident()
         self._created = rows[0].clock_ns / 1e9  # the leader's clock: every rank commits the same bytes
         self._nonces = b"".join(struct.pack("<q", a.nonce) for a in rows)
         self._old = store._manifest
-        self._phy2log = store.placement.phy2log  # int64 [L, P]: what the slots hold, layer by layer
-        self._new_rows = call.new.phy2log
-        self._staged: dict[int, torch.Tensor | None] = {}  # layer -> its staging buffer (None: empty)
-        self._staged_bytes = [0] * store.world_size  # every rank's staging held now (from the plan)
+        self._phy2log = store.placement.phy2log.clone()  # int64 [L, P]: what the slots hold, layer by layer
+        self._placement: Placement | None = store.placement  # of _phy2log (None: not built yet)
         self._switched = 0  # layers 0.._switched-1 hold the new placement
         self._steps = 0
+        self._answered = 0  # steps whose table every rank got (the same count on every rank: manifests match)
+        self._pending = None  # the previous step's readiness gather, in flight
         self._phases = dict(phases)
         self._t_start = t_start
-        self._staging_peak = 0
         self._report: RebalanceReport | None = None
         self._error: str | None = None
+        # device copies of the new placement's routing rows: a switch copies its layer's in place
+        self._routes = None if store._routing is None else store._routing_rows(call.new)
+        entry = None
+        if store.device.type == "cuda":
+            entry = torch.cuda.Event()
+            entry.record()
+        arena = store._arena(call.staging_bytes)
+        if arena is None:
+            most = max((n[store.rank] for n in plan.need), default=0)
+            total = sum(n[store.rank] for n in plan.need)
+            arena = allocate_staging(min(call.staging_bytes, total) if total else most, store.device, store.rank)
+        transfers.begin(call_id(b"rebalance-job-transfers", self._nonces))
+        self._stager = _Stager(self, transfers, arena, entry)
+        _RUNNING.add(self._stager)
+        self._stager.thread.start()
 
     # ------------------------------------------------------------------ state
     @property
@@ -181,16 +424,26 @@ class RebalanceJob:
         """The RebalanceReport once :attr:`done`."""
         return self._report
 
+    @property
+    def placement(self) -> Placement:
+        """The placement the slots hold now (the new one in switched layers, the old one in the others)."""
+        if self._placement is None:
+            self._placement = Placement(
+                self._phy2log.clone(), num_ranks=self.store.world_size, num_experts=self.call.new.num_experts
+            )
+        return self._placement
+
     # ------------------------------------------------------------------ steps
     def step(self) -> list[int]:
-        """Stage the next layers, agree with the live ranks on the layers every rank has ready and
-        switch up to ``layers_per_step`` of them, in order. Returns the layers switched (empty once
-        done). Collective over the live ranks. Raises PeerTimeoutError when a peer does not answer
-        within the store's ``timeout_s``, IntegrityError when a staged record does not match its
-        checksum (on the rank that got it; its peers raise IntegrityError naming that rank), after
-        committing the layers switched before (see the class)."""
-        store = self.store
-        with store._call("RebalanceJob.step", during_job=True):
+        """Switch the layers every live rank had ready at the previous step (up to
+        ``layers_per_step``, in order) and report this rank's readiness for the next. Returns the
+        layers switched (empty once done). Collective over the live ranks, once per forward pass;
+        it waits for peers only for the previous step's answer, which arrives while the forward
+        pass runs. Raises PeerTimeoutError when a peer does not answer within the store's
+        ``timeout_s``, IntegrityError when a staged record does not match its checksum (on every
+        rank, naming the rank that got it), after committing the layers switched before (see the
+        class)."""
+        with self.store._call("RebalanceJob.step", during_job=True):
             self._check_open()
             if self.done:
                 return []
@@ -199,6 +452,7 @@ class RebalanceJob:
     def wait(self) -> RebalanceReport:
         """Step until done; returns the RebalanceReport (as :meth:`ExpertStore.rebalance` does)."""
         while not self.done:
+            self._stager.wait_progress(self._stager.switched, timeout=0.05)
             self.step()
         return self._report
 
@@ -212,153 +466,93 @@ class RebalanceJob:
     def _step(self) -> list[int]:
         store, call = self.store, self.call
         L = store.layout.num_layers
+        switched: list[int] = []
+        if self._pending is not None:
+            t0 = time.perf_counter()
+            rows = self._answer()
+            self._add("agree", t0)
+            bad = [(r, a) for r, a in zip(call.live, rows) if a.status != StepStatus.READY]
+            upto = min(min(a.ready for a in rows), L)
+            if bad:
+                upto = min(upto, min(a.layer for _, a in bad))
+            t0 = time.perf_counter()
+            try:
+                budget = call.job_layers
+                while self._switched < upto and (budget > 0 or self.plan.idle[self._switched]):
+                    budget -= not self.plan.idle[self._switched]
+                    switched.append(self._switched)
+                    self._switch(self._switched)
+            except BaseException as e:
+                store._broken = f"rebalance job failed while switching layer {self._switched}: {e}"
+                self._error = store._broken
+                self._release()
+                raise
+            self._add("switch", t0)
+            if bad:
+                error = self._failure(bad)
+                self._end(error)
+                raise error
+            if self._switched == L:
+                self._finish()
+                return switched
+        t0 = time.perf_counter()
         comm = store._comm
         comm.begin(call_id(b"rebalance-job", self._nonces, struct.pack("<q", self._steps)))
-        t0 = time.perf_counter()
+        mine = self._stager.status()
+        mine = StepReady(self._steps, *(mine.ready, mine.status, mine.layer, mine.expert, mine.source))
         try:
-            mine = self._stage_window()
-            self._phases["stage"] = self._phases.get("stage", 0.0) + time.perf_counter() - t0
-            t0 = time.perf_counter()
-            what = f"rebalance job step {self._steps}"
-            table = comm.start_gather(call.live, mine.encode(), kind=Kind.STEP, what=what)
+            self._pending = comm.start_gather(call.live, mine.encode(), kind=Kind.STEP,
+                                              what=f"rebalance job step {self._steps}")  # fmt: skip
+        except StoreError as e:
+            self._end(e)
+            raise
+        self._steps += 1
+        self._add("report", t0)
+        return switched
+
+    def _answer(self) -> list[StepReady]:
+        """The table of the previous step's gather (every live rank's readiness)."""
+        store, step = self.store, self._steps - 1
+        gather, self._pending = self._pending, None
+        try:
             try:
-                rows = [StepReady.decode(row) for row in table.result()]
+                rows = [StepReady.decode(row) for row in gather.result()]
             except ValueError as e:
-                raise AgreementError(f"rank {store.rank}: rebalance job step {self._steps}: {e}") from None
-            self._phases["agree"] = self._phases.get("agree", 0.0) + time.perf_counter() - t0
-            other = [r for r, a in zip(call.live, rows) if a.step != self._steps]
+                raise AgreementError(f"rank {store.rank}: rebalance job step {step}: {e}") from None
+            other = [r for r, a in zip(self.call.live, rows) if a.step != step]
             if other:
                 raise AgreementError(
-                    f"rank {store.rank}: ranks {other} are at other steps of the rebalance job than step {self._steps}"
+                    f"rank {store.rank}: ranks {other} are at other steps of the rebalance job than step {step}"
                 )
+            self._answered += 1
         except StoreError as e:
             self._end(e)
             raise
         except BaseException as e:  # nothing of this step touched a slot: the switched layers stand
-            self._end(StoreError(f"rank {store.rank}: rebalance job step {self._steps} failed: {e!r}"))
-            raise
-        self._steps += 1
-        bad = [(r, a) for r, a in zip(call.live, rows) if a.status != StepStatus.READY]
-        upto = min(min(a.ready for a in rows), self._switched + call.job_layers, L)
-        if bad:
-            upto = min(upto, min(a.layer for _, a in bad))
-        switched = list(range(self._switched, upto))
-        t0 = time.perf_counter()
-        try:
-            for layer in switched:
-                self._switch(layer)
-        except BaseException as e:
-            store._broken = f"rebalance job failed while switching layer {self._switched}: {e}"
-            self._error = store._broken
-            self._release()
-            raise
-        self._phases["switch"] = self._phases.get("switch", 0.0) + time.perf_counter() - t0
-        if bad:
-            self._end(self._failure(bad))
-            raise self._failure(bad)
-        if self._switched == L:
-            self._finish()
-        return switched
+            error = StoreError(f"rank {store.rank}: rebalance job step {step} failed: {e!r}")
+            self._end(error)
+            raise error from e
+        return rows
 
-    # ------------------------------------------------------------------ staging
-    def _stage_window(self) -> StepReady:
-        """Stage layers up to ``layers_per_step`` past the switched ones while every rank's staging
-        fits; returns this rank's StepReady."""
-        store, call, plan = self.store, self.call, self.plan
-        L = store.layout.num_layers
-        nxt = self._switched + len(self._staged)
-        while nxt < min(L, self._switched + call.job_layers):
-            need = plan.need[nxt]
-            fits = all(h + n <= call.staging_bytes for h, n in zip(self._staged_bytes, need))
-            if self._staged and not fits:  # an empty staging always takes one layer (plan_job checked it)
-                break
-            failure = self._stage(nxt)
-            self._staged_bytes = [h + n for h, n in zip(self._staged_bytes, need)]
-            self._staging_peak = max(self._staging_peak, self._staged_bytes[store.rank])
-            if failure is not None:
-                return failure
-            nxt += 1
-        return StepReady(self._steps, nxt, StepStatus.READY)
-
-    def _stage(self, layer: int) -> StepReady | None:
-        """Fill this rank's staging of ``layer``; a StepReady naming the failure, or None."""
-        store = self.store
-        part = self.plan.parts[layer]
-        slabs, spec, rb = store.slabs, store.spec, store.spec.record_bytes
-        if not part.buffer_records:
-            self._staged[layer] = None
-            return None
-        buf = allocate_staging(part.buffer_records * rb, store.device, store.rank)
-        self._staged[layer] = buf
-        # 1. the records this rank packs, from live slots (only read before the switch)
-        packed = part.local + [m for v in part.out.values() for m in v]
-        if packed:
-            pack_records(slabs, store.layout, [layer] * len(packed), [m.src_slot for m in packed], out=buf)
-        # 2. the layer's exchange with its peers
-        sends, recvs = exchange_views(buf, len(part.local), part.out, part.inc, rb)
-        ex = store._comm.start_exchange(sends, recvs, seq=layer)
-        # 3. checkpoint reads while the records travel
-        failure = None
-        if part.reads:
-            first = part.n_pack + part.n_in
-            targets = [(layer, d.expert, self._record(buf, first + i)) for i, d in enumerate(part.reads)]
-            try:
-                store.checkpoint.read_into(spec, targets)
-            except StoreError as e:
-                failure = StepReady(self._steps, layer, StepStatus.FAILED, layer, part.reads[0].expert, _CHECKPOINT)
-                self._read_error = str(e)
-        store._comm.finish_exchange(ex)
-        store._comm.sync_device(store.device, what=f"staging of layer {layer}")
-        if failure is not None:
-            return failure
-        # 4. what arrived, checked against the manifest before any slot is written
-        n = part.n_in + len(part.reads)
-        if self.call.verify and n:
-            got = slab_checksums(buf[part.n_pack * rb :], spec, n).cpu()
-            arrived = [(m.expert, m.src_rank) for v in part.inc.values() for m in v]
-            arrived += [(d.expert, _CHECKPOINT) for d in part.reads]
-            want = self._old.checksums[layer, [e for e, _ in arrived]]
-            bad = (got != want).nonzero().flatten().tolist()
-            if bad:
-                e, src = arrived[bad[0]]
-                return StepReady(self._steps, layer, StepStatus.VERIFY_FAILED, layer, e, src)
-        return None
-
-    def _record(self, buf: torch.Tensor, i: int) -> dict[str, torch.Tensor]:
-        """{spec name: view} of record ``i`` of ``buf`` (what a checkpoint read fills)."""
-        spec, base = self.store.spec, i * self.store.spec.record_bytes
-        views = {}
-        for t, off in zip(spec.tensors, spec.record_offsets):
-            views[t.name] = buf[base + off : base + off + t.nbytes].view(t.dtype).view(t.shape)
-        return views
+    def _add(self, phase: str, t0: float) -> None:
+        self._phases[phase] = self._phases.get(phase, 0.0) + time.perf_counter() - t0
 
     # ------------------------------------------------------------------ switching
     def _switch(self, layer: int) -> None:
         """Unpack ``layer``'s staged records into its slots, run its post copies, and make the store's
-        placement and routing say so."""
+        placement and routing say so (on the current stream: nothing here waits for the device)."""
         store = self.store
-        part = self.plan.parts[layer]
-        buf = self._staged.pop(layer)
-        slabs = store.slabs
-        inc = [m for v in part.inc.values() for m in v]
-        dst = [m.dst_slot for m in part.local] + [m.dst_slot for m in inc] + [d.slot for d in part.reads]
-        pos = list(range(len(part.local))) + list(range(part.n_pack, part.n_records))
-        if dst:
-            unpack_records(buf, slabs, store.layout, [layer] * len(dst), dst, records=pos)
-        if part.posts:
-            copy_slots(
-                slabs, [layer] * len(part.posts), [c.src_slot for c in part.posts], [c.dst_slot for c in part.posts],
-                budget=buf.numel(), scratch=buf,
-            )  # fmt: skip
-        self._staged_bytes = [h - n for h, n in zip(self._staged_bytes, self.plan.need[layer])]
-        self._phy2log[layer] = self._new_rows[layer]
+        if not self.plan.idle[layer]:
+            self._stager.switch(layer)
+        self._stager.release(layer)
+        self._phy2log[layer] = self.call.new.phy2log[layer]
+        self._placement = self.call.new if layer + 1 == store.layout.num_layers else None
         self._switched = layer + 1
-        if self._switched == store.layout.num_layers:
-            store._placement = self.call.new
-        else:
-            store._placement = Placement(self._phy2log.clone(), num_ranks=store.world_size,
-                                         num_experts=self.call.new.num_experts)  # fmt: skip
-        store._refresh_routing([layer])
+        if store._routing is not None:
+            if self._routes is None:
+                self._routes = store._routing_rows(self.call.new)  # (a first routing() call during the job)
+            for live, new in zip(store._routing, self._routes):
+                live[layer].copy_(new[layer])
 
     # ------------------------------------------------------------------ ending
     def _failure(self, bad) -> StoreError:
@@ -373,7 +567,14 @@ class RebalanceJob:
                 f"rank {store.rank}: rebalance job: {where} staged layer {a.layer} expert {a.expert} from {src} with "
                 f"a checksum other than version {self._old.version}'s; nothing of layer {a.layer} was switched ({kept})"
             )
-        detail = getattr(self, "_read_error", "") if r == store.rank else ""
+        detail = self._stager.fault_text if r == store.rank else ""
+        if a.status == StepStatus.PEER_LOST:
+            src = "a peer" if a.source == _NONE else src
+            return PeerTimeoutError(
+                f"rank {store.rank}: rebalance job: rank {r} lost {src} while staging layer {a.layer}"
+                + (f" ({detail})" if detail else "")
+                + f"; {kept}"
+            )
         return StoreError(
             f"rank {store.rank}: rebalance job: rank {r} could not stage layer {a.layer} (expert {a.expert} from {src})"
             + (f": {detail}" if detail else "")
@@ -381,33 +582,43 @@ class RebalanceJob:
         )
 
     def _release(self) -> None:
-        self._staged.clear()
-        self._staged_bytes = [0] * self.store.world_size
-        if self.store._job is self:
-            self.store._job = None
+        """Stop the staging thread and close the job. A thread still waiting for a dead peer ends
+        at its deadline; the arena stays with it (the store's reserved staging is dropped then)."""
+        store = self.store
+        if not self._stager.shutdown(timeout=0.5):
+            store._staging = None  # the thread may still receive into it
+        if store._job is self:
+            store._job = None
 
     def _end(self, error: StoreError) -> None:
         """The job failed: commit the switched layers (reason "rebalance-partial") and close it."""
         store = self.store
         self._error = f"{type(error).__name__}: {error}"
+        self._pending = None
         self._release()
         if not self._switched:
             return  # the slots still hold the committed version
         try:
             m = self._manifest("rebalance-partial")
             store.log.commit(m)
-            store._adopt(m, store._placement)
+            store._adopt(m, self.placement)
+            if self.call.fresh:
+                store._empty = store.rank in self.call.fresh
         except StoreError as e:
             store._broken = f"rebalance job failed ({error}) and its partial version could not be committed: {e}"
             self._error = store._broken
 
     def _manifest(self, reason: str):
-        store = self.store
+        """The manifest of what the slots hold: the switched layers moved. In a partial version the
+        fresh ranks count as not alive (their unswitched layers hold nothing)."""
+        store, call = self.store, self.call
         n = self._switched
-        plan = merge_plans(self.plan.plans[:n]) if n else self.plan.merged
+        plan = merge_plans(self.plan.plans[:n]) if n < len(self.plan.plans) else self.plan.merged
+        if n < len(self.plan.plans) and call.fresh:
+            call = call._replace(alive=tuple(a and r not in call.fresh for r, a in enumerate(call.alive)))
         return store._next_manifest(
-            self.call, plan, self._steps, self._created, self._old.version + 1, placement=store._placement,
-            reason=reason, extra={"layers_switched": n, "layers_per_step": self.call.job_layers},
+            call, plan, self._answered, self._created, self._old.version + 1, placement=self.placement,
+            reason=reason, extra={"layers_switched": n, "layers_per_step": call.job_layers},
         )  # fmt: skip
 
     def _finish(self) -> None:
@@ -422,6 +633,7 @@ class RebalanceJob:
             outcome = Outcome.DONE
         except StoreError as e:
             outcome, problem = Outcome.MANIFEST_FAILED, str(e)
+        store._comm.begin(call_id(b"rebalance-job-completion", self._nonces))
         try:
             table = store._comm.start_gather(call.live, Completion(outcome).encode(), kind=Kind.COMPLETION,
                                              what="rebalance job completion").result()  # fmt: skip
@@ -449,10 +661,12 @@ class RebalanceJob:
             self._error = store._broken
             self._release()
             raise
+        staging_peak = self._stager.peak
+        self._release()
         store._adopt(prepared.manifest, call.new)
+        store._empty = False
         if store._keep_versions is not None:
             store.log.prune(keep=store._keep_versions)
-        self._release()
         self._phases["commit"] = time.perf_counter() - t0
         acct = self.plan.merged.accounts[store.rank]
         self._report = RebalanceReport(
@@ -463,7 +677,7 @@ class RebalanceJob:
             missing={k: list(v) for k, v in sorted(acct.missing.items())},
             seconds=time.perf_counter() - self._t_start,
             phase_seconds=self._phases,
-            staging_peak=self._staging_peak,
-            rounds=self._steps,
+            staging_peak=staging_peak,
+            rounds=self._answered,
             verified=call.verify,
         )

@@ -59,6 +59,7 @@ class StepStatus(IntEnum):
     READY = 0  # the layers it reports are staged (and verified when asked)
     VERIFY_FAILED = 1  # a staged record of ``layer`` did not match its checksum
     FAILED = 2  # staging ``layer`` failed otherwise (a checkpoint read, say)
+    PEER_LOST = 3  # a peer did not answer while ``layer`` was staged
 
 
 def _words(row: torch.Tensor, n: int, what: str) -> list[int]:

@@ -208,18 +208,21 @@ class ExpertStore:
 
     def _refresh_routing(self, layers: Iterable[int]) -> None:
         """Write the current placement's ``layers`` into the routing tensors, in place."""
-        if self._routing is None:
-            return
-        log2phy, logcnt = self._routing
-        p = self._placement
         layers = list(layers)
-        if not layers:
+        if self._routing is None or not layers:
             return
-        src = torch.full((len(layers), p.num_experts, log2phy.shape[2]), -1, dtype=torch.int64)
-        src[:, :, : p.max_replicas] = p.log2phy[layers]
-        index = torch.tensor(layers, dtype=torch.int64, device=log2phy.device)
-        log2phy.index_copy_(0, index, src.to(log2phy.device))
-        logcnt.index_copy_(0, index, p.logcnt[layers].to(logcnt.device))
+        index = torch.tensor(layers, dtype=torch.int64, device=self.device)
+        for live, rows in zip(self._routing, self._routing_rows(self.placement, layers)):
+            live.index_copy_(0, index, rows)
+
+    def _routing_rows(self, p: Placement, layers: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log2phy int64 [n, E, X], logcnt int64 [n, E]) of placement ``p``'s ``layers`` (default
+        all) on the store's device, in the layout of :meth:`routing`."""
+        layers = list(range(p.num_layers)) if layers is None else layers
+        X = p.num_physical - p.num_experts + 1
+        log2phy = torch.full((len(layers), p.num_experts, X), -1, dtype=torch.int64)
+        log2phy[:, :, : p.max_replicas] = p.log2phy[layers]
+        return log2phy.to(self.device), p.logcnt[layers].to(self.device)
 
     def routing(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log2phy, logcnt)`` of the placement the slots hold, on the store's device.
@@ -449,7 +452,8 @@ class ExpertStore:
 
     @property
     def placement(self) -> Placement:
-        return self._placement
+        """The placement the slots hold (while a rebalance job is open: layer by layer)."""
+        return self._placement if self._job is None else self._job.placement
 
     @property
     def alive(self) -> torch.Tensor:
@@ -479,7 +483,7 @@ class ExpertStore:
     def local_experts(self) -> torch.Tensor:
         """int64 [L, S]: logical expert in each of this rank's slots (current version)."""
         with self._call("local_experts", during_job=True):
-            return self._placement.rank_experts(self.rank)
+            return self.placement.rank_experts(self.rank)
 
     # ---------------------------------------------------------------- loading
     def _load_own_slots(self) -> None:
@@ -579,7 +583,7 @@ class ExpertStore:
             pairs = [(layer, s) for layer in range(L) for s in range(S)]
         else:
             pairs = _slot_pairs(slots, L, S)
-        experts = self._placement.rank_experts(self.rank)
+        experts = self.placement.rank_experts(self.rank)
         bad = mismatched_slots(self.slabs, pairs, experts, self._manifest.checksums)
         if bad:
             layer, s = pairs[bad[0]]
@@ -650,21 +654,36 @@ class ExpertStore:
         verify: bool = True,
         layers_per_step: int = 1,
         load: torch.Tensor | None = None,
+        transfer_group=None,
     ) -> RebalanceJob:
-        """Start a rebalance to ``new_placement`` that moves layer by layer between forward passes.
+        """Start a rebalance to ``new_placement`` whose bytes move in the background while the
+        engine serves; the engine then calls ``job.step()`` once per forward pass.
 
         Collective over the live ranks, like :meth:`rebalance` (same validation, plan, agreement
         and accounting; ranks given other arguments all raise before anything moves). Returns a
-        :class:`~expert_store.job.RebalanceJob` right after the agreement: each ``job.step()``,
-        called by every live rank between forward passes on the thread that started the job,
-        switches up to ``layers_per_step`` layers, in layer order, on every live rank alike; until
-        the job is done, :attr:`placement` and :meth:`routing` describe what the slots hold (the
-        new placement in switched layers, the old one in the others).
+        :class:`~expert_store.job.RebalanceJob` right after the agreement. A background thread
+        then stages the layers in order (packs what this rank sends from the live slots, which it
+        only reads; exchanges with the peers; reads missing experts from the checkpoint; checks
+        what arrived against the manifest when ``verify``). Each ``job.step()``, called by every
+        live rank between forward passes on the thread that started the job, switches up to
+        ``layers_per_step`` layers that every rank has staged, in layer order, on every live rank
+        alike; until the job is done, :attr:`placement` and :meth:`routing` describe what the
+        slots hold (the new placement in switched layers, the old one in the others).
 
         ``staging_bytes`` (default :data:`DEFAULT_STAGING_BYTES`) bounds the staging this rank
-        holds at once; staging is allocated by whole layers, and a layer whose staging alone does
-        not fit makes every live rank raise a StoreError before anything moves. ``fresh`` ranks
-        are not supported by a job (StoreError on every rank): use :meth:`rebalance` for them.
+        holds at once (the reserved staging of :meth:`reserve_staging` is used when it is large
+        enough); staging is taken by whole layers, and a layer whose staging alone does not fit
+        makes every live rank raise a StoreError before anything moves. ``fresh`` ranks (joined
+        with :meth:`join`) are filled layer by layer like the others; if the job fails, its
+        partial version lists them as not alive (their unswitched layers hold nothing).
+
+        ``transfer_group``: the process group of the background transfers, a second group of the
+        same ranks as the store's (e.g. ``torch.distributed.new_group(ranks)``, made by every
+        process at start-up). Two threads must not post NCCL operations on one communicator
+        (their order would differ between ranks and hang them), so on NCCL it is required when
+        more than one rank is live; on gloo the default (None) shares the store's group, whose
+        messages are tagged apart. Neither should be the engine's own group: its collectives run
+        while the job's transfers are in flight.
 
         While the job is open, only its own ``step()`` / ``wait()`` and the read-only calls
         (:meth:`weights`, :meth:`local_experts`, :meth:`routing`, :meth:`verify` and the
@@ -675,26 +694,42 @@ class ExpertStore:
             t_start = time.perf_counter()
             phases: dict[str, float] = {}
             call, problem = self._validate(new_placement, alive, fresh, staging_bytes, None, verify, load)
+            transfers = None
             if problem is None:
                 try:
-                    steps = check_int(layers_per_step, "layers_per_step", low=1)
-                    if call.fresh:
-                        raise StoreError(
-                            f"rank {self.rank}: start_rebalance does not take fresh ranks (got {list(call.fresh)}); "
-                            "use rebalance"
-                        )
-                    call = call._replace(job_layers=steps)
+                    call = call._replace(job_layers=check_int(layers_per_step, "layers_per_step", low=1))
+                    transfers = self._transfer_comm(transfer_group, call)
                 except StoreError as e:
                     problem = e
             t0 = time.perf_counter()
             plan = plan_job(self, call) if problem is None else None
             phases["plan"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            rows, plan = self._agree(call, problem, plan, None)
+            try:
+                rows, plan = self._agree(call, problem, plan, None, replan=lambda: plan_job(self, call))
+            except BaseException:
+                if transfers is not None:
+                    transfers.close()
+                raise
             phases["agree"] = time.perf_counter() - t0
-            job = RebalanceJob(self, call, plan, rows, phases=phases, t_start=t_start)
+            job = RebalanceJob(self, call, plan, rows, transfers=transfers, phases=phases, t_start=t_start)
             self._job = job
             return job
+
+    def _transfer_comm(self, transfer_group, call: _Call) -> Comm:
+        """The messaging of a job's background transfers (see :meth:`start_rebalance`)."""
+        comm = self._comm
+        if transfer_group is None:
+            if comm._nccl and len(call.live) > 1:
+                raise StoreError(
+                    f"rank {self.rank}: start_rebalance on NCCL needs transfer_group=, a second process group of "
+                    "the store's ranks: two threads must not post NCCL operations on one communicator"
+                )
+            transfer_group = comm.group
+        elif transfer_group is comm.group:
+            raise StoreError(f"rank {self.rank}: transfer_group must be another process group than the store's")
+        return Comm(transfer_group, rank=self.rank, world_size=self.world_size, device=self.device,
+                    timeout_s=comm.timeout_s)  # fmt: skip
 
     def _validate(self, new_placement, alive, fresh, staging_bytes, round_bytes, verify, load):
         """(call, None), or (a call good enough to tell the peers, the StoreError to raise after)."""
@@ -763,6 +798,7 @@ class ExpertStore:
                 staging_bytes=call.staging_bytes,
                 arena=self._arena(call.staging_bytes),
                 entry=entry,
+                round_bytes=call.round_bytes,
             )
         except StoreError as e:
             return e
@@ -778,11 +814,12 @@ class ExpertStore:
         except ValueError as e:
             raise AgreementError(f"rank {self.rank}: {what}: {e}") from None
 
-    def _agree(self, call: _Call, problem, run, entry) -> tuple[list[Agreement], RebalanceRun]:
+    def _agree(self, call: _Call, problem, run, entry, *, replan=None) -> tuple[list[Agreement], RebalanceRun]:
         """Every live rank on the same inputs, every non-fresh live rank on the same state; a fresh
         rank whose root is behind receives the current manifest. Raises on every rank alike.
 
-        ``problem``: this rank's bad arguments; ``run``: its plan, or the StoreError that stopped it."""
+        ``problem``: this rank's bad arguments; ``run``: its plan, or the StoreError that stopped it;
+        ``replan()``: makes the plan again (default: a blocking rebalance's, :meth:`_plan`)."""
         if problem is not None:
             status = Status.REFUSED
         elif isinstance(run, StoreError) and self.rank not in call.fresh:
@@ -832,7 +869,7 @@ class ExpertStore:
         if behind:
             self._sync_fresh(live[holders[0]], behind)
             if self.rank in behind:  # the speculative plan used the stale state
-                run = self._plan(call, entry)
+                run = self._plan(call, entry) if replan is None else replan()
                 if isinstance(run, RebalanceRun):
                     run.prepack()
         if isinstance(run, StoreError):

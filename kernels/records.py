@@ -235,6 +235,10 @@ def _checksum_kernel(
 
 # The triton.jit decorator chose interpreter or compiler at import: CPU tensors follow that choice.
 _INTERPRET = isinstance(_copy_kernel, InterpretedFunction)
+# The interpreter keeps the grid being run in module state: two threads launching at once (a rebalance
+# job's staging thread and the stepping thread) corrupt each other's grid ("x >= grid_dim[0]", seen).
+# Compiled launches and the torch reference are safe from several threads and take no lock.
+_INTERPRETER_LOCK = threading.Lock() if _INTERPRET else None
 
 
 # ---- host side: plans and the launch ----
@@ -380,7 +384,8 @@ def _run(
         return
     tensors = (res_t, slab_t if slab is None else _words(slab, plan.dtype), *((out,) if sums else ()))
     idx_arg = idx[start : start + 3 * n]
-    compiled = plan.kernel[(grid,)](*tensors, idx_arg, plan.table, *args, num_warps=plan.num_warps)
+    with _INTERPRETER_LOCK or nullcontext():
+        compiled = plan.kernel[(grid,)](*tensors, idx_arg, plan.table, *args, num_warps=plan.num_warps)
     if direct and isinstance(compiled, CompiledKernel):
         plan.compiled[aligned] = compiled
 
