@@ -20,6 +20,14 @@ move writing slot X no earlier than the last move reading X's old content, so
 packing the next round ahead of unpacking this one is safe, and on NCCL the
 transfer of round k+1 overlaps the unpacking of round k and the packing of
 round k+2. Two buffers are in use at a time, so staging never exceeds 2 B.
+
+A rebalance (:class:`RebalanceRun`) on one rank, in order: every chunk's rounds
+(checkpoint reads into slots no move reads go on meanwhile, in a thread); the
+wait for the device and those reads; the reads into slots the moves read; the
+*relay rounds* (:func:`~expert_store.plan.relay_rounds`: each missing expert that
+several ranks need was read by one of them, which now sends it on from the slot
+just filled; the same round runner, message numbers after the chunks' rounds);
+the post copies; the check of what arrived.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from .checkpoint import Checkpoint
 from .comm import Comm
 from .errors import IntegrityError, StoreError
 from .layout import ResidentSlabs
-from .plan import DiskRead, Move, RebalancePlan, Round, merge_plans
+from .plan import DiskRead, Move, RebalancePlan, Round, merge_plans, relay_rounds, round_budget
 
 __all__ = [
     "ChunkedRun",
@@ -117,11 +125,20 @@ def _buffers(ios: list[_RoundIO], rb: int, staging_bytes: int) -> tuple[int, int
 
 
 def planned_staging_peak(
-    chunks: Sequence[tuple[RebalancePlan, list[Round], int]], *, rank: int, record_bytes: int, staging_bytes: int
+    chunks: Sequence[tuple[RebalancePlan, list[Round], int]],
+    *,
+    rank: int,
+    record_bytes: int,
+    staging_bytes: int,
+    relays: Sequence[Round] = (),
 ) -> int:
-    """The staging bytes a rebalance of these chunks (:func:`~expert_store.plan.plan_chunks`) holds at
-    once on ``rank``, without running it: its ``RebalanceReport.staging_peak`` when no staging is
-    reserved (:meth:`ExpertStore.reserve_staging`)."""
+    """The staging bytes a rebalance of these chunks (:func:`~expert_store.plan.plan_chunks`) and
+    relay rounds (:func:`~expert_store.plan.relay_rounds` of the merged plan) holds at once on
+    ``rank``, without running it: its ``RebalanceReport.staging_peak`` when no staging is reserved
+    (:meth:`ExpertStore.reserve_staging`)."""
+    ios = [io for io in (_RoundIO(rank, r) for r in relays) if not io.empty]
+    cap, nbuf, _ = _buffers(ios, record_bytes, staging_bytes) if ios else (0, 0, 0)
+    relay = nbuf * cap  # the relay rounds run alone, once every chunk is off the device
     peaks = []
     for _, rounds, staging in chunks:
         ios = [io for io in (_RoundIO(rank, r) for r in rounds) if not io.empty]
@@ -131,7 +148,7 @@ def planned_staging_peak(
     arena = 2 * chunks[0][2] if chunks and chunks[0][2] < staging_bytes else 0
     n_post = sum(c.rank == rank for plan, _, _ in chunks for c in plan.post_copies)
     post = min(max(1, staging_bytes // 2 // record_bytes), n_post) * record_bytes  # copy_slots' buffer
-    return max([arena, post, *peaks, *map(sum, pairwise(peaks))])
+    return max([arena, post, relay, *peaks, *map(sum, pairwise(peaks))])
 
 
 class RoundRunner:
@@ -283,11 +300,16 @@ class ChunkedRun:
         comm,
         staging_bytes: int,
         arena: torch.Tensor | None = None,
+        round_bytes: int | None = None,
     ) -> None:
         """``arena``: reserved staging (uint8, at least ``staging_bytes``) that the runners
         carve their buffers from; None: one runner allocates its own, chunks share an arena
-        allocated here."""
+        allocated here. ``round_bytes``: the rebalance's, for the relay rounds (None: half
+        the staging)."""
         self.rank, self.slabs, self.comm = rank, slabs, comm
+        self.staging_bytes = staging_bytes
+        self.round_bytes = staging_bytes if round_bytes is None else round_bytes
+        self.relay_rounds: list[Round] = []  # of the merged plan, once every chunk is planned
         self.arena = arena
         self._chunks = chunks
         self.plans: list[RebalancePlan] = []
@@ -299,6 +321,14 @@ class ChunkedRun:
             self.arena = allocate_staging(2 * nxt[1], slabs.device, rank)
             self.allocated = self.arena.numel()
         self._runner = self._runner_for(nxt, prepack=False) if nxt is not None else None
+        rb = slabs.spec.record_bytes
+        budget = round_budget(staging_bytes=staging_bytes, round_bytes=self.round_bytes, record_bytes=rb)
+        if budget < 2 * rb and self.plans and self.plans[0].relays:
+            # (several chunks only when half the staging holds four records: chunk 0 tells)
+            raise StoreError(
+                f"rank {rank}: relaying experts read from the checkpoint needs two expert records "
+                f"({2 * rb} bytes) per round, the staging gives {budget}; raise staging_bytes"
+            )
 
     def prepack(self) -> None:
         """Queue the packing of chunk 0's round 0 (staging only: safe before the ranks agree)."""
@@ -364,11 +394,36 @@ class ChunkedRun:
             stats.staging_peak = max(stats.staging_peak, runner.staging_peak + following.staging_peak)
             runner, done_before = following, done
         self.plan = merge_plans(self.plans) if len(self.plans) > 1 else self.plans[0]
+        self.relay_rounds = relay_rounds(
+            self.plan,
+            record_bytes=self.slabs.spec.record_bytes,
+            staging_bytes=self.staging_bytes,
+            round_bytes=self.round_bytes,
+        )
+        self.rounds += len(self.relay_rounds)
         if while_in_flight is not None:
             while_in_flight()
         self.comm.sync_device(self.slabs.device, what="rebalance rounds")
+        self._runner = None  # its staging is free (the relay rounds may take it)
         stats.rounds = self.rounds
         return self.plan
+
+    def run_relays(self, stats: ExecutionStats) -> None:
+        """Run :attr:`relay_rounds` (after :meth:`run`, once every checkpoint read of this rank is
+        complete: they send slots those reads filled) and wait for the device."""
+        if not self.relay_rounds:
+            return
+        runner = RoundRunner(
+            self.relay_rounds,
+            rank=self.rank,
+            slabs=self.slabs,
+            comm=self.comm,
+            staging_bytes=self.staging_bytes,
+            first_seq=self.rounds - len(self.relay_rounds),
+            arena=self.arena,
+        )
+        runner.queue(stats)
+        self.comm.sync_device(self.slabs.device, what="relay rounds")
 
 
 def exchange_views(
@@ -447,8 +502,9 @@ def copy_slots(
 
 class RebalanceRun:
     """Everything this rank does to put its bytes in place for one rebalance, in one object:
-    the rounds of every chunk (:class:`ChunkedRun`), the checkpoint reads, the post copies,
-    and the check of every slot that was written against the manifest's checksums.
+    the rounds of every chunk (:class:`ChunkedRun`), the checkpoint reads, the relay rounds,
+    the post copies, and the check of every slot that was written against the manifest's
+    checksums.
 
     Constructing it plans the first chunk and takes the staging (a StoreError then means
     nothing moved); :meth:`prepack` only writes staging; :meth:`run` moves the bytes.
@@ -470,10 +526,15 @@ class RebalanceRun:
         staging_bytes: int,
         arena: torch.Tensor | None,
         entry: torch.cuda.Event | None,
+        round_bytes: int | None = None,
     ) -> None:
+        """``round_bytes``: the rebalance's (the chunks' rounds were planned with it), for the
+        relay rounds; None: half the staging."""
         self.rank, self.slabs, self.comm, self.checkpoint = rank, slabs, comm, checkpoint
         self.staging_bytes, self.arena, self.entry = staging_bytes, arena, entry
-        self.rounds = ChunkedRun(chunks, rank=rank, slabs=slabs, comm=comm, staging_bytes=staging_bytes, arena=arena)
+        self.rounds = ChunkedRun(
+            chunks, rank=rank, slabs=slabs, comm=comm, staging_bytes=staging_bytes, arena=arena, round_bytes=round_bytes
+        )
         self.stats = ExecutionStats()
         self._reads: list[concurrent.futures.Future] = []  # checkpoint reads in the background
         self._reader: concurrent.futures.ThreadPoolExecutor | None = None  # one thread: reads go in order
@@ -513,6 +574,12 @@ class RebalanceRun:
             run_disk_reads(self._late, **self._disk())  # slots whose old content the moves needed
             phases["disk_wait"] = time.perf_counter() - t0
             t0 = time.perf_counter()
+            if self.rounds.relay_rounds:  # every read of this rank is complete: its relays may go
+                relay_stats = ExecutionStats()
+                self.rounds.run_relays(relay_stats)
+                self.stats.staging_peak = max(self.stats.staging_peak, relay_stats.staging_peak)
+                phases["relay"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
             mine = [c for c in plan.post_copies if c.rank == self.rank]
             scratch = self.arena if self.arena is not None and self.arena.numel() >= self.staging_bytes else None
             used = copy_slots(
@@ -544,6 +611,7 @@ class RebalanceRun:
         written = sorted(
             {(m.layer, m.dst_slot) for m in plan.moves if m.dst_rank == me and not m.is_local}
             | {(d.layer, d.slot) for d in plan.disk_reads if d.rank == me}
+            | {(x.layer, x.dst_slot) for x in plan.relays if x.dst_rank == me}
         )
         bad = mismatched_slots(self.slabs, written, experts, checksums)
         if bad:
@@ -562,6 +630,9 @@ class RebalanceRun:
                 return f"local slot {m.src_slot}" if m.is_local else f"rank {m.src_rank}"
         if any((d.rank, d.layer, d.slot) == (me, layer, slot) for d in plan.disk_reads):
             return f"the checkpoint {self.checkpoint.path}"
+        for x in plan.relays:
+            if (x.dst_rank, x.layer, x.dst_slot) == (me, layer, slot):
+                return f"rank {x.src_rank} (relayed from its checkpoint read)"
         for c in plan.post_copies:
             if (c.rank, c.layer, c.dst_slot) == (me, layer, slot):
                 return f"local slot {c.src_slot}"

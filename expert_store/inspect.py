@@ -66,7 +66,7 @@ from .errors import ManifestError, PlacementError, StoreError
 from .execute import planned_staging_peak
 from .manifest import _FILE_RE, _TMP_RE, Manifest, ManifestLog, store_difference
 from .placement import Placement
-from .plan import RankAccount, merge_plans, plan_chunks, round_budget
+from .plan import RankAccount, merge_plans, plan_chunks, relay_rounds, round_budget
 from .spec import ExpertSpec, dtype_name
 from .store import DEFAULT_ROUND_BYTES, DEFAULT_STAGING_BYTES
 
@@ -727,7 +727,11 @@ def _plan_report(
             )
         )
         plan = merge_plans([c[0] for c in chunks])
-        rounds = [r for c in chunks for r in c[1]]
+        # after every chunk: missing experts read once, sent on by their reader
+        relays = relay_rounds(
+            plan, record_bytes=spec.record_bytes, staging_bytes=staging_bytes, round_bytes=round_bytes
+        )
+        rounds = [r for c in chunks for r in c[1]] + relays
         budget = round_budget(staging_bytes=chunks[0][2], round_bytes=round_bytes, record_bytes=spec.record_bytes)
     except StoreError as e:
         raise type(e)(f"{what}: {e}") from None
@@ -741,7 +745,9 @@ def _plan_report(
     for r in range(new.num_ranks):
         live, acct = r in plan.accounts, plan.accounts.get(r, RankAccount())  # a dead rank moves nothing
         missing = [{"layer": la, "experts": list(e)} for la, e in sorted(acct.missing.items())]
-        peak = planned_staging_peak(chunks, rank=r, record_bytes=spec.record_bytes, staging_bytes=staging_bytes)
+        peak = planned_staging_peak(
+            chunks, rank=r, record_bytes=spec.record_bytes, staging_bytes=staging_bytes, relays=relays
+        )
         ranks.append(
             {"rank": r, "alive": live, "fresh": live and (r in fresh or not plan.holders_valid[r])}
             | _fields(acct, *_BYTES)
@@ -750,6 +756,7 @@ def _plan_report(
     n_p2p = sum(not mv.is_local for mv in plan.moves)
     totals = {k: sum(x[k] for x in ranks) for k in _BYTES} | {"moves": len(plan.moves)}
     totals |= {"disk_reads": len(plan.disk_reads), "post_copies": len(plan.post_copies), "rounds": len(rounds)}
+    totals |= {"relays": len(plan.relays)}
     balance = None
     if by_load.load is not None:
         balance = {"load_version": by_load.version, "a": _balance(ma.phy2log, ma.alive, by_load.load)}
@@ -798,7 +805,9 @@ def _render_plan(d: dict[str, Any]) -> list[str]:
             indent="  ",
             right=[0],
         ),
-        f"moves {t['moves']} (p2p {t['moves_p2p']}, local {t['moves_local']}), disk reads {t['disk_reads']}, "
+        f"moves {t['moves']} (p2p {t['moves_p2p']}, local {t['moves_local']}), disk reads {t['disk_reads']}"
+        + (f", relays {t['relays']}" if t["relays"] else "")
+        + ", "
         f"post copies {t['post_copies']}, rounds {t['rounds']}, parks {d['parks']}",
         "rounds  " + " ".join(f"[{x['p2p']} p2p + {x['local']} local]" for x in d["rounds"][:12])
         if d["rounds"]

@@ -11,15 +11,27 @@ For each live rank r and layer l, with H = experts r held before (empty if r is
 fresh or was dead in the old version) and the slots whose expert changes:
 
 * the first changed slot wanting an expert e not in H *obtains* e: a
-  :class:`Move` from a live, non-fresh holder (``bytes_p2p``), or a
-  :class:`DiskRead` when no live holder exists (``bytes_disk``, ``missing``);
+  :class:`Move` from a live, non-fresh holder (``bytes_p2p``), or, when no live
+  holder exists, a :class:`DiskRead` (``bytes_disk``, ``missing``); with
+  ``relay_missing`` (what a rebalance plans) only one of the live ranks obtaining
+  e from the checkpoint in a layer reads it (its *reader*), and the others get it
+  from the reader as a :class:`Relay` once the read is done (``bytes_p2p``);
 * every other changed slot is a local copy (``bytes_local``): a :class:`Move`
   from the rank's own old slot when every old slot of e changes (its old
   content must be packed before it is overwritten), otherwise a
   :class:`PostCopy` after all moves, from a slot that holds e by then;
 * unchanged slots cost nothing.
 
-:func:`schedule_rounds` then splits the moves into rounds.
+:func:`schedule_rounds` then splits the moves into rounds, :func:`relay_rounds` the relays.
+
+The reader of a missing expert (layer l, expert e): let N be the live ranks obtaining e
+from the checkpoint in layer l (ascending), and j the position of e among the experts of
+layer l that some live rank obtains from the checkpoint (ascending, from 0). The
+candidates C are N, or with ``ranks_per_node`` the ranks of N on the node holding most of
+N (the lowest such node on ties); the reader is ``C[(l + j) % len(C)]``. So relays stay on
+one node when they can, and reads rotate over the candidates from expert to expert and
+layer to layer (no rank reads every shared expert); the choice depends on the layer alone,
+so layer chunks plan the same readers as the whole.
 """
 
 from __future__ import annotations
@@ -48,11 +60,13 @@ __all__ = [
     "PostCopy",
     "RankAccount",
     "RebalancePlan",
+    "Relay",
     "Round",
     "layer_chunks",
     "merge_plans",
     "plan_chunks",
     "plan_rebalance",
+    "relay_rounds",
     "round_budget",
     "schedule_rounds",
 ]
@@ -108,8 +122,25 @@ class DiskRead(NamedTuple):
     slot: int
 
 
+class Relay(NamedTuple):
+    """Send the record of (src_rank, layer, src_slot), just read from the checkpoint there, into
+    (dst_rank, layer, dst_slot): a missing expert read once and sent to the other ranks needing it.
+
+    Runs after the reader's :class:`DiskRead` of (layer, expert) into ``src_slot`` is complete
+    and after every :class:`Move` (``dst_slot`` may hold old content a move reads), before the
+    post copies (a post copy may read ``dst_slot``). The fields and their order are those of a
+    :class:`Move` (``Move(*relay)``); ``src_rank != dst_rank`` always."""
+
+    layer: int
+    expert: int
+    src_rank: int
+    src_slot: int
+    dst_rank: int
+    dst_slot: int
+
+
 class PostCopy(NamedTuple):
-    """After all moves and reads: copy local slot src_slot to dst_slot of ``rank`` (same expert)."""
+    """After all moves, reads and relays: copy local slot src_slot to dst_slot of ``rank`` (same expert)."""
 
     rank: int
     layer: int
@@ -120,7 +151,8 @@ class PostCopy(NamedTuple):
 
 @dataclass
 class RankAccount:
-    """Exact accounting of one rank: bytes brought from peers, copied locally, read from disk."""
+    """Exact accounting of one rank: bytes brought from peers (moves and relays received), copied
+    locally, read from disk (``missing``: layer -> the experts this rank reads from the checkpoint)."""
 
     bytes_p2p: int = 0
     bytes_local: int = 0
@@ -141,6 +173,10 @@ class RebalancePlan:
     post_copies: list[PostCopy]
     accounts: dict[int, RankAccount]
     changed: set[tuple[int, int, int]]  # (rank, layer, local slot) whose content is (re)written
+    # Missing experts sent on by their reader (planned with relay_missing): each (layer, expert) is
+    # in ``disk_reads`` once, on its reader (``Relay.src_rank``), and relayed to the other ranks
+    # needing it. Order: the moves, the reads, then the relays, then the post copies.
+    relays: list[Relay] = field(default_factory=list)
 
 
 # Named tuples from plain tuples without a Python-level __new__ per record (~0.15 us each).
@@ -148,6 +184,7 @@ _new_move = functools.partial(tuple.__new__, Move)
 _new_post = functools.partial(tuple.__new__, PostCopy)
 _new_disk = functools.partial(tuple.__new__, DiskRead)
 _new_park = functools.partial(tuple.__new__, Park)
+_new_relay = functools.partial(tuple.__new__, Relay)
 
 
 @contextmanager
@@ -188,6 +225,7 @@ def plan_rebalance(
     ranks_per_node: int | None = None,
     layers: Sequence[int] | None = None,
     load: list[int] | None = None,
+    relay_missing: bool = False,
 ) -> RebalancePlan:
     """Compute the rebalance plan from ``old`` to ``new``.
 
@@ -201,6 +239,9 @@ def plan_rebalance(
         layers: plan only these layers (default all), in this order.
         load: int [R], bytes each rank already sends (updated in place): planning layers in
             pieces with one ``load`` gives the same moves as planning them at once.
+        relay_missing: a missing expert that several live ranks need in a layer is read from the
+            checkpoint by one of them and relayed to the others (``plan.relays``; see the module
+            docstring for the reader). False: every rank needing it reads it (no relays).
     """
     dims = [(p.num_layers, p.num_experts, p.num_ranks, p.slots_per_rank) for p in (old, new)]
     if dims[0] != dims[1]:
@@ -228,7 +269,8 @@ def plan_rebalance(
     lay = np.arange(L) if layers is None else np.array([operator.index(x) for x in layers], dtype=np.int64)
     with _gc_paused():
         cols = _plan_columns(old.phy2log.numpy(), new.phy2log.numpy(), lay, R, S, E, alive_t, valid, ranks_per_node)
-        return _plan_objects(cols, R, S, lay, alive_t, valid, expert_bytes, sent_bytes)
+        readers = (E, ranks_per_node) if relay_missing else None
+        return _plan_objects(cols, R, S, lay, alive_t, valid, expert_bytes, sent_bytes, readers)
 
 
 def _plan_columns(old_np, new_np, lay, R, S, E, alive_t, valid, ranks_per_node) -> dict[str, np.ndarray]:
@@ -297,9 +339,42 @@ def _plan_columns(old_np, new_np, lay, R, S, E, alive_t, valid, ranks_per_node) 
     )  # fmt: skip
 
 
-def _plan_objects(cols, R, S, lay, alive_t, valid, expert_bytes, sent_bytes) -> RebalancePlan:
+def _reader_of(q, r, e, lay, E: int, ranks_per_node: int | None) -> np.ndarray:
+    """The checkpoint reads of a plan, at positions (layer position q, rank r) for expert e, in
+    flat (q, r, slot) order: for each, the index of the read of the same (layer, expert) that is
+    its reader (itself when it reads). The rule is the module docstring's; vectorized."""
+    n = len(q)
+    key = q * E + e
+    order = np.argsort(key, kind="stable")  # by (layer position, expert); ranks ascending within
+    ks, rs = key[order], r[order]
+    new_group = np.ones(n, dtype=bool)
+    new_group[1:] = ks[1:] != ks[:-1]
+    gid = np.cumsum(new_group) - 1
+    gstart = np.flatnonzero(new_group)
+    glen = np.diff(np.append(gstart, n))
+    gq = q[order[gstart]]  # ascending
+    ordinal = np.arange(len(gstart)) - np.searchsorted(gq, gq)  # the expert's position in its layer
+    cstart, clen = gstart, glen
+    if ranks_per_node:
+        node = rs // ranks_per_node  # ascending within a group: its nodes are runs
+        new_run = new_group.copy()
+        new_run[1:] |= node[1:] != node[:-1]
+        rstart = np.flatnonzero(new_run)
+        rlen = np.diff(np.append(rstart, n))
+        rg = gid[rstart]
+        best = np.lexsort((rstart, -rlen, rg))  # per group: its longest run first, the lowest node on ties
+        first = best[np.flatnonzero(np.diff(rg[best], prepend=-1) != 0)]
+        cstart, clen = rstart[first], rlen[first]
+    reader = cstart + (lay[gq] + ordinal) % clen  # sorted index of each group's reader
+    out = np.empty(n, dtype=np.int64)
+    out[order] = order[reader[gid]]
+    return out
+
+
+def _plan_objects(cols, R, S, lay, alive_t, valid, expert_bytes, sent_bytes, readers) -> RebalancePlan:
     """The public plan from :func:`_plan_columns`: sources of moves from peers (sequential, as
-    each choice spreads ``sent_bytes``), then the named tuples, built once from columns."""
+    each choice spreads ``sent_bytes``), then the named tuples, built once from columns.
+    ``readers``: (E, ranks_per_node) to read each missing (layer, expert) once and relay it, or None."""
     now, lo, hi = cols["now"], cols["lo"], cols["hi"]
     has_src = hi > lo
     lo, hi, hr = lo[has_src], hi[has_src], cols["hr"]
@@ -356,12 +431,30 @@ def _plan_objects(cols, R, S, lay, alive_t, valid, expert_bytes, sent_bytes) -> 
         map(_new_post, zip(pc["r"].tolist(), pc["layer"].tolist(), p_e.tolist(), p_src.tolist(), pc["s"].tolist()))
     )
     dk, (d_e,) = at(disk, now)
+    relays: list[Relay] = []
+    if readers is not None and len(d_e):
+        src = _reader_of(dk["q"], dk["r"], d_e, lay, *readers)
+        reads = src == np.arange(len(src))
+        if not reads.all():
+            x, y = np.flatnonzero(~reads), src[~reads]
+            relays = list(
+                map(
+                    _new_relay,
+                    zip(
+                        dk["layer"][x].tolist(), d_e[x].tolist(), dk["r"][y].tolist(), dk["s"][y].tolist(),
+                        dk["r"][x].tolist(), dk["s"][x].tolist(),
+                    ),
+                )
+            )  # fmt: skip
+            relayed = np.bincount(dk["r"][x], minlength=R)
+            dk = {k: v[reads] for k, v in dk.items()}
+            d_e = d_e[reads]
     disk_reads = list(map(_new_disk, zip(dk["r"].tolist(), dk["layer"].tolist(), d_e.tolist(), dk["s"].tolist())))
     ch, _ = at(cols["changed"])
     changed = set(zip(ch["r"].tolist(), ch["layer"].tolist(), ch["s"].tolist()))
     # exact accounting: one expert per changed slot, by what fills it
     n_local = np.bincount(mv["r"][~p2p[mv["q"], mv["r"], mv["s"]]], minlength=R) + np.bincount(pc["r"], minlength=R)
-    n_p2p = np.bincount(np.nonzero(p2p)[1], minlength=R)
+    n_p2p = np.bincount(np.nonzero(p2p)[1], minlength=R) + (relayed if relays else 0)
     n_disk = np.bincount(dk["r"], minlength=R)
     accounts = {}
     for r in range(R):
@@ -386,6 +479,7 @@ def _plan_objects(cols, R, S, lay, alive_t, valid, expert_bytes, sent_bytes) -> 
         post_copies=post_copies,
         accounts=accounts,
         changed=changed,
+        relays=relays,
     )
 
 
@@ -411,6 +505,7 @@ def merge_plans(plans: Sequence[RebalancePlan]) -> RebalancePlan:
         post_copies=[c for p in plans for c in p.post_copies],
         accounts=accounts,
         changed=set().union(*(p.changed for p in plans)),
+        relays=[x for p in plans for x in p.relays],
     )
 
 
@@ -449,8 +544,12 @@ def plan_chunks(
     alive: Sequence[bool] | torch.Tensor | None = None,
     fresh: Iterable[int] = (),
     ranks_per_node: int | None = None,
+    relay_missing: bool = True,
 ) -> Iterator[tuple[RebalancePlan, list[Round], int]]:
     """(plan, rounds, staging bytes for those rounds) per chunk of layers, computed lazily.
+
+    ``relay_missing`` (what a rebalance does): see :func:`plan_rebalance`; the relays of every
+    chunk run after all of them, in :func:`relay_rounds` of the merged plan.
 
     One chunk: the whole staging. Several (only when half the staging holds four records):
     each chunk's rounds get half of it, since the next chunk is packed while the last rounds
@@ -474,6 +573,7 @@ def plan_chunks(
             ranks_per_node=ranks_per_node,
             layers=layers,
             load=load,
+            relay_missing=relay_missing,
         )
         yield plan, schedule_rounds(plan, record_bytes=record_bytes, budget_bytes=budget), staging
 
@@ -508,7 +608,23 @@ def schedule_rounds(plan: RebalancePlan, *, record_bytes: int, budget_bytes: int
     Raises StoreError when the budget is below two records, or when parked
     records alone fill a rank's budget.
     """
-    moves = list(plan.moves)
+    return _schedule(list(plan.moves), plan.num_ranks, record_bytes=record_bytes, budget_bytes=budget_bytes)
+
+
+def relay_rounds(plan: RebalancePlan, *, record_bytes: int, staging_bytes: int, round_bytes: int) -> list[Round]:
+    """The rounds of ``plan.relays`` (as moves, ``Move(*relay)``), run after every chunk's rounds,
+    reads and the wait for both, before the post copies; the whole staging is free by then, so
+    per rank and round they carry :func:`round_budget` of ``staging_bytes``. The relays read
+    nothing another relay writes, so they fill the rounds first-fit, in plan order. Identical on
+    every rank; [] without relays."""
+    if not plan.relays:
+        return []
+    budget = round_budget(staging_bytes=staging_bytes, round_bytes=round_bytes, record_bytes=record_bytes)
+    moves = [Move(*x) for x in plan.relays]
+    return _schedule(moves, plan.num_ranks, record_bytes=record_bytes, budget_bytes=budget)
+
+
+def _schedule(moves: list[Move], num_ranks: int, *, record_bytes: int, budget_bytes: int) -> list[Round]:
     if not moves:
         return []
     if budget_bytes < 2 * record_bytes:
@@ -522,7 +638,7 @@ def schedule_rounds(plan: RebalancePlan, *, record_bytes: int, budget_bytes: int
         # columns of the moves: (layer, expert, src_rank, src_slot, dst_rank, dst_slot, src_park)
         cols = np.fromiter(itertools.chain.from_iterable(moves), dtype=np.int64, count=7 * n).reshape(n, 7)
         src, dst = cols[:, 2], cols[:, 4]
-        R = max(plan.num_ranks, int(src.max()) + 1, int(dst.max()) + 1)
+        R = max(num_ranks, int(src.max()) + 1, int(dst.max()) + 1)
         # records per rank, to send, receive or move locally
         records = np.bincount(src, minlength=R) + np.bincount(dst[dst != src], minlength=R)
         if int(records.max()) <= cap:

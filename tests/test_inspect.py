@@ -311,8 +311,9 @@ def test_plan_multi_rank_accounting_links_and_missing(capsys, tmp_path, ds):
                 assert not row["alive"] and row["bytes_p2p"] == row["bytes_local"] == row["bytes_disk"] == 0
                 continue
             want = expected_accounting(
-                old, new, rank=r, expert_bytes=ds.spec.nbytes, old_alive=alive[a - 1], alive=alive[a], fresh=()
-            )
+                old, new, rank=r, expert_bytes=ds.spec.nbytes, old_alive=alive[a - 1], alive=alive[a], fresh=(),
+                relay_missing=True, ranks_per_node=es.ManifestLog(root).read(a).ranks_per_node,
+            )  # fmt: skip
             missing = {m["layer"]: m["experts"] for m in row["missing"]}
             assert (row["bytes_p2p"], row["bytes_local"], row["bytes_disk"], missing) == want, (a, r)
             into = sum(x["bytes"] for x in d["links"] if x["dst"] == r)
@@ -844,8 +845,9 @@ def test_dry_run_json_accounting_and_balance(capsys, tmp_path, ds):
             assert not row["alive"] and row["staging_peak"] == 0 and row["bytes_p2p"] == 0
             continue
         want = expected_accounting(
-            old, new, rank=r, expert_bytes=ds.spec.nbytes, old_alive=[True] * 4, alive=alive, fresh=()
-        )
+            old, new, rank=r, expert_bytes=ds.spec.nbytes, old_alive=[True] * 4, alive=alive, fresh=(),
+            relay_missing=True, ranks_per_node=es.ManifestLog(root).read(4).ranks_per_node,
+        )  # fmt: skip
         missing = {m["layer"]: m["experts"] for m in row["missing"]}
         assert (row["bytes_p2p"], row["bytes_local"], row["bytes_disk"], missing) == want, r
         assert sum(x["bytes"] for x in d["links"] if x["dst"] == r) == row["bytes_p2p"]

@@ -68,6 +68,9 @@ def _simulate(old, new, plan, rounds, *, old_alive, alive, cap):
             slots[(m.dst_rank, m.layer, m.dst_slot)] = src
     for d in plan.disk_reads:
         slots[(d.rank, d.layer, d.slot)] = d.expert
+    for x in plan.relays:  # after the reads: sent on from the slot the reader filled
+        assert slots[(x.src_rank, x.layer, x.src_slot)] == x.expert, x
+        slots[(x.dst_rank, x.layer, x.dst_slot)] = x.expert
     for c in plan.post_copies:
         assert slots[(c.rank, c.layer, c.src_slot)] == c.expert, c
         slots[(c.rank, c.layer, c.dst_slot)] = c.expert
@@ -165,7 +168,7 @@ def test_chunks_merge_to_the_whole_plan(monkeypatch):
     old = random_placement(gen, L=L, E=E, R=R, S=S)
     new = random_placement(gen, L=L, E=E, R=R, S=S)
     alive, fresh = [True, True, True, True], (2,)
-    whole = plan_rebalance(old, new, expert_bytes=7, alive=alive, fresh=fresh, ranks_per_node=2)
+    whole = plan_rebalance(old, new, expert_bytes=7, alive=alive, fresh=fresh, ranks_per_node=2, relay_missing=True)
     chunks = list(
         plan_module.plan_chunks(
             old, new, expert_bytes=7, record_bytes=RB, staging_bytes=12 * RB, round_bytes=1 << 30,
@@ -176,6 +179,7 @@ def test_chunks_merge_to_the_whole_plan(monkeypatch):
     merged = plan_module.merge_plans([c[0] for c in chunks])
     assert merged.moves == whole.moves and merged.disk_reads == whole.disk_reads
     assert merged.post_copies == whole.post_copies and merged.changed == whole.changed
+    assert merged.relays == whole.relays and whole.relays  # a missing expert read once per layer
     assert merged.accounts == whole.accounts
     for plan, rounds, staging in chunks:
         assert staging == 6 * RB

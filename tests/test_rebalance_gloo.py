@@ -36,8 +36,9 @@ def _placement_live(gen, *, L, E, R, S, live):
 
 def _check(store, info, report, old, new, *, old_alive, alive, fresh, what):
     want = expected_accounting(
-        old, new, rank=store.rank, expert_bytes=info.spec.nbytes, old_alive=old_alive, alive=alive, fresh=fresh
-    )
+        old, new, rank=store.rank, expert_bytes=info.spec.nbytes, old_alive=old_alive, alive=alive, fresh=fresh,
+        relay_missing=True, ranks_per_node=store.ranks_per_node,
+    )  # fmt: skip
     got = (report.bytes_p2p, report.bytes_local, report.bytes_disk, report.missing)
     assert got == want, f"{what}: rank {store.rank} accounting {got} != contract {want}"
     assert_slots_exact(store, info, what=what)
