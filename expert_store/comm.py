@@ -100,10 +100,15 @@ class Comm:
         timeout_s: deadline of each host-side wait.
     """
 
-    def __init__(self, group, *, rank: int, world_size: int, device: torch.device, timeout_s: float) -> None:
+    def __init__(
+        self, group, *, rank: int, world_size: int, device: torch.device, timeout_s: float, background: bool = False
+    ) -> None:
+        """``background``: the messaging of a thread beside the engine's (a rebalance job's staging):
+        device waits poll every 200 us instead of spinning, so that the engine's thread gets the GIL."""
         self.rank = rank
         self.world_size = world_size
         self.timeout_s = timeout_s
+        self._poll_s = 2e-4 if background else 0.0
         self.group = group
         self.transport_device = torch.device("cpu")
         self.call = call_id(b"idle")
@@ -274,7 +279,7 @@ class Comm:
                 )
             # Spin for the first 20 ms (a round ends within microseconds of its transfer), then
             # back off so a stuck peer does not burn a core for minutes.
-            time.sleep(0 if now - start < 0.02 else 0.001)
+            time.sleep(self._poll_s if now - start < 0.02 else 0.001)
         if not everything:
             return  # later transfers may still be writing their headers
         deferred, self._deferred = self._deferred, []

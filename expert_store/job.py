@@ -171,6 +171,8 @@ class _Stager:
         self.stop = False
         self.fault: StepReady | None = None
         self.fault_text = ""
+        self.prepared = None  # the new version's manifest, written once every layer is staged
+        self.manifest_error = ""
         self.staged: dict[int, _Staged] = {}  # layer -> its region (staged, not yet switched)
         self.held = [0] * store.world_size  # every rank's staging held by unswitched staged layers
         self.peak = 0
@@ -194,6 +196,8 @@ class _Stager:
                     if start is None:
                         return
                     fault = self._stage(layer, start)
+                    if fault is None and layer + 1 == L:
+                        self._prepare_manifest()  # before the last layer is reported ready
                     with self.cv:
                         if fault is not None:
                             self.fault = fault
@@ -213,6 +217,20 @@ class _Stager:
             with self.cv:
                 if self.stop:  # the job ended while this thread still waited for a peer
                     self.comm.close()
+
+    def _prepare_manifest(self) -> None:
+        """Every layer staged: write and fsync the new version's manifest now (its bytes are known
+        from the start), so that the step that switches the last layer only publishes it."""
+        try:
+            prepared = self.job.store.log.prepare(self.job._manifest("rebalance", switched=len(self.job.plan.plans)))
+        except StoreError as e:
+            self.manifest_error = str(e)
+            return
+        with self.cv:
+            if self.stop:
+                prepared.discard()
+            else:
+                self.prepared = prepared
 
     def _reserve(self, layer: int) -> int | None:
         """Wait until ``layer`` may be staged (the window of every rank, then a contiguous region
@@ -587,6 +605,9 @@ class RebalanceJob:
         store = self.store
         if not self._stager.shutdown(timeout=0.5):
             store._staging = None  # the thread may still receive into it
+        if self._stager.prepared is not None:  # the job failed after its manifest was written
+            self._stager.prepared.discard()
+            self._stager.prepared = None
         if store._job is self:
             store._job = None
 
@@ -608,16 +629,18 @@ class RebalanceJob:
             store._broken = f"rebalance job failed ({error}) and its partial version could not be committed: {e}"
             self._error = store._broken
 
-    def _manifest(self, reason: str):
-        """The manifest of what the slots hold: the switched layers moved. In a partial version the
-        fresh ranks count as not alive (their unswitched layers hold nothing)."""
+    def _manifest(self, reason: str, *, switched: int | None = None):
+        """The manifest of what the slots hold once ``switched`` layers (default: those switched now)
+        moved. In a partial version the fresh ranks count as not alive (their unswitched layers hold
+        nothing). Every live rank makes the same bytes: nothing in it depends on timing."""
         store, call = self.store, self.call
-        n = self._switched
+        n = self._switched if switched is None else switched
         plan = merge_plans(self.plan.plans[:n]) if n < len(self.plan.plans) else self.plan.merged
         if n < len(self.plan.plans) and call.fresh:
             call = call._replace(alive=tuple(a and r not in call.fresh for r, a in enumerate(call.alive)))
         return store._next_manifest(
-            call, plan, self._answered, self._created, self._old.version + 1, placement=self.placement,
+            call, plan, n, self._created, self._old.version + 1,
+            placement=self.placement if switched is None else call.new,
             reason=reason, extra={"layers_switched": n, "layers_per_step": call.job_layers},
         )  # fmt: skip
 
@@ -627,12 +650,9 @@ class RebalanceJob:
 
         store, call = self.store, self.call
         t0 = time.perf_counter()
-        prepared, problem = None, ""
-        try:
-            prepared = store.log.prepare(self._manifest("rebalance"))
-            outcome = Outcome.DONE
-        except StoreError as e:
-            outcome, problem = Outcome.MANIFEST_FAILED, str(e)
+        prepared, problem = self._stager.prepared, self._stager.manifest_error
+        self._stager.prepared = None  # this step publishes or discards it
+        outcome = Outcome.DONE if prepared is not None else Outcome.MANIFEST_FAILED
         store._comm.begin(call_id(b"rebalance-job-completion", self._nonces))
         try:
             table = store._comm.start_gather(call.live, Completion(outcome).encode(), kind=Kind.COMPLETION,
@@ -678,6 +698,6 @@ class RebalanceJob:
             seconds=time.perf_counter() - self._t_start,
             phase_seconds=self._phases,
             staging_peak=staging_peak,
-            rounds=self._answered,
+            rounds=store.layout.num_layers,  # one exchange per layer
             verified=call.verify,
         )

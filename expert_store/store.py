@@ -729,7 +729,7 @@ class ExpertStore:
         elif transfer_group is comm.group:
             raise StoreError(f"rank {self.rank}: transfer_group must be another process group than the store's")
         return Comm(transfer_group, rank=self.rank, world_size=self.world_size, device=self.device,
-                    timeout_s=comm.timeout_s)  # fmt: skip
+                    timeout_s=comm.timeout_s, background=True)  # fmt: skip
 
     def _validate(self, new_placement, alive, fresh, staging_bytes, round_bytes, verify, load):
         """(call, None), or (a call good enough to tell the peers, the StoreError to raise after)."""
