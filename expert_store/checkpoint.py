@@ -5,7 +5,9 @@ by :mod:`expert_store.safetensors_file`. The data moves by ``preadv`` only, stra
 destinations, or for CUDA destinations into pinned host staging (``staging_bytes`` in total) from
 which ``non_blocking`` copies on a side stream fill the destination views; an event per staging
 buffer says when it may be refilled, so reading the next chunk overlaps the host-to-device copy of
-the previous ones. No device memory other than the destinations is used.
+the previous ones. A warm read fills its (large) staging buffer by several smaller ``preadv``
+calls and drains it by one copy per destination range: small host copies, large DMAs. No device
+memory other than the destinations is used.
 
 **Warm and cold reads are scheduled apart.** Ranges are sorted by (file, offset) and cut into
 reads, each classified *warm* (a few of its pages are in the page cache: ``mincore``) or *cold*
@@ -52,18 +54,26 @@ __all__ = ["INDEX_NAME", "Checkpoint", "ReadStats"]
 INDEX_NAME = "model.safetensors.index.json"
 
 
+def _cpus() -> int:
+    """Cores this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class _ReadSettings:
-    """The reader's tuning. Measured with tools/bench_checkpoint_gpu.py on the H200 host (ext4,
-    16 of 128 DeepSeek-V3 experts = 0.705 GB into GPU slots; results/bench_checkpoint_h200_20261129.txt,
+    """The reader's tuning. Measured with tools/bench_checkpoint_gpu.py and
+    tools/diagnose_reads_gpu.py on the H200 host (16 cores, ext4, DeepSeek-V3 experts into GPU
+    slots; results/bench_checkpoint_h200_20261129.txt, results/checkpoint_reads_h200_20261201.txt,
     results/NOTES.md), where the variants that lost were measured too."""
 
-    # Warm readers: 4 threads 14.95 GB/s, 8: 20.8, 10: 19.7, 12: 11.3 (the readers, the CUDA
-    # driver's threads and the GIL then fight for the cores and the memory bus). Warm reads are
-    # bound by host memory bandwidth: every byte crosses the bus four times (page cache read,
-    # staging write with its read-for-ownership, DMA read); 8 threads into CPU memory (three
-    # passes) 27.5 GB/s: 27.5 * 3 ~ 20.8 * 4 ~ 83 GB/s.
-    threads: int = 8
+    # Warm readers: one per core up to 16. Warm reads are bound by the readers' page cache ->
+    # pinned copies (92% of a reader's time; the copy engine idled 42% with 8 readers): all 128
+    # experts (5.6 GB) 8 threads 24.9 GB/s, 16: 34.3; 16 of 128: 6: 22.0, 8: 24.5, 12: 25.8,
+    # 16: 28.6. Capped by the cores so that a 2-core machine does not run 16.
+    threads: int = field(default_factory=lambda: max(1, min(16, _cpus())))
     # Cold readers, in file order. One copies page cache -> staging at >= 3 GB/s, faster than the
     # disk (plain sequential read 1.5-1.7 GB/s), so 2 keep the staging moving; more only add
     # seeks (8 readers with every range hinted at once: 0.64 GB/s, 0.37x a sequential read).
@@ -71,15 +81,22 @@ class _ReadSettings:
     # WILLNEED ahead of the cold readers: ~37 ms of disk at 1.7 GB/s, a deep queue for any SSD;
     # bounded so that hinted pages are not evicted before they are read (16 and 256 MiB: alike).
     readahead_bytes: int = 64 << 20
-    # Pinned staging of one call at most (default of read_into's staging_bytes).
-    staging_bytes: int = 256 << 20
-    # Staging buffers per reader: one filling while the copy engine drains the other. 4 (at 4 MiB
-    # reads): warm 12.2 vs 12.8 GB/s; cold 1.90 vs 1.61, inside the 1.45-1.92 spread of that run.
+    # Pinned staging of one call at most (default of read_into's staging_bytes): room for
+    # buffers_per_thread buffers of chunk_bytes per warm reader (16 x 2 x 16 MiB).
+    staging_bytes: int = 512 << 20
+    # Staging buffers per reader: one filling while the copy engine drains the other. 16 threads
+    # x 16 MiB: 2 per thread 34.3 GB/s, 4: 33.9 (all 128 experts).
     buffers_per_thread: int = 2
-    # Largest read and staging buffer. Warm: 4 MiB 12.8 GB/s, 8 MiB 16.3, 16 MiB 19.3, 32 MiB
-    # 19.9, 64 MiB 19.1; cold 0.96-1.14x a sequential read at every size. A ring small enough for
-    # the CPU cache lifted the CPU copy alone (45 GB/s), not the pipeline with the DMA.
+    # Largest read job and staging buffer: one host-to-device copy per destination range per
+    # buffer, so the DMA stays large (one copy per 4 MiB read: 25.9 GB/s at 16 threads, 2 MiB:
+    # 10.9, per-copy overhead). Warm at 16 threads: 16 MiB 34.3, 8 MiB x 1/thread 33.0, 32 MiB
+    # 32.8; cold 0.96-1.14x a sequential read at every size (4-64 MiB).
     chunk_bytes: int = 16 << 20
+    # Largest single preadv of a warm staged read: a buffer is filled by chunk_bytes / read_bytes
+    # reads. Page cache -> pinned at 16 threads: 4 MiB reads 67.5 GB/s (4.2 per thread), 16 MiB
+    # 40.2 (2.5). Cold reads stay one preadv per buffer (their rate is the disk's). CPU
+    # destinations are read in chunk_bytes preadvs straight into them.
+    read_bytes: int = 4 << 20
     # Pages sampled per read to call it warm: one mincore per page is a few us (ctypes), noise
     # per 16 MiB read; a full mincore walks every 4 KiB page (95 GB/s on the H200 host, 20% of a
     # warm read). A wrong guess costs speed, never bytes.
@@ -87,13 +104,6 @@ class _ReadSettings:
     # Buffers per preadv: the kernel takes at most IOV_MAX (1024), and a run of adjacent tiny
     # tensors (every expert's scales side by side) can exceed it.
     max_pieces: int = 512
-    # How much Python a staged read runs while holding the GIL, which every reader needs between
-    # its preadv and its copies: False (issue 13): a reader enters the side stream once (with one
-    # destination device), each staging buffer has its events made once per call and re-recorded,
-    # warm reads are taken off a counter without a lock. True: the stream entered, and an event
-    # made, for every copy, warm reads taken under the lock the prefetcher waits on (as before;
-    # kept to measure against, tools/diagnose_reads_gpu.py).
-    per_copy_setup: bool = False
 
 
 _SETTINGS = _ReadSettings()
@@ -217,6 +227,10 @@ class _CudaOps:
 
     def is_device(self, t: torch.Tensor) -> bool:
         return t.device.type == "cuda"
+
+    def device(self, t: torch.Tensor) -> Any:
+        """The key of the side stream that copies into ``t`` (one stream per device)."""
+        return t.device
 
     def stream(self, device: torch.device) -> Any:
         return torch.cuda.Stream(device=device)
@@ -469,7 +483,7 @@ class Checkpoint:
                 a contiguous tensor of the spec tensor's shape and dtype, on CPU or CUDA (e.g. one
                 slot of a resident slab: ``ResidentSlabs.slot_tensors(layer, slot)``).
             staging_bytes: pinned host staging in total, for CUDA destinations
-                (default 256 MiB; less than a page counts as one page).
+                (default 512 MiB; less than a page counts as one page).
 
         Everything (names, shards, dtypes, shapes, destinations) is checked before the first byte
         is written; a failure then leaves the destinations untouched. An I/O error or a changed
@@ -555,14 +569,16 @@ class Checkpoint:
                 staging_np = staging_t.numpy()
             cpu_np = {p[3]: dests[p[3]].numpy() for p in parts if not staged[p[3]]}
             side = {}
-            for d in {dests[p[3]].device for p in dev_parts}:
+            dev_of = [ops.device(d) if staged[i] else None for i, d in enumerate(dests)]
+            for d in dict.fromkeys(dev_of[p[3]] for p in dev_parts):
                 side[d] = ops.stream(d)
                 side[d].wait_stream(ops.current_stream(d))  # destinations may still be in use
-            side_of = [side.get(d.device) for d in dests]
+            side_of = [side.get(d) for d in dev_of]
             # One destination device: each reader enters its side stream once (streams are per
             # thread), and its copies are queued there without a context per copy.
-            one_stream = next(iter(side.values())) if len(side) == 1 and not s.per_copy_setup else None
+            one_stream = next(iter(side.values())) if len(side) == 1 else None
             buf_events = [{st: ops.event() for st in side.values()} for _ in range(nbuf)]
+            step = max(page, s.read_bytes // page * page)  # a warm staged read's preadvs, whole pages
             # Free staging buffers: (index, events of the copies last queued out of it), FIFO:
             # the buffer taken is the one released longest ago, whose copies are likeliest done.
             free: queue.Queue[tuple[int, list]] = queue.Queue()
@@ -571,7 +587,9 @@ class Checkpoint:
 
             trace = _TRACE
             if trace is not None:
-                trace.plan(nbuf=nbuf, buf_bytes=buf_bytes, warm=warm, cold=cold, readers=(n_warm, n_cold))
+                trace.plan(
+                    nbuf=nbuf, buf_bytes=buf_bytes, warm=warm, cold=cold, readers=(n_warm, n_cold), read_bytes=step
+                )
 
             def transfer(job: _Job) -> None:
                 f = files[job.path]
@@ -588,7 +606,14 @@ class Checkpoint:
                     events = []
                     t1 = time.perf_counter() if trace is not None else 0.0
                     lo = b * buf_bytes
-                    f.read(job.offset, [memoryview(staging_np[lo : lo + job.nbytes])])
+                    buf = memoryview(staging_np[lo : lo + job.nbytes])
+                    if job.warm and job.nbytes > step:
+                        # Several smaller preadvs fill the buffer (the page cache copy runs
+                        # faster per thread), one copy per destination range drains it.
+                        for at in range(0, job.nbytes, step):
+                            f.read(job.offset + at, [buf[at : at + step]])
+                    else:
+                        f.read(job.offset, [buf])
                     if trace is not None:
                         t2, mark = time.perf_counter(), trace.copies_begin(list(side.values()))
                     if one_stream is not None:  # the reader is in it
@@ -605,7 +630,7 @@ class Checkpoint:
                                 dests[d][o : o + n].copy_(staging_t[lo : lo + n], non_blocking=True)
                             lo += n
                     for st in used:
-                        events.append(ops.event() if s.per_copy_setup else buf_events[b][st])
+                        events.append(buf_events[b][st])
                         events[-1].record(st)
                     if trace is not None:
                         trace.read(job, b, t0, t1, t2, time.perf_counter(), mark)
@@ -614,10 +639,10 @@ class Checkpoint:
 
             failed = threading.Event()
             errors: list[BaseException] = []
-            progress = threading.Condition()  # reads taken so far, watched by the prefetcher
-            taken = [0, 0]  # warm, cold
+            progress = threading.Condition()  # cold reads taken so far, watched by the prefetcher
+            taken = [0]
             cum = [0, *itertools.accumulate(j.nbytes for j in cold)]  # bytes of cold reads 0 .. j-1
-
+            # Warm reads are taken off a counter, no lock (only the cold ones are watched).
             warm_next = itertools.count().__next__  # atomic: a C call under the GIL
 
             def reader(k: int) -> None:
@@ -631,16 +656,16 @@ class Checkpoint:
             def take(k: int) -> None:
                 todo = (warm, cold)[k]
                 while not failed.is_set():
-                    if k == 0 and not s.per_copy_setup:
-                        j = warm_next()  # only the cold reads are watched by the prefetcher
+                    if k == 0:
+                        j = warm_next()
                         if j >= len(todo):
                             return
                     else:
                         with progress:
-                            j = taken[k]
+                            j = taken[0]
                             if j >= len(todo):
                                 return
-                            taken[k] = j + 1
+                            taken[0] = j + 1
                             progress.notify_all()
                     try:
                         transfer(todo[j])
@@ -658,11 +683,11 @@ class Checkpoint:
                 one no reader has taken yet; skip those a reader took first (it fetches them itself)."""
                 for j, job in enumerate(cold):
                     with progress:
-                        while not failed.is_set() and j > (c := taken[1]) and cum[j + 1] - cum[c] > s.readahead_bytes:
+                        while not failed.is_set() and j > (c := taken[0]) and cum[j + 1] - cum[c] > s.readahead_bytes:
                             progress.wait(0.1)
                         if failed.is_set():
                             return
-                        if j < taken[1]:
+                        if j < taken[0]:
                             continue
                     files[job.path].willneed(job.offset, job.nbytes)
 

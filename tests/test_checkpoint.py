@@ -230,19 +230,63 @@ def test_reads_cut_into_chunks(deepseek, monkeypatch, path_kind, chunk_bytes, th
     assert stats.warm_reads + stats.cold_reads >= len(targets) * info.spec.nbytes // chunk_bytes
 
 
-@pytest.mark.parametrize("per_copy_setup", [False, True])
-def test_staged_copies_queued_either_way(deepseek, monkeypatch, per_copy_setup):
-    """Both ways of queueing a staged read's copies (the stream entered once per reader and the
-    buffers' events reused, or a stream context and an event per copy) land the same bytes,
-    with staging buffers reused many times by several readers."""
-    monkeypatch.setattr(ckmod, "_DEVICE_OPS", _FakeDeviceOps())
-    _settings(monkeypatch, chunk_bytes=3 * 4096 + 8, threads=3, per_copy_setup=per_copy_setup)
+class _TwoDeviceOps(_FakeDeviceOps):
+    """The stand-in with destinations on two "devices" (by the parity of their size in 8-byte
+    words): the copies go to two side streams, each entered per copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: list = []
+
+    def device(self, t):
+        key = t.numel() // 8 % 2
+        self.keys.append(key)
+        return ("fake", key)
+
+
+@pytest.mark.parametrize(
+    ("chunk_bytes", "read_bytes"), [(64 << 10, 16 << 10), (64 << 10, 5000), (48 << 10, 1 << 20), (20000, 8192)]
+)
+@pytest.mark.parametrize("ops_kind", ["one_device", "two_devices"])
+def test_warm_staged_reads_fill_a_buffer_by_smaller_reads(deepseek, monkeypatch, chunk_bytes, read_bytes, ops_kind):
+    """A warm staged read fills its staging buffer by preadvs of at most read_bytes (rounded down
+    to whole pages, at least one page; one preadv when read_bytes is not smaller than the read),
+    buffers reused many times by several readers, destinations on one or two devices: the bytes
+    land exactly."""
+    ops = _FakeDeviceOps() if ops_kind == "one_device" else _TwoDeviceOps()
+    monkeypatch.setattr(ckmod, "_DEVICE_OPS", ops)
+    _settings(monkeypatch, chunk_bytes=chunk_bytes, read_bytes=read_bytes, threads=3)
     info = deepseek
     targets = _every_expert(info)
+    sizes: list[int] = []
+    lock = threading.Lock()
+    real = os.preadv
+
+    def preadv(fd, buffers, offset, *flags):
+        with lock:
+            sizes.append(sum(len(b) for b in buffers))
+        return real(fd, buffers, offset, *flags)
+
     with info.checkpoint() as ckpt:
+        ckpt.read_into(info.spec, targets[:1])  # the shards warm
+        monkeypatch.setattr(os, "preadv", preadv)
         stats = ckpt.read_into(info.spec, targets)
     _check_targets(info, targets)
     assert stats.nbytes == len(targets) * info.spec.nbytes
+    if stats.cold_bytes:
+        pytest.skip("the checkpoint is not in the page cache here")
+    step = max(PAGE_SIZE, read_bytes // PAGE_SIZE * PAGE_SIZE)
+    assert sum(sizes) == stats.nbytes and max(sizes) <= min(step, chunk_bytes), (max(sizes), step)
+    assert len(sizes) >= stats.nbytes // min(step, chunk_bytes)
+    if ops_kind == "two_devices":
+        assert set(ops.keys) == {0, 1}
+
+
+@pytest.mark.parametrize(("cpus", "threads"), [(1, 1), (2, 2), (16, 16), (64, 16)])
+def test_warm_readers_follow_the_cores(monkeypatch, cpus, threads):
+    """The warm readers default to one per core this process may use, at most 16."""
+    monkeypatch.setattr(ckmod, "_cpus", lambda: cpus)
+    assert ckmod._ReadSettings().threads == threads
 
 
 def test_staging_stays_within_staging_bytes(qwen_mid, monkeypatch):
@@ -258,7 +302,7 @@ def test_staging_stays_within_staging_bytes(qwen_mid, monkeypatch):
             targets = [(la, e, _poisoned(info.spec)) for la, e in pairs]
             ckpt.read_into(info.spec, targets, staging_bytes=staging)
             _check_targets(info, targets)
-            limit = 256 << 20 if staging is None else max(staging, PAGE_SIZE)
+            limit = ckmod._SETTINGS.staging_bytes if staging is None else max(staging, PAGE_SIZE)
             assert len(ops.pinned_sizes) == 1 and ops.pinned_sizes[0] <= limit, (staging, ops.pinned_sizes)
 
 

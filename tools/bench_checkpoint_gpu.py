@@ -14,8 +14,9 @@ local disk, then reads K of them (spread over the file) into the K slots of a
 resident slab on the GPU, and times, as GB/s of expert bytes:
 
 * ``Checkpoint.read_into`` into the slots (its one configuration: warm reads
-  to 8 threads, cold reads in file order to 2 threads behind a bounded
-  WILLNEED readahead, 16 MiB reads and staging buffers), and into CPU
+  to one thread per core up to 16, each filling 16 MiB staging buffers by
+  4 MiB preadvs; cold reads in file order to 2 threads behind a bounded
+  WILLNEED readahead, one 16 MiB read per staging buffer), and into CPU
   destinations (no host-to-device copy);
 * ``safe_open(device="cuda")`` + copy into the slots (what engines do today);
 * safetensors CPU ``get_tensor`` then ``.to("cuda")``;

@@ -13,8 +13,9 @@ scales) to a local temporary directory, brings it into the page cache, then meas
 1. **ceilings**: the pinned host-to-device copy of 1 GiB (one copy, and as 4 / 16 MiB copies
    on one stream), and a pageable one;
 2. **page cache -> pinned host memory** with 1 / 2 / 4 / 8 / 16 threads, by ``preadv`` and by
-   ``memcpy`` out of a (pre-faulted) map, 4 and 16 MiB reads into a ring of 2 buffers per thread
-   (aggregate and per thread);
+   ``memcpy`` out of a (pre-faulted) map, 4 and 16 MiB reads into a ring of 2 buffers per thread,
+   and 16 / 32 MiB buffers each filled by 4 MiB preadvs (the library's warm staged reads:
+   whether the small reads' rate holds in a large buffer) (aggregate and per thread);
 3. **contention**: the pinned H2D copy while 8 / 16 threads copy page cache -> pinned (both
    rates in the same window): whether the host memory bus carries both at once;
 4. **a lean pipeline** (in this script, as little Python per read as possible): N threads, each
@@ -25,8 +26,12 @@ scales) to a local temporary directory, brings it into the page cache, then meas
    staging buffer (the buffer's earlier copies), reading (its copy rate), queueing the copies and
    between reads (locks, the GIL); the copy engine's busy and idle time (CUDA timing events around
    each read's copies); staging size, buffers, reads per buffer, setup time before the first read;
-6. **a sweep of the reader's settings** (``_ReadSettings`` variants: threads, read / staging buffer
-   size, buffers per thread) on 16 experts, the best ones and the named variants again on 128.
+6. **a sweep of the reader's settings** on 16 and on all 128 experts: the library's defaults,
+   the settings before issue 13 (8 threads, one 16 MiB preadv per 16 MiB buffer), and
+   ``_ReadSettings`` variants: 2 / 4 / 8 (/ 16) MiB preadvs into 16 / 32 MiB staging buffers
+   (2 per thread), 12 / 16 threads, and 4 MiB reads into 8 MiB buffers; round-robin over the
+   settings (``--sweep-repeats`` rounds, median), GB/s and the ratio to the pinned H2D copy; the
+   best row on 128 experts and the line of ``_ReadSettings`` that would make it the default.
 
 Prints short tables; writes everything to ``$OUT/diagnose_reads.json`` if ``OUT`` is set.
 """
@@ -65,17 +70,19 @@ from expert_store.safetensors_file import _MAP_FAILED, _libc  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
 
-# The reader's settings before issue 13's work (what the issue's table measured), and named
-# variants: the diagnosis compares them in the same run. Fields a version of _ReadSettings lacks
-# are dropped (so this runs against the settings of either version).
-BASELINE = {"threads": 8, "chunk_bytes": 16 * MiB, "buffers_per_thread": 2, "staging_bytes": 256 * MiB}
-NAMED: dict[str, dict] = {
-    "before issue 13 (8 thr, 16 MiB x 2/thr)": BASELINE | {"per_copy_setup": True},
-    "lean copies, same settings": BASELINE | {"per_copy_setup": False},
+# The reader's settings before issue 13's work (what the issue's table measured: 8 threads, one
+# 16 MiB preadv per 16 MiB staging buffer), compared with in the same run. Fields a version of
+# _ReadSettings lacks are dropped (so this runs against the settings of either version).
+BASELINE = {
+    "threads": 8,
+    "chunk_bytes": 16 * MiB,
+    "read_bytes": 16 * MiB,
+    "buffers_per_thread": 2,
+    "staging_bytes": 256 * MiB,
 }
-BEFORE = next(iter(NAMED))
-# The Python run per staged read: as before issue 13 (True) and leaner (False); both in the sweep.
-PATHS = (True, False)
+BEFORE = "8 thr, 16 MiB reads = buffers (before issue 13)"
+# The library's own settings in the sweep (read_into's defaults, staging_bytes=None).
+LIBRARY = "library defaults"
 
 
 # -- device, or a CPU stand-in (--smoke) ---------------------------------------------
@@ -251,13 +258,21 @@ class _Maps:
 
 
 def host_copy(
-    ranges: list[tuple[Path, int, int]], threads: int, chunk: int, method: str, dev: Dev, maps: _Maps | None
+    ranges: list[tuple[Path, int, int]],
+    threads: int,
+    chunk: int,
+    method: str,
+    dev: Dev,
+    maps: _Maps | None,
+    piece: int | None = None,
 ) -> Callable[[], None]:
-    """``threads`` readers take ``ranges`` in order, each into its own ring of 2 pinned buffers."""
+    """``threads`` readers take ``ranges`` in order, each into its own ring of 2 pinned buffers of
+    ``chunk`` bytes; ``piece`` (preadv only): each range read by preadvs of at most that size."""
     ring = dev.pinned(threads * 2 * chunk)
     ring_np = ring.numpy()
     base = ring.data_ptr()
     fds = {f: os.open(f, os.O_RDONLY) for f in {r[0] for r in ranges}}
+    step = piece or chunk
 
     def run() -> None:
         it = iter(ranges)
@@ -273,7 +288,9 @@ def host_copy(
                 f, off, n = r
                 lo = (2 * i + k) * chunk
                 if method == "preadv":
-                    os.preadv(fds[f], [memoryview(ring_np[lo : lo + n])], off)
+                    for at in range(0, n, step):
+                        m = min(step, n - at)
+                        os.preadv(fds[f], [memoryview(ring_np[lo + at : lo + at + m])], off + at)
                 else:
                     ctypes.memmove(base + lo, maps.addr[f] + off, n)
                 k ^= 1
@@ -285,23 +302,49 @@ def host_copy(
     return run
 
 
-def page_cache_to_pinned(files, dev, repeats, cap, thread_counts) -> list[dict]:
+# (method, buffer MiB, piece MiB or None): the rows of the page-cache table. "preadv 4 in 16":
+# 16 MiB ring buffers, each filled by four 4 MiB preadvs (the library's warm staged reads).
+HOST_ROWS = (
+    ("preadv", 4, None),
+    ("preadv", 16, None),
+    ("preadv", 16, 4),
+    ("preadv", 32, 4),
+    ("memcpy_map", 4, None),
+    ("memcpy_map", 16, None),
+)
+
+
+def host_row_name(method: str, buf: int, piece: int | None) -> str:
+    return f"{method} {buf}Mi" if piece is None else f"{method} {piece} in {buf}Mi"
+
+
+def page_cache_to_pinned(files, dev, repeats, cap, thread_counts, smoke: bool = False) -> list[dict]:
     rows = []
     maps = _Maps(files)
     try:
-        for chunk in (4 * MiB, 16 * MiB):
+        for method, buf, piece in HOST_ROWS:
+            # --smoke: the same rows in KiB
+            chunk, step = (buf * MiB, piece and piece * MiB) if not smoke else (buf << 10, piece and piece << 10)
             ranges = file_ranges(files, cap, chunk)
             nbytes = sum(r[2] for r in ranges)
-            for method in ("preadv", "memcpy_map"):
-                for t in thread_counts:
-                    fn = host_copy(ranges, t, chunk, method, dev, maps)
-                    s = median_s(fn, dev, repeats)
-                    for fd in fn.fds.values():
-                        os.close(fd)
-                    rows.append({"method": method, "chunk_MiB": chunk // MiB, "threads": t, "gbps": gbps(nbytes, s)})
-                    rows[-1]["per_thread_gbps"] = rows[-1]["gbps"] / t
-                    del fn
-                dev.free_host_cache()
+            for t in thread_counts:
+                fn = host_copy(ranges, t, chunk, method, dev, maps, piece=step)
+                s = median_s(fn, dev, repeats)
+                for fd in fn.fds.values():
+                    os.close(fd)
+                rows.append(
+                    {
+                        "method": method,
+                        "chunk_MiB": buf,
+                        "piece_MiB": piece,
+                        "name": host_row_name(method, buf, piece),
+                        "threads": t,
+                        "gbps": gbps(nbytes, s),
+                    }
+                )
+                rows[-1]["per_thread_gbps"] = rows[-1]["gbps"] / t
+                del fn
+            dev.free_host_cache()
     finally:
         maps.close()
     return rows
@@ -423,12 +466,13 @@ class Trace:
         self.rows: list[tuple] = []
         self.t_plan = 0.0
 
-    def plan(self, *, nbuf, buf_bytes, warm, cold, readers) -> None:
+    def plan(self, *, nbuf, buf_bytes, warm, cold, readers, read_bytes=None) -> None:
         self.t_plan = time.perf_counter()
         self.plans.append(
             {
                 "nbuf": nbuf,
                 "buf_bytes": buf_bytes,
+                "read_bytes": read_bytes,
                 "staging_bytes": nbuf * buf_bytes,
                 "warm_reads": len(warm),
                 "cold_reads": len(cold),
@@ -545,9 +589,12 @@ def traced_read(ckpt, spec, targets, dev: Dev, staging: int | None = None) -> di
 
 def print_trace(what: str, tr: dict) -> None:
     sp, dma = tr.get("thread_time_split", {}), tr.get("dma", {})
+    rb = tr.get("read_bytes")
     print(
         f"  {what}, traced {tr['traced_gbps']:.1f} GB/s: staging {tr.get('nbuf')} x "
-        f"{tr.get('buf_bytes', 0) / MiB:.0f} MiB, {tr.get('reads_per_buffer', 0):.1f} reads per buffer, "
+        f"{tr.get('buf_bytes', 0) / MiB:.0f} MiB"
+        + (f" filled by <= {rb / MiB:g} MiB preadvs" if rb else "")
+        + f", {tr.get('reads_per_buffer', 0):.1f} reads per buffer, "
         f"{tr.get('pieces_per_read', 0):.2f} copies per read, {len(tr.get('threads', []))} threads; "
         f"setup {tr.get('setup_ms', 0):.1f} ms, drain after last queued {tr.get('after_last_queued_ms', 0):.1f} ms "
         f"of {tr['wall_ms']:.1f}"
@@ -594,33 +641,82 @@ def es_rate(ckpt, spec, targets, dev: Dev, repeats: int, over: dict | None) -> t
     return gbps(last[0].nbytes, s), {"warm_reads": last[0].warm_reads, "cold_reads": last[0].cold_reads}
 
 
-def sweep_grid(smoke: bool) -> list[dict]:
-    grid = []
-    for threads in (6, 8, 12, 16) if not smoke else (2, 4):
-        for chunk in (2, 4, 8, 16, 32) if not smoke else (1, 2):
-            for bpt in (1, 2, 4):
-                staging = threads * bpt * chunk * MiB
-                if staging > GiB:
-                    continue
-                for per_copy in PATHS:
-                    grid.append(
-                        {
-                            "threads": threads,
-                            "chunk_bytes": chunk * MiB,
-                            "buffers_per_thread": bpt,
-                            "staging_bytes": staging,
-                            "per_copy_setup": per_copy,
-                        }
-                    )
+def sweep_grid(smoke: bool) -> dict[str, dict | None]:
+    """{label: settings (None: the library's own)}: the library's defaults, the settings before
+    issue 13, last run's best (16 threads, one 16 MiB preadv per 16 MiB buffer), and warm staged
+    reads cut into 2 / 4 / 8 MiB preadvs into 16 / 32 MiB buffers by 12 / 16 threads (2 buffers
+    per thread, the staging sized to hold them), and 16 threads with 4 MiB reads into 8 MiB
+    buffers. --smoke: the same in KiB, 2 / 4 threads."""
+    unit = MiB if not smoke else 1 << 10
+    before = BASELINE if not smoke else {k: v // MiB * unit if k.endswith("_bytes") else v for k, v in BASELINE.items()}
+    grid: dict[str, dict | None] = {LIBRARY: None, BEFORE: before}
+    for threads in (12, 16) if not smoke else (2, 4):
+        for buf in (16, 32):
+            for piece in (2, 4, 8, 16) if buf == 16 else (2, 4, 8):
+                over = {
+                    "threads": threads,
+                    "chunk_bytes": buf * unit,
+                    "read_bytes": piece * unit,
+                    "buffers_per_thread": 2,
+                    "staging_bytes": threads * 2 * buf * unit,
+                }
+                grid[label(over, smoke)] = over
+    # A smaller staging footprint (if 4 MiB reads won by the ring's size in the cache, not theirs)
+    threads = 16 if not smoke else 4
+    over = {"threads": threads, "chunk_bytes": 8 * unit, "read_bytes": 4 * unit, "buffers_per_thread": 2}
+    grid[label(over, smoke)] = over | {"staging_bytes": threads * 2 * 8 * unit}
     return grid
 
 
-def label(over: dict) -> str:
-    extra = [f"{k}={v}" for k, v in over.items() if k not in BASELINE and k != "per_copy_setup"]
-    path = {True: ", per-copy setup", False: ", lean copies"}.get(over.get("per_copy_setup"), "")
-    return f"{over['threads']} thr, {over['chunk_bytes'] // MiB} MiB x {over['buffers_per_thread']}/thr{path}" + (
-        f" ({', '.join(extra)})" if extra else ""
+def label(over: dict, smoke: bool = False) -> str:
+    u, name = (MiB, "MiB") if not smoke else (1 << 10, "KiB")
+    return (
+        f"{over['threads']} thr, {over['read_bytes'] // u} {name} reads into {over['chunk_bytes'] // u} {name} "
+        f"x {over['buffers_per_thread']}/thr"
     )
+
+
+def sweep(ckpt, spec, targets, dev: Dev, repeats: int, grid: dict[str, dict | None]) -> dict[str, float]:
+    """Median GB/s of read_into per setting, the settings taken round-robin (one run each per
+    round, after one warm-up round), so that a drift of the host hits every row alike."""
+    nbytes = len(targets) * spec.nbytes
+    times: dict[str, list[float]] = {k: [] for k in grid}
+    saved = ckmod._SETTINGS
+    try:
+        for rnd in range(repeats + 1):
+            for name, over in grid.items():
+                staging = None
+                ckmod._SETTINGS = saved
+                if over is not None:
+                    ckmod._SETTINGS, staging = settings_variant(over)
+                dev.sync()
+                t0 = time.perf_counter()
+                ckpt.read_into(spec, targets, staging_bytes=staging)
+                dev.sync()
+                if rnd:
+                    times[name].append(time.perf_counter() - t0)
+    finally:
+        ckmod._SETTINGS = saved
+    return {k: gbps(nbytes, statistics.median(v)) for k, v in times.items()}
+
+
+def adopt_line(over: dict | None) -> str:
+    """What to change in _ReadSettings (expert_store/checkpoint.py) to make ``over`` the default."""
+    if over is None:
+        return "keep the defaults (the library's own settings won)"
+    lib = dataclasses.asdict(ckmod._SETTINGS)
+    lines = []
+    for k in ("threads", "chunk_bytes", "read_bytes", "buffers_per_thread", "staging_bytes"):
+        v = over.get(k)
+        if v is None or v == lib.get(k) or (k == "staging_bytes" and v <= lib[k]):  # staging: a cap
+            continue
+        if k == "threads":
+            lines.append(f"threads: int = field(default_factory=lambda: max(1, min({v}, _cpus())))")
+        elif k.endswith("_bytes"):
+            lines.append(f"{k}: int = {v // MiB} << 20" if v % MiB == 0 else f"{k}: int = {v}")
+        else:
+            lines.append(f"{k}: int = {v}")
+    return "; ".join(lines) if lines else "nothing (the row is the library's defaults)"
 
 
 # -- main ---------------------------------------------------------------------------------
@@ -649,6 +745,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default=None, help="where to write the checkpoint (default: local temp dir)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (checks the script, measures nothing)")
     ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--sweep-repeats", type=int, default=5, help="timed rounds of the settings sweep")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
@@ -696,20 +793,20 @@ def main(argv: list[str] | None = None) -> int:
             print("host -> device, 1 GiB: " + ", ".join(f"{k} {v:.1f}" for k, v in doc["h2d"].items()) + " GB/s")
 
         # 2. page cache -> pinned
-        rows = page_cache_to_pinned(files, dev, args.repeats, cap, thread_counts)
+        rows = page_cache_to_pinned(files, dev, args.repeats, cap, thread_counts, args.smoke)
         doc["page_cache_to_pinned"] = rows
-        print(f"page cache -> pinned ({min(cap, info.total_bytes) / 1e9:.1f} GB; ring of 2 buffers per thread), GB/s:")
         print(
-            f"  {'method':12s} {'read':>6s} " + " ".join(f"{t:>5d}thr" for t in thread_counts) + "  per thread at max"
+            f"page cache -> pinned ({min(cap, info.total_bytes) / 1e9:.1f} GB; ring of 2 buffers per thread; "
+            "'preadv 4 in 16Mi': 16 MiB buffers filled by 4 MiB preadvs), GB/s:"
         )
-        for method in ("preadv", "memcpy_map"):
-            for chunk in (4, 16):
-                rs = [r for r in rows if r["method"] == method and r["chunk_MiB"] == chunk]
-                print(
-                    f"  {method:12s} {chunk:4d}Mi "
-                    + " ".join(f"{r['gbps']:8.1f}" for r in rs)
-                    + f"  {rs[-1]['per_thread_gbps']:.2f}"
-                )
+        print(f"  {'method, buffer':20s} " + " ".join(f"{t:>5d}thr" for t in thread_counts) + "  per thread at max")
+        for method, buf, piece in HOST_ROWS:
+            rs = [r for r in rows if r["name"] == host_row_name(method, buf, piece)]
+            print(
+                f"  {rs[0]['name']:20s} "
+                + " ".join(f"{r['gbps']:8.1f}" for r in rs)
+                + f"  {rs[-1]['per_thread_gbps']:.2f}"
+            )
 
         # 3. contention
         if cuda:
@@ -750,11 +847,11 @@ def main(argv: list[str] | None = None) -> int:
             for name, targets in sets.items():
                 nbytes = len(targets) * info.spec.nbytes
                 rate, st = es_rate(ckpt, info.spec, targets, dev, args.repeats, None)
-                base, _ = es_rate(ckpt, info.spec, targets, dev, args.repeats, NAMED[BEFORE])
+                base, _ = es_rate(ckpt, info.spec, targets, dev, args.repeats, BASELINE)
                 saved = ckmod._SETTINGS
-                ckmod._SETTINGS = settings_variant(NAMED[BEFORE])[0]
+                ckmod._SETTINGS = settings_variant(BASELINE)[0]
                 try:
-                    tr_before = traced_read(ckpt, info.spec, targets, dev, NAMED[BEFORE].get("staging_bytes"))
+                    tr_before = traced_read(ckpt, info.spec, targets, dev, BASELINE.get("staging_bytes"))
                 finally:
                     ckmod._SETTINGS = saved
                 tr = traced_read(ckpt, info.spec, targets, dev)
@@ -768,49 +865,49 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 print(
                     f"read_into {name} ({nbytes / 1e9:.2f} GB): {rate:.1f} GB/s (library settings), "
-                    f"{base:.1f} (as before issue 13)"
+                    f"{base:.1f} ({BEFORE})"
                 )
-                print_trace("as before issue 13", tr_before)
+                print_trace("8 thr, 16 MiB reads = buffers", tr_before)
                 print_trace("library now", tr)
 
             # 6. sweep
             if not args.skip_sweep:
-                targets16 = sets[f"{k16} of {n_exp}"]
-                nb16 = len(targets16) * info.spec.nbytes
-                sweep = []
+                grid = sweep_grid(args.smoke)
+                h2d = doc.get("h2d", {}).get("pinned_h2d_1copy")
+                doc["sweep"] = {}
                 t_sw = time.perf_counter()
-                for over in sweep_grid(args.smoke):
-                    rate, _ = es_rate(ckpt, info.spec, targets16, dev, args.repeats, over)
-                    sweep.append({**over, "label": label(over), "gbps": rate})
+                for name, targets in sets.items():
+                    rates = sweep(ckpt, info.spec, targets, dev, args.sweep_repeats, grid)
+                    doc["sweep"][name] = [
+                        {"label": k, "settings": grid[k], "gbps": v, "ratio_to_pinned_h2d": v / h2d if h2d else None}
+                        for k, v in rates.items()
+                    ]
                     dev.free_host_cache()
-                sweep.sort(key=lambda r: -r["gbps"])
-                doc["sweep_16"] = sweep
                 print(
-                    f"settings sweep, {k16} experts ({nb16 / 1e9:.2f} GB), {time.perf_counter() - t_sw:.0f} s; best 8:"
+                    f"settings sweep ({args.sweep_repeats} rounds round-robin, median; "
+                    f"{time.perf_counter() - t_sw:.0f} s), GB/s and x pinned H2D {h2d or float('nan'):.1f}:"
                 )
-                for r in sweep[:8]:
-                    print(f"  {r['label']:60s} {r['gbps']:6.1f} GB/s")
-                by_threads = {}
-                for r in sweep:
-                    by_threads.setdefault(r["threads"], r)
-                print(
-                    "  best per thread count: "
-                    + "; ".join(f"{t}: {r['gbps']:.1f} ({r['label']})" for t, r in sorted(by_threads.items()))
-                )
-                targets_all = sets[f"all {n_exp}"]
-                nb_all = len(targets_all) * info.spec.nbytes
-                again = {r["label"]: {k: v for k, v in r.items() if k not in ("label", "gbps")} for r in sweep[:6]}
-                again |= {name: over for name, over in NAMED.items()}
-                doc["sweep_all"] = []
-                print(f"again on all {n_exp} experts ({nb_all / 1e9:.2f} GB):")
-                for name, over in again.items():
-                    rate, _ = es_rate(ckpt, info.spec, targets_all, dev, args.repeats, over)
-                    doc["sweep_all"].append({**over, "label": name, "gbps": rate})
-                    dev.free_host_cache()
-                    print(f"  {name:60s} {rate:6.1f} GB/s")
-                best = max(doc["sweep_all"], key=lambda r: r["gbps"])
+                names = list(sets)
+                print(f"  {'settings':58s} " + " ".join(f"{n:>18s}" for n in names))
+                for k in grid:
+                    cells = []
+                    for n in names:
+                        r = next(r for r in doc["sweep"][n] if r["label"] == k)
+                        ratio = f" ({r['ratio_to_pinned_h2d']:.2f}x)" if r["ratio_to_pinned_h2d"] else ""
+                        cells.append(f"{r['gbps']:10.1f}{ratio:>8s}")
+                    print(f"  {k:58s} " + " ".join(cells))
+                big = names[-1]
+                best = max(doc["sweep"][big], key=lambda r: r["gbps"])
+                lib = next(r for r in doc["sweep"][big] if r["label"] == LIBRARY)
                 doc["best_all"] = best
-                print(f"best on all {n_exp}: {best['label']} {best['gbps']:.1f} GB/s")
+                print(
+                    f"best on {big}: {best['label']} {best['gbps']:.1f} GB/s; library defaults {lib['gbps']:.1f} "
+                    f"({(best['gbps'] / lib['gbps'] - 1) * 100:+.0f}%)"
+                )
+                print(
+                    "  to make it the default (_ReadSettings in expert_store/checkpoint.py): "
+                    + adopt_line(best["settings"])
+                )
         h2d = doc.get("h2d", {}).get("pinned_h2d_1copy")
         if h2d:
             print(f"target (75% of pinned H2D {h2d:.1f}): {0.75 * h2d:.1f} GB/s")
