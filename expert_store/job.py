@@ -9,15 +9,17 @@ order with one shared load, so the moves and the accounting are those of ``rebal
 * **A background thread stages the layers, in order** (:class:`_Stager`). Staging a layer fills
   this rank's region of the staging arena for it, uint8 [n * record_bytes]::
 
-      [ local moves | records sent to peer q (ascending q) | records received from q | checkpoint reads ]
+      [ local moves | sent to peer q (ascending q) | received from q | checkpoint reads
+        | relays sent (copies of reads, by peer) | relays received (by reader) ]
 
   packed from the live slots (only read: the forward passes keep using them), exchanged with
   the peers (one exchange per layer, on the job's own process group and, on a GPU, its own
-  stream), read from the checkpoint. What arrived (from peers and the checkpoint) is checked
-  against the manifest's checksums there, before any slot is written. A layer is staged only
-  while every live rank's staging of the layers not yet switched fits ``staging_bytes`` (the
-  window is computed from the plan, the same on every rank, so the ranks exchange the same
-  layers in the same order).
+  stream), read from the checkpoint; a missing expert that several ranks need is read by one
+  of them and relayed to the others in a second exchange of the layer. What arrived (from
+  peers and the checkpoint) is checked against the manifest's checksums there, before any slot
+  is written. A layer is staged only while every live rank's staging of the layers not yet
+  switched fits ``staging_bytes`` (the window is computed from the plan, the same on every
+  rank, so the ranks exchange the same layers in the same order).
 * **``step()`` switches, on the caller's thread and stream.** Each step posts this rank's
   readiness (layers staged, or the failure) to the lowest live rank, which sends the table back;
   the *next* step reads that table, already arrived while the forward pass ran, and switches
@@ -75,9 +77,19 @@ class _LayerPart:
         self.io = _RoundIO(rank, Round(parks=[], moves=plan.moves))
         self.reads = [d for d in plan.disk_reads if d.rank == rank]
         self.posts = [c for c in plan.post_copies if c.rank == rank]
+        self.relay_out: dict[int, list] = {}  # peer -> relays of experts this rank reads for it
+        self.relay_in: dict[int, list] = {}  # reader -> relays it sends this rank
+        for x in plan.relays:
+            if x.src_rank == rank:
+                self.relay_out.setdefault(x.dst_rank, []).append(x)
+            elif x.dst_rank == rank:
+                self.relay_in.setdefault(x.src_rank, []).append(x)
+        self.relay_out, self.relay_in = dict(sorted(self.relay_out.items())), dict(sorted(self.relay_in.items()))
         self.n_pack = self.io.n_pack
         self.n_in = self.io.n_total - self.io.n_pack
-        self.n_records = self.io.n_total + len(self.reads)
+        self.first_relay = self.io.n_total + len(self.reads)  # [.. reads | relays sent | relays received]
+        self.n_relay_out = sum(map(len, self.relay_out.values()))
+        self.n_records = self.first_relay + self.n_relay_out + sum(map(len, self.relay_in.values()))
         # post copies go through the layer's region once it is unpacked
         self.buffer_records = max(self.n_records, len(self.posts))
 
@@ -91,6 +103,9 @@ def _records_per_rank(plan: RebalancePlan, R: int) -> list[int]:
             n[m.dst_rank] += 1
     for d in plan.disk_reads:
         n[d.rank] += 1
+    for x in plan.relays:  # a copy of the read record to send, and the record received
+        n[x.src_rank] += 1
+        n[x.dst_rank] += 1
     for c in plan.post_copies:
         posts[c.rank] += 1
     return [max(a, b) for a, b in zip(n, posts)]
@@ -114,7 +129,8 @@ def plan_job(store: ExpertStore, call: _Call) -> JobPlan | StoreError:
     StoreError instead of raising it (it is shared through the agreement)."""
     old = store.placement
     load = [0] * old.num_ranks
-    kw = dict(old_alive=store._manifest.alive, alive=call.alive, fresh=call.fresh, ranks_per_node=store.ranks_per_node)
+    kw = dict(old_alive=store._manifest.alive, alive=call.alive, fresh=call.fresh, ranks_per_node=store.ranks_per_node,
+              relay_missing=True)  # fmt: skip
     try:
         plans = [
             plan_rebalance(old, call.new, expert_bytes=store.spec.nbytes, layers=[layer], load=load, **kw)
@@ -281,7 +297,11 @@ class _Stager:
         u_layers, u_slots, u_pos = io.unpack_lists()
         u_layers += [layer] * len(part.reads)
         u_slots += [d.slot for d in part.reads]
-        u_pos += list(range(io.n_total, part.n_records))
+        u_pos += list(range(io.n_total, part.first_relay))
+        relayed = [x for v in part.relay_in.values() for x in v]
+        u_layers += [layer] * len(relayed)
+        u_slots += [x.dst_slot for x in relayed]
+        u_pos += list(range(part.first_relay + part.n_relay_out, part.n_records))
         if u_layers:
             entries.append(("unpack", u_layers, u_slots, u_pos))
         if part.posts:  # after the unpack: the sources hold the new expert, copied through the region
@@ -302,15 +322,26 @@ class _Stager:
                 failure = StepReady(0, layer, StepStatus.FAILED, layer, part.reads[0].expert, _CHECKPOINT)
                 self.fault_text = str(e)
         self.comm.finish_exchange(ex)
-        self.comm.sync_device(store.device, what=f"staging of layer {layer}")
         if failure is not None:
+            self.comm.sync_device(store.device, what=f"staging of layer {layer}")
             return failure
+        if part.relay_out or part.relay_in:  # 3b. experts read here once, sent on to the others needing them
+            if part.relay_out:
+                at = {d.expert: io.n_total + i for i, d in enumerate(part.reads)}
+                src = [at[x.expert] for v in part.relay_out.values() for x in v]
+                rows = region.view(-1, rb)
+                dst = torch.arange(part.first_relay, part.first_relay + len(src), device=region.device)
+                rows.index_copy_(0, dst, rows.index_select(0, torch.tensor(src, device=region.device)))
+            sends, recvs = exchange_views(region, part.first_relay, part.relay_out, part.relay_in, rb)
+            self.comm.finish_exchange(self.comm.start_exchange(sends, recvs, seq=store.layout.num_layers + layer))
+        self.comm.sync_device(store.device, what=f"staging of layer {layer}")
         # 4. what arrived, checked against the manifest before any slot is written
-        n = part.n_in + len(part.reads)
-        if job.call.verify and n:
-            got = slab_checksums(region[io.n_pack * rb :], spec, n).cpu()
+        if job.call.verify and part.n_records > io.n_pack:
+            got = slab_checksums(region[io.n_pack * rb :], spec, part.n_records - io.n_pack).cpu()
             arrived = [(m.expert, q) for q, v in io.inc.items() for m in v]
             arrived += [(d.expert, _CHECKPOINT) for d in part.reads]
+            arrived += [(x.expert, _CHECKPOINT) for v in part.relay_out.values() for x in v]  # copies of reads
+            arrived += [(x.expert, q) for q, v in part.relay_in.items() for x in v]
             want = job._old.checksums[layer, [e for e, _ in arrived]]
             bad = (got != want).nonzero().flatten().tolist()
             if bad:

@@ -419,3 +419,29 @@ def test_job_into_engine_owned_weights(tmp_path, qwen):
     _run_job(store, qwen, random_placement(gen, L=L, E=E, R=1, S=8), layers_per_step=2)
     assert all(store.weights(n, layer).data_ptr() == p for (n, layer), p in ptrs.items())
     assert_slots_exact(store, qwen, what="engine tensors after the job")
+
+
+def relay_scenario(rank, world, info, root):
+    """Rank 2 is gone; its experts 4 and 5 are needed by both survivors: each is read from the
+    checkpoint once (by one survivor) and relayed to the other within the job."""
+    L, E = info.num_layers, info.num_experts
+    p0 = es.Placement(torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 0, 1]] * L), num_ranks=world, num_experts=E)
+    store = es.ExpertStore.create(root / f"rank{rank}", spec=info.spec, placement=p0, checkpoint=info.checkpoint(),
+                                  rank=rank, world_size=world, timeout_s=COMM_TIMEOUT_S)  # fmt: skip
+    if rank == 2:
+        return None
+    alive = [True, True, False]
+    p1 = es.Placement(torch.tensor([[4, 5, 0, 1, 4, 5, 2, 3, 0, 0, 0, 0]] * L), num_ranks=world, num_experts=E)
+    rep = _run_job(store, info, p1, alive=alive)
+    want = expected_accounting(p0, p1, rank=rank, expert_bytes=info.spec.nbytes, old_alive=[True] * 3, alive=alive,
+                               fresh=(), relay_missing=True)  # fmt: skip
+    assert (rep.bytes_p2p, rep.bytes_local, rep.bytes_disk, rep.missing) == want
+    return rep.bytes_disk
+
+
+@pytest.mark.timeout(180)
+def test_job_reads_each_missing_expert_once(tmp_path, qwen):
+    """Two survivors need the lost rank's experts: the disk bytes over the ranks are those of the
+    distinct missing experts (2 per layer), every slot exact at every step."""
+    got = run_ranks(relay_scenario, 3, qwen, tmp_path, timeout_s=150)
+    assert got[2] is None and got[0] + got[1] == 2 * qwen.num_layers * qwen.spec.nbytes, got
