@@ -357,7 +357,7 @@ def fresh_scenario(rank, world, info, root):
     assert_slots_exact(store, info, what="done")
     assert store.verify() == L * 4 and store.placement == p1
     want = expected_accounting(p0, p1, rank=rank, expert_bytes=info.spec.nbytes, old_alive=[True] * world,
-                               alive=[True] * world, fresh=(2,))  # fmt: skip
+                               alive=[True] * world, fresh=(2,), relay_missing=True)  # fmt: skip
     rep = job.report
     assert (rep.bytes_p2p, rep.bytes_local, rep.bytes_disk, rep.missing) == want
     return rep.bytes_p2p
