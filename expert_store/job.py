@@ -111,6 +111,30 @@ def _records_per_rank(plan: RebalancePlan, R: int) -> list[int]:
     return [max(a, b) for a, b in zip(n, posts)]
 
 
+def _layer_entries(part: _LayerPart, layer: int) -> tuple[list, bool]:
+    """The prepared copies of one layer (region records as in the module docstring): the pack of
+    what this rank sends or moves (when any), then its switch: the unpack of everything staged
+    and the post copies' pack and unpack (after the unpack: their sources hold the new expert)."""
+    io, entries = part.io, []
+    layers, slots, pos, _, _ = io.pack_lists()
+    if layers:
+        entries.append(("pack", layers, slots, pos))
+    u_layers, u_slots, u_pos = io.unpack_lists()
+    u_layers += [layer] * len(part.reads)
+    u_slots += [d.slot for d in part.reads]
+    u_pos += list(range(io.n_total, part.first_relay))
+    relayed = [x for v in part.relay_in.values() for x in v]
+    u_layers += [layer] * len(relayed)
+    u_slots += [x.dst_slot for x in relayed]
+    u_pos += list(range(part.first_relay + part.n_relay_out, part.n_records))
+    if u_layers:
+        entries.append(("unpack", u_layers, u_slots, u_pos))
+    if part.posts:
+        entries.append(("pack", [layer] * len(part.posts), [c.src_slot for c in part.posts], None))
+        entries.append(("unpack", [layer] * len(part.posts), [c.dst_slot for c in part.posts], None))
+    return entries, bool(layers)
+
+
 class JobPlan:
     """Every layer's plan, this rank's part of each and every rank's staging need per layer."""
 
@@ -161,13 +185,10 @@ def _stop_staging() -> None:
 
 
 class _Staged:
-    """One staged layer: its region of the arena, and the prepared copies of its switch (entries
-    ``first..`` of ``copies``: the unpack, then the post copies' pack and unpack)."""
+    """One staged layer: its region of the arena."""
 
     def __init__(self, start: int, nbytes: int) -> None:
         self.start, self.nbytes = start, nbytes
-        self.copies: PreparedCopies | None = None
-        self.first = 0
 
 
 class _Stager:
@@ -289,27 +310,9 @@ class _Stager:
         part = job.plan.parts[layer]
         io, rb, spec = part.io, store.spec.record_bytes, store.spec
         region = self.arena[start : start + part.buffer_records * rb]
-        entries = []
-        layers, slots, pos, _, _ = io.pack_lists()
-        if layers:
-            entries.append(("pack", layers, slots, pos))
-        first = len(entries)
-        u_layers, u_slots, u_pos = io.unpack_lists()
-        u_layers += [layer] * len(part.reads)
-        u_slots += [d.slot for d in part.reads]
-        u_pos += list(range(io.n_total, part.first_relay))
-        relayed = [x for v in part.relay_in.values() for x in v]
-        u_layers += [layer] * len(relayed)
-        u_slots += [x.dst_slot for x in relayed]
-        u_pos += list(range(part.first_relay + part.n_relay_out, part.n_records))
-        if u_layers:
-            entries.append(("unpack", u_layers, u_slots, u_pos))
-        if part.posts:  # after the unpack: the sources hold the new expert, copied through the region
-            entries.append(("pack", [layer] * len(part.posts), [c.src_slot for c in part.posts], None))
-            entries.append(("unpack", [layer] * len(part.posts), [c.dst_slot for c in part.posts], None))
-        copies = PreparedCopies(store.slabs, store.layout, entries) if entries else None
-        if layers:
-            copies.launch(0, region)  # 1. from live slots (only read before the switch)
+        pack, _, _ = job.launches[layer]
+        if pack >= 0:
+            job.copies.launch(pack, region)  # 1. from live slots (only read before the switch)
         # 2. the layer's exchange with its peers, while 3. the checkpoint is read
         sends, recvs = exchange_views(region, len(io.local), io.out, io.inc, rb)
         ex = self.comm.start_exchange(sends, recvs, seq=layer)
@@ -347,8 +350,6 @@ class _Stager:
             if bad:
                 e, src = arrived[bad[0]]
                 return StepReady(0, layer, StepStatus.VERIFY_FAILED, layer, e, src)
-        with self.cv:
-            self.staged[layer].copies, self.staged[layer].first = copies, first
         return None
 
     # ------------------------------------------------------------------ the stepping thread
@@ -361,11 +362,11 @@ class _Stager:
     def switch(self, layer: int) -> None:
         """Launch ``layer``'s switch copies on the current stream (its staging is complete)."""
         with self.cv:
-            s = self.staged[layer]
-        if s.copies is not None:
-            region = self.arena[s.start : s.start + s.nbytes]
-            for i in range(s.first, len(s.copies)):
-                s.copies.launch(i, region)
+            st = self.staged[layer]
+        _, first, end = self.job.launches[layer]
+        region = self.arena[st.start : st.start + st.nbytes]
+        for i in range(first, end):
+            self.job.copies.launch(i, region)
 
     def release(self, layer: int) -> None:
         """``layer`` switched: its region (and its place in every rank's window) is free once the
@@ -380,6 +381,11 @@ class _Stager:
             self.switched = layer + 1
             if freed is not None:
                 self.freed = freed
+
+    def wake(self) -> None:
+        """Let the thread use the staging that switches freed: called at the end of a step, so that
+        its Python work runs under the next forward pass, not while the step holds the GIL."""
+        with self.cv:
             self.cv.notify_all()
 
     def wait_progress(self, reported: int, timeout: float) -> None:
@@ -447,6 +453,16 @@ class RebalanceJob:
             most = max((n[store.rank] for n in plan.need), default=0)
             total = sum(n[store.rank] for n in plan.need)
             arena = allocate_staging(min(call.staging_bytes, total) if total else most, store.device, store.rank)
+        # Every layer's copies validated and on the device at once (one pinned buffer, one copy):
+        # launches[layer] = (its pack entry or -1, first and end of its switch entries).
+        entries: list = []
+        self.launches: list[tuple[int, int, int]] = []
+        for layer, part in enumerate(plan.parts):
+            mine, packs = _layer_entries(part, layer)
+            at = len(entries)
+            self.launches.append((at if packs else -1, at + packs, at + len(mine)))
+            entries += mine
+        self.copies = PreparedCopies(store.slabs, store.layout, entries)
         transfers.begin(call_id(b"rebalance-job-transfers", self._nonces))
         self._stager = _Stager(self, transfers, arena, entry)
         _RUNNING.add(self._stager)
@@ -556,6 +572,8 @@ class RebalanceJob:
             self._end(e)
             raise
         self._steps += 1
+        if switched:
+            self._stager.wake()
         self._add("report", t0)
         return switched
 
