@@ -583,7 +583,7 @@ class RebalanceJob:
         gather, self._pending = self._pending, None
         try:
             try:
-                rows = [StepReady.decode(row) for row in gather.result()]
+                rows = [StepReady.decode(row) for row in gather.result().tolist()]
             except ValueError as e:
                 raise AgreementError(f"rank {store.rank}: rebalance job step {step}: {e}") from None
             other = [r for r, a in zip(self.call.live, rows) if a.step != step]
