@@ -56,10 +56,10 @@ from expert_store.kernels import PreparedCopies, slab_checksums
 
 from .comm import Comm, Kind, call_id
 from .errors import AgreementError, IntegrityError, ManifestError, PeerTimeoutError, StoreError
-from .execute import _RoundIO, allocate_staging, exchange_views
+from .execute import RebalanceRun, _RoundIO, allocate_staging, exchange_views
 from .messages import Completion, Outcome, StepReady, StepStatus
 from .placement import Placement
-from .plan import RebalancePlan, Round, merge_plans, plan_rebalance
+from .plan import RebalancePlan, Round, merge_plans, plan_rebalance, round_budget, schedule_rounds
 
 if TYPE_CHECKING:
     from .store import ExpertStore, RebalanceReport, _Call
@@ -145,12 +145,16 @@ class JobPlan:
         # layers in which no rank moves, reads or copies anything: they switch without a cost
         self.idle = [not (p.moves or p.disk_reads or p.post_copies) for p in plans]
         self.merged = merge_plans(plans)
+        # layers whose staging on some rank exceeds staging_bytes: switched by blocking rounds
+        # inside one step (set by plan_job; the same on every rank: it comes from the plan)
+        self.blocking = [False] * len(plans)
 
 
 def plan_job(store: ExpertStore, call: _Call) -> JobPlan | StoreError:
     """Plan every layer (in order, one shared load: the moves of ``plan_rebalance`` of all layers)
-    and check that each layer's staging fits ``call.staging_bytes`` on this rank. Returns the
-    StoreError instead of raising it (it is shared through the agreement)."""
+    and mark the layers whose staging does not fit ``call.staging_bytes`` on some rank (they are
+    switched by blocking rounds). Returns a StoreError instead of raising it (it is shared
+    through the agreement)."""
     old = store.placement
     load = [0] * old.num_ranks
     kw = dict(old_alive=store._manifest.alive, alive=call.alive, fresh=call.fresh, ranks_per_node=store.ranks_per_node,
@@ -163,13 +167,15 @@ def plan_job(store: ExpertStore, call: _Call) -> JobPlan | StoreError:
         jp = JobPlan(plans, store.rank, old.num_ranks, store.spec.record_bytes)
     except StoreError as e:
         return e
-    for layer, need in enumerate(jp.need):
-        if need[store.rank] > call.staging_bytes:
-            return StoreError(
-                f"rank {store.rank}: layer {layer} needs {need[store.rank]} bytes of staging "
-                f"({need[store.rank] // store.spec.record_bytes} records), more than staging_bytes="
-                f"{call.staging_bytes}; a job stages whole layers: raise staging_bytes or use rebalance"
-            )
+    jp.blocking = [any(n > call.staging_bytes for n in need) for need in jp.need]
+    rb = store.spec.record_bytes
+    if any(jp.blocking) and round_budget(staging_bytes=call.staging_bytes, round_bytes=call.round_bytes,
+                                         record_bytes=rb) < 2 * rb:  # fmt: skip
+        layer = jp.blocking.index(True)
+        return StoreError(
+            f"rank {store.rank}: layer {layer} does not fit staging_bytes={call.staging_bytes} and its blocking "
+            f"rounds need at least four expert records of staging ({4 * rb} bytes); raise staging_bytes"
+        )
     return jp
 
 
@@ -229,6 +235,19 @@ class _Stager:
                 if self.entry is not None:
                     self.stream.wait_event(self.entry)  # the engine's work queued before the job comes first
                 for layer in range(L):
+                    if job.plan.blocking[layer]:
+                        # nothing staged: the step switching it runs its rounds in the arena, which
+                        # must be empty then (every earlier layer switched) and stay so until it is done
+                        if not self._wait_switched(layer):
+                            return
+                        if layer + 1 == L:
+                            self._prepare_manifest()
+                        with self.cv:
+                            self.ready = layer + 1
+                            self.cv.notify_all()
+                        if not self._wait_switched(layer + 1):
+                            return
+                        continue
                     start = self._reserve(layer)
                     if start is None:
                         return
@@ -268,6 +287,12 @@ class _Stager:
                 prepared.discard()
             else:
                 self.prepared = prepared
+
+    def _wait_switched(self, n: int) -> bool:
+        """Wait until layers 0..n-1 are switched; False when the job stops first."""
+        with self.cv:
+            self.cv.wait_for(lambda: self.stop or self.switched >= n)
+            return not self.stop
 
     def _reserve(self, layer: int) -> int | None:
         """Wait until ``layer`` may be staged (the window of every rank, then a contiguous region
@@ -376,8 +401,8 @@ class _Stager:
             freed = torch.cuda.Event()
             freed.record()
         with self.cv:
-            self.staged.pop(layer, None)
-            self.held = [h - n for h, n in zip(self.held, self.job.plan.need[layer])]
+            if self.staged.pop(layer, None) is not None:
+                self.held = [h - n for h, n in zip(self.held, self.job.plan.need[layer])]
             self.switched = layer + 1
             if freed is not None:
                 self.freed = freed
@@ -436,6 +461,7 @@ class RebalanceJob:
         self._placement: Placement | None = store.placement  # of _phy2log (None: not built yet)
         self._switched = 0  # layers 0.._switched-1 hold the new placement
         self._steps = 0
+        self.blocking_switched: list[int] = []  # layers switched by blocking rounds (staging too small)
         self._answered = 0  # steps whose table every rank got (the same count on every rank: manifests match)
         self._pending = None  # the previous step's readiness gather, in flight
         self._phases = dict(phases)
@@ -609,7 +635,9 @@ class RebalanceJob:
         """Unpack ``layer``'s staged records into its slots, run its post copies, and make the store's
         placement and routing say so (on the current stream: nothing here waits for the device)."""
         store = self.store
-        if not self.plan.idle[layer]:
+        if self.plan.blocking[layer]:
+            self._switch_blocking(layer)
+        elif not self.plan.idle[layer]:
             self._stager.switch(layer)
         self._stager.release(layer)
         self._phy2log[layer] = self.call.new.phy2log[layer]
@@ -620,6 +648,51 @@ class RebalanceJob:
                 self._routes = store._routing_rows(self.call.new)  # (a first routing() call during the job)
             for live, new in zip(store._routing, self._routes):
                 live[layer].copy_(new[layer])
+
+    def _switch_blocking(self, layer: int) -> None:
+        """Switch a layer whose staging does not fit by the rounds of a blocking rebalance of that
+        layer alone (within ``staging_bytes``, in the job's arena, which is empty now), its arrived
+        records verified, and every live rank's outcome agreed. Every live rank runs it at the same
+        step. A failure ends the job (the layers before it committed) and leaves the store to
+        reopen: this layer's slots may be partly written."""
+
+        store, call = self.store, self.call
+        rb, plan = store.spec.record_bytes, self.plan.plans[layer]
+        budget = round_budget(staging_bytes=call.staging_bytes, round_bytes=call.round_bytes, record_bytes=rb)
+        rounds = schedule_rounds(plan, record_bytes=rb, budget_bytes=budget)
+        arena = self._stager.arena if self._stager.arena.numel() >= call.staging_bytes else None
+        store._comm.begin(call_id(b"rebalance-job-layer", self._nonces, struct.pack("<q", layer)))
+        entry = None  # checkpoint reads from the run's thread wait for the work queued before the step
+        if store.device.type == "cuda":
+            entry = torch.cuda.Event()
+            entry.record()
+        outcome, problem = Outcome.DONE, None
+        try:
+            run = RebalanceRun(
+                iter([(plan, rounds, call.staging_bytes)]), rank=store.rank, slabs=store.slabs, comm=store._comm,
+                checkpoint=store.checkpoint, staging_bytes=call.staging_bytes, arena=arena, entry=entry,
+                round_bytes=call.round_bytes,
+            )  # fmt: skip
+            run.run(self._phases, while_in_flight=lambda: None)
+            self._stager.peak = max(self._stager.peak, run.stats.staging_peak)
+            if call.verify:
+                try:
+                    run.verify(self._old.checksums, call.new.rank_experts(store.rank), self._old.version + 1)
+                except IntegrityError as e:
+                    outcome, problem = Outcome.VERIFY_FAILED, e
+            table = store._comm.start_gather(call.live, Completion(outcome).encode(), kind=Kind.COMPLETION,
+                                             what=f"rebalance job, blocking layer {layer}").result()  # fmt: skip
+            bad = [r for r, row in zip(call.live, table.tolist()) if row[0] != int(Outcome.DONE)]
+            if bad:
+                raise problem or IntegrityError(
+                    f"rank {store.rank}: rebalance job: layer {layer} (switched by blocking rounds) failed "
+                    f"verification on ranks {bad}"
+                )
+        except StoreError as e:
+            self._end(e)
+            store._broken = f"rebalance job: layer {layer} was partly written by blocking rounds that failed ({e})"
+            raise
+        self.blocking_switched.append(layer)
 
     # ------------------------------------------------------------------ ending
     def _failure(self, bad) -> StoreError:
@@ -690,7 +763,8 @@ class RebalanceJob:
         return store._next_manifest(
             call, plan, n, self._created, self._old.version + 1,
             placement=self.placement if switched is None else call.new,
-            reason=reason, extra={"layers_switched": n, "layers_per_step": call.job_layers},
+            reason=reason, extra={"layers_switched": n, "layers_per_step": call.job_layers,
+                                  "layers_blocking": sum(self.plan.blocking[:n])},
         )  # fmt: skip
 
     def _finish(self) -> None:

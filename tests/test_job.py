@@ -123,21 +123,24 @@ def test_single_process_job_local_moves(tmp_path, qwen, device):
     assert_slots_exact(again, qwen, what="reopened")
 
 
-def test_job_layer_larger_than_staging_is_refused(tmp_path, qwen):
-    """A layer whose staging alone exceeds staging_bytes: StoreError naming the layer, nothing moves."""
+def test_job_layer_larger_than_staging_switches_by_blocking_rounds(tmp_path, qwen):
+    """A layer whose staging alone exceeds staging_bytes is switched by blocking rounds inside one
+    step (within staging_bytes), the others through staging; every step exact."""
     L, E = qwen.num_layers, qwen.num_experts
     p0 = es.Placement.contiguous(num_layers=L, num_experts=E, num_ranks=1, slots_per_rank=E)
     store = es.ExpertStore.create(tmp_path / "store", spec=qwen.spec, placement=p0, checkpoint=qwen.checkpoint())
-    p1 = es.Placement(torch.roll(p0.phy2log, 1, dims=1), num_ranks=1, num_experts=E)
-    with pytest.raises(es.StoreError, match="layer 0 needs"):
-        store.start_rebalance(p1, staging_bytes=2 * qwen.spec.record_bytes)
-    assert store.version == 1 and store.placement == p0
-    with pytest.raises(es.StoreError, match="fresh"):
-        store.start_rebalance(p1, fresh=(0,))
+    rows = p0.phy2log.clone()
+    rows[1] = torch.roll(rows[1], 1)  # layer 1: every slot changes (E records of staging)
+    rows[2, :2] = rows[2, [1, 0]]  # layer 2: two slots swap
+    p1 = es.Placement(rows, num_ranks=1, num_experts=E)
     with pytest.raises(es.StoreError, match="layers_per_step"):
         store.start_rebalance(p1, layers_per_step=0)
-    rep = _run_job(store, qwen, p1, staging_bytes=E * qwen.spec.record_bytes)  # exactly one layer at a time
-    assert rep.staging_peak <= E * qwen.spec.record_bytes
+    rb = qwen.spec.record_bytes
+    rep = _run_job(store, qwen, p1, staging_bytes=4 * rb)
+    assert rep.staging_peak <= 4 * rb
+    m = es.ManifestLog(tmp_path / "store").read_current()
+    assert m.stats["layers_blocking"] == 1 and m.stats["layers_switched"] == L
+    assert_slots_exact(es.ExpertStore.open(tmp_path / "store", checkpoint=qwen.checkpoint()), qwen, what="reopened")
 
 
 # ----------------------------------------------------------------------------- gloo
@@ -159,6 +162,10 @@ def job_scenario(rank, world, info, root_base, seed, device="cpu"):
     # two layers a step, staging for about one layer: the job stages what fits
     p2 = random_placement(gen, L=L, E=E, R=world, S=S)
     _run_job(store, info, p2, layers_per_step=2, staging_bytes=2 * S * info.spec.record_bytes)
+    # staging for four records: layers that need more are switched by blocking rounds, in step
+    p2b = random_placement(gen, L=L, E=E, R=world, S=S)
+    _run_job(store, info, p2b, staging_bytes=4 * info.spec.record_bytes)
+    assert es.ManifestLog(root).read_current().stats["layers_blocking"] > 0
     # a blocking rebalance afterwards still works, and updates routing() in place
     p3 = random_placement(gen, L=L, E=E, R=world, S=S)
     ptr = store.routing()[0].data_ptr()
@@ -171,9 +178,9 @@ def job_scenario(rank, world, info, root_base, seed, device="cpu"):
     mine = random_placement(torch.Generator().manual_seed(99 + (rank == 0)), L=L, E=E, R=world, S=S)
     with pytest.raises(es.AgreementError):
         store.start_rebalance(mine)
-    assert torch.equal(before, store.slabs.storage) and store.version == 4
+    assert torch.equal(before, store.slabs.storage) and store.version == 5
     again = es.ExpertStore.open(root, checkpoint=info.checkpoint(), **kw)
-    assert again.version == 4 and again.placement == p3
+    assert again.version == 5 and again.placement == p3
     assert_slots_exact(again, info, what="reopened")
     return rep.bytes_p2p
 
