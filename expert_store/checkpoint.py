@@ -11,16 +11,20 @@ memory other than the destinations is used.
 
 **Warm and cold reads are scheduled apart.** Ranges are sorted by (file, offset) and cut into
 reads, each classified *warm* (a few of its pages are in the page cache: ``mincore``) or *cold*
-before anything moves. Several readers copy the warm ones; a few take the cold ones strictly in
-file order behind a bounded ``POSIX_FADV_WILLNEED`` readahead, so the disk sees one
-near-sequential stream with a deep queue instead of many readers seeking (the numbers and their
+before anything moves. Several readers copy the warm ones out of the page cache; the cold ones
+are taken in file order by several readers at once, so the disk sees a sliding window of large
+reads (a deep queue) over only the needed ranges. A cold read goes around the page cache with
+``O_DIRECT`` where the filesystem allows it: the page-aligned superset of the range is read into a
+page-aligned buffer (the staging buffer for CUDA destinations, a bounce buffer for CPU ones) and
+only the wanted bytes are copied on; where ``O_DIRECT`` is refused (EINVAL: tmpfs on older
+kernels, some network filesystems) the read is a buffered ``preadv`` (the numbers and their
 measurements: :class:`_ReadSettings`).
 
 **A changed file is an error, never a crash or stale bytes.** A shard truncated, rewritten or
 replaced since its header was parsed (other inode, size or mtime: checked when a read starts and
-when it ends; a short read in between) raises CheckpointError naming the file, also if the new
-file is a valid checkpoint: its bytes would not match the header held. Open a new Checkpoint to
-read the new files.
+when it ends; a short read in between, ``O_DIRECT`` ones included) raises CheckpointError naming
+the file, also if the new file is a valid checkpoint: its bytes would not match the header held.
+Open a new Checkpoint to read the new files.
 
 **Resources.** Shards are opened on first use, the reader threads kept between calls (until
 :meth:`Checkpoint.close`), pinned staging allocated per call.
@@ -74,13 +78,20 @@ class _ReadSettings:
     # experts (5.6 GB) 8 threads 24.9 GB/s, 16: 34.3; 16 of 128: 6: 22.0, 8: 24.5, 12: 25.8,
     # 16: 28.6. Capped by the cores so that a 2-core machine does not run 16.
     threads: int = field(default_factory=lambda: max(1, min(16, _cpus())))
-    # Cold readers, in file order. One copies page cache -> staging at >= 3 GB/s, faster than the
-    # disk (plain sequential read 1.5-1.7 GB/s), so 2 keep the staging moving; more only add
-    # seeks (8 readers with every range hinted at once: 0.64 GB/s, 0.37x a sequential read).
-    cold_threads: int = 2
-    # WILLNEED ahead of the cold readers: ~37 ms of disk at 1.7 GB/s, a deep queue for any SSD;
-    # bounded so that hinted pages are not evicted before they are read (16 and 256 MiB: alike).
-    readahead_bytes: int = 64 << 20
+    # Cold readers: this many chunk_bytes reads in flight at once, taken in file order (a
+    # sliding window over the needed ranges, no readahead hints). The disk needs a deep queue:
+    # all 128 experts cold (5.64 GB, one H200 host, one run, 2026-12-01), 2 readers in file order
+    # behind a 64 MiB WILLNEED readahead (the former path) 1.65 GB/s, plain sequential read 1.60,
+    # 8 threads x 16 MiB preadv 1.86, 8 threads x 16 MiB O_DIRECT 2.02, fastsafetensors whole
+    # files 1.83; 16 of 128: 1.76 / 1.59 / 1.87 / 1.82. 8 is the benchmark's best row (the one to
+    # match); more were not measured. (8 readers with every range hinted at once measured 0.64
+    # GB/s earlier; without hints, 8 threads read 1.86 buffered.) I/O-bound: not capped by cores.
+    cold_threads: int = 8
+    # Cold reads with O_DIRECT where the filesystem allows it (else buffered preadv): the
+    # fastest plain read of the same bytes in that run (2.02 vs 1.86 GB/s buffered, 8 x 16 MiB),
+    # and no page cache filled with bytes that are read once. False: buffered (kept so that a
+    # diagnosis can compare the two in one run).
+    cold_direct: bool = True
     # Pinned staging of one call at most (default of read_into's staging_bytes): room for
     # buffers_per_thread buffers of chunk_bytes per warm reader (16 x 2 x 16 MiB).
     staging_bytes: int = 512 << 20
@@ -90,14 +101,16 @@ class _ReadSettings:
     # Largest read job and staging buffer: one host-to-device copy per destination range per
     # buffer, so the DMA stays large (one copy per 4 MiB read: 25.9 GB/s at 16 threads, 2 MiB:
     # 10.9, per-copy overhead). Warm at 16 threads: 16 MiB 34.3, 8 MiB x 1/thread 33.0, 32 MiB
-    # 32.8; cold 0.96-1.14x a sequential read at every size (4-64 MiB).
+    # 32.8; cold 0.96-1.14x a sequential read at every size (4-64 MiB). A cold read is one read
+    # of this size: the benchmark's 8-thread rows read 16 MiB each. Staged jobs are cut at
+    # page-aligned file offsets so that a cold one's page-aligned superset fits its buffer.
     chunk_bytes: int = 16 << 20
     # Largest single preadv of a warm staged read: a buffer is filled by chunk_bytes / read_bytes
     # reads. Page cache -> pinned at 16 threads: 4 MiB reads 67.5 GB/s (4.2 per thread), 16 MiB
     # 40.2 (2.5). Into 16 MiB buffers at 16 threads, read_into all 128 DeepSeek-V3 experts
     # (one H200 host, one sweep, median of 5): 2 MiB 29.2, 4 MiB 31.7, 8 MiB 32.5, 16 MiB 31.6 GB/s.
-    # Cold reads stay one preadv per buffer (their rate is the disk's). CPU destinations are read
-    # in chunk_bytes preadvs straight into them.
+    # Cold reads stay one read per buffer (their rate is the disk's). Warm CPU destinations are
+    # read in chunk_bytes preadvs straight into them.
     read_bytes: int = 8 << 20
     # Pages sampled per read to call it warm: one mincore per page is a few us (ctypes), noise
     # per 16 MiB read; a full mincore walks every 4 KiB page (95 GB/s on the H200 host, 20% of a
@@ -180,9 +193,13 @@ class _Job:
     pieces: list[tuple[int, int, int]] = field(default_factory=list)
 
 
-def _make_jobs(parts: list[tuple[str, int, int, int, int]], max_bytes: int, *, staged: bool) -> list[_Job]:
+def _make_jobs(
+    parts: list[tuple[str, int, int, int, int]], max_bytes: int, *, staged: bool, align: int = 1
+) -> list[_Job]:
     """Sort ``parts`` by file position and merge file-contiguous runs into jobs of at most
-    ``max_bytes`` and ``max_pieces`` pieces."""
+    ``max_bytes`` and ``max_pieces`` pieces. With ``align`` (a divisor of ``max_bytes``), a job
+    also ends by ``max_bytes`` past its start rounded down to ``align``, so that its
+    ``align``-aligned superset is at most ``max_bytes`` (a run's later jobs start aligned)."""
     jobs: list[_Job] = []
     cur: _Job | None = None
     for path, off, n, dest, doff in sorted(parts, key=lambda p: (p[0], p[1])):
@@ -192,16 +209,21 @@ def _make_jobs(parts: list[tuple[str, int, int, int, int]], max_bytes: int, *, s
                 cur is None
                 or cur.path != path
                 or cur.offset + cur.nbytes != off + pos
-                or cur.nbytes >= max_bytes
+                or cur.offset % align + cur.nbytes >= max_bytes
                 or len(cur.pieces) >= _SETTINGS.max_pieces
             ):
                 cur = _Job(path, off + pos, staged)
                 jobs.append(cur)
-            take = min(n - pos, max_bytes - cur.nbytes)
+            take = min(n - pos, max_bytes - cur.offset % align - cur.nbytes)
             cur.pieces.append((dest, doff + pos, take))
             cur.nbytes += take
             pos += take
     return jobs
+
+
+def _superset(job: _Job) -> int:
+    """Bytes of ``job``'s page-aligned superset (what an O_DIRECT read of it fills)."""
+    return -(-(job.offset + job.nbytes) // PAGE_SIZE) * PAGE_SIZE - job.offset // PAGE_SIZE * PAGE_SIZE
 
 
 @dataclass(frozen=True)
@@ -210,8 +232,9 @@ class ReadStats:
 
     ``nbytes``: bytes read (``len(targets) * spec.nbytes``), split into ``warm_bytes`` (reads whose
     sampled pages were in the page cache when the call started) and ``cold_bytes`` (the others,
-    read in file order behind the readahead); ``warm_reads`` / ``cold_reads``: how many reads of
-    each; ``seconds``: wall time of the transfer, after the argument checks.
+    read from the disk by several readers at once, ``O_DIRECT`` where allowed); ``warm_reads`` /
+    ``cold_reads``: how many reads of each; ``seconds``: wall time of the transfer, after the
+    argument checks.
     """
 
     nbytes: int
@@ -552,11 +575,12 @@ class Checkpoint:
             buf_bytes = nbuf = 0
             if dev_parts:
                 # Buffers are whole pages (each starts page-aligned), at most chunk_bytes, and
-                # buffers_per_thread of them per reader fit in the staging.
+                # buffers_per_thread of them per reader fit in the staging. Jobs are cut so that
+                # each one's page-aligned superset (what an O_DIRECT read of it fills) fits.
                 most = s.buffers_per_thread * max(s.threads, s.cold_threads)
                 buf_bytes = max(page, min(s.chunk_bytes, staging // most) // page * page)
-                dev_jobs = _make_jobs(dev_parts, buf_bytes, staged=True)
-                buf_bytes = min(buf_bytes, -(-max(j.nbytes for j in dev_jobs) // page) * page)
+                dev_jobs = _make_jobs(dev_parts, buf_bytes, staged=True, align=page)
+                buf_bytes = min(buf_bytes, max(_superset(j) for j in dev_jobs))
                 jobs += dev_jobs
             jobs.sort(key=lambda j: (j.path, j.offset))
             for path, f in files.items():
@@ -565,6 +589,16 @@ class Checkpoint:
                     j.warm = r
             warm, cold = [j for j in jobs if j.warm], [j for j in jobs if not j.warm]
             n_warm, n_cold = min(s.threads, len(warm)), min(s.cold_threads, len(cold))
+            # Files whose cold reads go by O_DIRECT (opened here, before any reader starts).
+            direct = {path for path in sorted({j.path for j in cold}) if s.cold_direct and files[path].open_direct()}
+            # Cold CPU destinations read by O_DIRECT go through page-aligned bounce buffers (the
+            # destinations are not aligned), one per cold reader, sized to the largest such read.
+            bounce: queue.Queue[Any] = queue.Queue()
+            bounce_bytes = max((_superset(j) for j in cold if not j.staged and j.path in direct), default=0)
+            for _ in range(n_cold if bounce_bytes else 0):
+                raw = torch.empty(bounce_bytes + page, dtype=torch.uint8).numpy()
+                at = -raw.ctypes.data % page
+                bounce.put(raw[at : at + bounce_bytes])
             if dev_parts:
                 nbuf = max(1, min(s.buffers_per_thread * (n_warm + n_cold), staging // buf_bytes, len(dev_jobs)))
                 staging_t = ops.pinned(nbuf * buf_bytes)
@@ -593,11 +627,26 @@ class Checkpoint:
                     nbuf=nbuf, buf_bytes=buf_bytes, warm=warm, cold=cold, readers=(n_warm, n_cold), read_bytes=step
                 )
 
+            def read_cpu(job: _Job) -> None:
+                f = files[job.path]
+                if not job.warm and job.path in direct:
+                    buf = bounce.get()
+                    try:
+                        at = f.read_direct(job.offset, job.nbytes, memoryview(buf))
+                        if at is not None:
+                            for d, o, n in job.pieces:
+                                cpu_np[d][o : o + n] = buf[at : at + n]
+                                at += n
+                            return
+                    finally:
+                        bounce.put(buf)
+                f.read(job.offset, [memoryview(cpu_np[d][o : o + n]) for d, o, n in job.pieces])
+
             def transfer(job: _Job) -> None:
                 f = files[job.path]
                 t0 = time.perf_counter() if trace is not None else 0.0
                 if not job.staged:
-                    f.read(job.offset, [memoryview(cpu_np[d][o : o + n]) for d, o, n in job.pieces])
+                    read_cpu(job)
                     if trace is not None:
                         trace.read(job, -1, t0, t0, time.perf_counter(), time.perf_counter(), None)
                     return
@@ -608,14 +657,22 @@ class Checkpoint:
                     events = []
                     t1 = time.perf_counter() if trace is not None else 0.0
                     lo = b * buf_bytes
-                    buf = memoryview(staging_np[lo : lo + job.nbytes])
+                    at = None
                     if job.warm and job.nbytes > step:
                         # Several smaller preadvs fill the buffer (the page cache copy runs
                         # faster per thread), one copy per destination range drains it.
-                        for at in range(0, job.nbytes, step):
-                            f.read(job.offset + at, [buf[at : at + step]])
+                        buf = memoryview(staging_np[lo : lo + job.nbytes])
+                        for k in range(0, job.nbytes, step):
+                            f.read(job.offset + k, [buf[k : k + step]])
                     else:
-                        f.read(job.offset, [buf])
+                        if not job.warm and job.path in direct:
+                            # The aligned superset into the (page-aligned) buffer; the copies
+                            # start at the wanted bytes.
+                            at = f.read_direct(job.offset, job.nbytes, memoryview(staging_np[lo : lo + buf_bytes]))
+                        if at is None:
+                            f.read(job.offset, [memoryview(staging_np[lo : lo + job.nbytes])])
+                        else:
+                            lo += at
                     if trace is not None:
                         t2, mark = time.perf_counter(), trace.copies_begin(list(side.values()))
                     if one_stream is not None:  # the reader is in it
@@ -641,11 +698,9 @@ class Checkpoint:
 
             failed = threading.Event()
             errors: list[BaseException] = []
-            progress = threading.Condition()  # cold reads taken so far, watched by the prefetcher
-            taken = [0]
-            cum = [0, *itertools.accumulate(j.nbytes for j in cold)]  # bytes of cold reads 0 .. j-1
-            # Warm reads are taken off a counter, no lock (only the cold ones are watched).
-            warm_next = itertools.count().__next__  # atomic: a C call under the GIL
+            # Reads are taken off a counter per kind, in file order, no lock (atomic: a C call
+            # under the GIL): the cold readers keep n_cold adjacent reads in flight.
+            counters = (itertools.count().__next__, itertools.count().__next__)
 
             def reader(k: int) -> None:
                 """Take the warm (k=0) or cold (1) reads in file order until none is left or one fails."""
@@ -656,19 +711,11 @@ class Checkpoint:
                         take(k)
 
             def take(k: int) -> None:
-                todo = (warm, cold)[k]
+                todo, next_read = (warm, cold)[k], counters[k]
                 while not failed.is_set():
-                    if k == 0:
-                        j = warm_next()
-                        if j >= len(todo):
-                            return
-                    else:
-                        with progress:
-                            j = taken[0]
-                            if j >= len(todo):
-                                return
-                            taken[0] = j + 1
-                            progress.notify_all()
+                    j = next_read()
+                    if j >= len(todo):
+                        return
                     try:
                         transfer(todo[j])
                     except BaseException as e:
@@ -676,25 +723,9 @@ class Checkpoint:
                             e = CheckpointError(f"{todo[j].path}: reading bytes at {todo[j].offset}: {e}")
                         errors.append(e)
                         failed.set()
-                        with progress:
-                            progress.notify_all()  # wake the prefetcher so it can stop
                         return
 
-            def prefetcher() -> None:
-                """Hint the cold reads in file order, never more than readahead_bytes past the first
-                one no reader has taken yet; skip those a reader took first (it fetches them itself)."""
-                for j, job in enumerate(cold):
-                    with progress:
-                        while not failed.is_set() and j > (c := taken[0]) and cum[j + 1] - cum[c] > s.readahead_bytes:
-                            progress.wait(0.1)
-                        if failed.is_set():
-                            return
-                        if j < taken[0]:
-                            continue
-                    files[job.path].willneed(job.offset, job.nbytes)
-
             workers = [functools.partial(reader, 0)] * n_warm + [functools.partial(reader, 1)] * n_cold
-            workers += [prefetcher] if len(cold) > 1 else []
             try:
                 if len(workers) == 1:
                     workers[0]()  # nothing to overlap: stay on the caller's thread

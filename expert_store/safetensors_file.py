@@ -9,7 +9,8 @@ A safetensors file is::
 
 :func:`parse_header` checks every entry against the file size, so that later reads can trust the
 byte ranges; :class:`ShardFile` reads them with ``preadv``, never through a memory map (where a
-truncated file raises SIGBUS instead of a short read). Every problem is a
+truncated file raises SIGBUS instead of a short read), buffered or, for cold ranges, with ``O_DIRECT``
+(:meth:`ShardFile.read_direct`). Every problem is a
 :class:`~expert_store.errors.CheckpointError` naming the file (and the tensor, where there is one).
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import itertools
 import json
 import math
@@ -198,14 +200,27 @@ class ShardFile:
     """The file a :class:`SafetensorsHeader` was parsed from, read with ``preadv``.
 
     The descriptor is opened by the first :meth:`check` and held until :meth:`close` (a later
-    :meth:`check` opens it again). Not thread-safe for :meth:`check` / :meth:`close`; :meth:`read`,
-    :meth:`resident` and :meth:`willneed` may run in several threads between them.
+    :meth:`check` opens it again); so is the ``O_DIRECT`` one, by :meth:`open_direct`. Not
+    thread-safe for :meth:`check` / :meth:`open_direct` / :meth:`close`; :meth:`read`,
+    :meth:`read_direct` and :meth:`resident` may run in several threads between them.
     """
 
     def __init__(self, header: SafetensorsHeader) -> None:
         self.header = header
         self.path = header.path
         self._fd = -1
+        self._dfd = -1  # O_DIRECT descriptor, or -1
+        self._direct = True  # False once O_DIRECT was refused (open or read): buffered from then on
+
+    def _verify(self, now: Sequence[tuple[int, int, int, int]]) -> None:
+        was = self.header.identity
+        for ident in now:
+            if ident != was:
+                how = "replaced by another file" if ident[:2] != was[:2] else f"size {ident[2]}, was {was[2]}"
+                raise CheckpointError(
+                    f"{self.path}: the file changed since its header was read ({how}; mtime {ident[3]} ns, "
+                    f"was {was[3]}); open a new Checkpoint to read it"
+                )
 
     def check(self) -> None:
         """Open the file if needed, and raise CheckpointError unless both the open descriptor
@@ -215,21 +230,35 @@ class ShardFile:
                 self._fd = os.open(self.path, os.O_RDONLY)
                 # RANDOM turns off the kernel's readahead on this descriptor: a preadv then
                 # reads exactly the requested range and nothing of the neighbouring experts
-                # nobody asked for; cold reads get their queue depth from explicit WILLNEED
-                # hints (willneed). A hint: filesystems may refuse it.
+                # nobody asked for. A hint: filesystems may refuse it.
                 with contextlib.suppress(OSError):
                     os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
             now = [_identity(os.fstat(self._fd)), _identity(os.stat(self.path))]
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot open or stat the file: {e.strerror}") from None
-        was = self.header.identity
-        for ident in now:
-            if ident != was:
-                how = "replaced by another file" if ident[:2] != was[:2] else f"size {ident[2]}, was {was[2]}"
-                raise CheckpointError(
-                    f"{self.path}: the file changed since its header was read ({how}; mtime {ident[3]} ns, "
-                    f"was {was[3]}); open a new Checkpoint to read it"
-                )
+        self._verify(now)
+
+    def open_direct(self) -> bool:
+        """Open the ``O_DIRECT`` descriptor if needed (after :meth:`check`); whether
+        :meth:`read_direct` can be used. A filesystem that refuses ``O_DIRECT`` (tmpfs on older
+        kernels, some network filesystems: EINVAL) is remembered until :meth:`close`, and the
+        reads stay buffered. Raises CheckpointError if the path is no longer the file parsed."""
+        flag = getattr(os, "O_DIRECT", 0)
+        if not self._direct or not flag:
+            return False
+        if self._dfd < 0:
+            try:
+                fd = os.open(self.path, os.O_RDONLY | flag)
+            except OSError:
+                self._direct = False
+                return False
+            try:
+                self._verify([_identity(os.fstat(fd))])
+            except BaseException:
+                os.close(fd)
+                raise
+            self._dfd = fd
+        return True
 
     def read(self, offset: int, dest: Sequence[memoryview]) -> None:
         """Fill the writable buffers ``dest``, one after another, from file bytes starting at
@@ -252,10 +281,45 @@ class ShardFile:
                 )
             done += got
 
-    def willneed(self, offset: int, nbytes: int) -> None:
-        """Start reading ``[offset, offset + nbytes)`` into the page cache without waiting (a hint)."""
-        with contextlib.suppress(OSError):
-            os.posix_fadvise(self._fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+    def read_direct(self, offset: int, nbytes: int, buf: memoryview) -> int | None:
+        """Read ``[offset, offset + nbytes)`` with ``O_DIRECT`` into the writable ``buf``, as
+        its page-aligned superset ``[offset // PAGE_SIZE * PAGE_SIZE, end rounded up)`` (page
+        alignment covers every logical block size up to a page); return where the wanted bytes
+        start in ``buf``. None: not read (no ``O_DIRECT`` descriptor, ``buf`` not page-aligned
+        or too small, or the first read refused with EINVAL, e.g. a logical block larger than a
+        page): the caller reads buffered. A read that ends before ``offset + nbytes`` (the file
+        shrank) raises CheckpointError; bytes past the wanted ones may be short at the end of
+        the file."""
+        fd = self._dfd
+        if fd < 0 or not self._direct or not nbytes:
+            return None
+        lo = offset // PAGE_SIZE * PAGE_SIZE
+        need = offset + nbytes - lo
+        span = -(-need // PAGE_SIZE) * PAGE_SIZE
+        if span > buf.nbytes or buf.readonly:
+            return None
+        anchor = ctypes.c_char.from_buffer(buf)
+        address = ctypes.addressof(anchor)
+        del anchor  # release the buffer export now, not when an exception's frames go
+        if address % PAGE_SIZE:
+            return None
+        done = 0
+        while done < need:
+            try:
+                got = os.preadv(fd, [buf[done:span]], lo + done)
+            except OSError as e:
+                if e.errno == errno.EINVAL and done == 0:
+                    self._direct = False  # refused here: this file is read buffered from now on
+                    return None
+                raise CheckpointError(f"{self.path}: read at offset {lo + done} failed: {e.strerror}") from None
+            if got <= 0 or (got % PAGE_SIZE and done + got < need):
+                # O_DIRECT reads come short only at the end of the file: the file shrank.
+                at = lo + done + max(got, 0)
+                raise CheckpointError(
+                    f"{self.path}: unexpected end of file at offset {at} (truncated since its header was read?)"
+                )
+            done += got
+        return offset - lo
 
     def resident(self, extents: Sequence[tuple[int, int]], samples: int) -> list[bool]:
         """Per ``(offset, nbytes)`` extent: whether ``samples`` of its pages, spread evenly, first and
@@ -279,9 +343,12 @@ class ShardFile:
             _libc.munmap(addr, size)
 
     def close(self) -> None:
-        """Close the descriptor. Idempotent."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        """Close the descriptors. Idempotent."""
+        for name in ("_fd", "_dfd"):
+            fd = getattr(self, name, -1)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+        self._direct = True
 
     __del__ = close  # a Checkpoint dropped without close() must not keep its descriptors

@@ -7,13 +7,18 @@ expert, tensor name) (see ckpt_factory), so a byte read from the wrong place can
 equal; comparisons are torch.equal on uint8 views (fp8 / bf16 NaNs), and destinations start
 poisoned. The reader's tuning and its CUDA calls are swapped through the module attributes
 ``_SETTINGS`` and ``_DEVICE_OPS`` (smaller reads; a CPU stand-in that runs the pinned staging
-pipeline here); no test looks at the reader's private state.
+pipeline here); cold reads are forced by answering "not resident" for every read
+(``ShardFile.resident``), and which reads went by ``O_DIRECT`` is seen from their descriptors'
+flags; no test looks at the reader's private state.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import errno
+import fcntl
 import gc
 import json
 import os
@@ -32,7 +37,7 @@ from expert_store.checkpoint import INDEX_NAME, Checkpoint, ReadStats
 from expert_store.errors import CheckpointError, StoreError
 from expert_store.layout import ResidentSlabs, SlabLayout
 from expert_store.plan import DiskRead
-from expert_store.safetensors_file import PAGE_SIZE, parse_header
+from expert_store.safetensors_file import PAGE_SIZE, ShardFile, parse_header
 from expert_store.spec import ExpertSpec, TensorSpec
 
 POISON = 0xA5
@@ -112,8 +117,13 @@ class _FakeDeviceOps(ckmod._CudaOps):
         return _Nothing()
 
     def pinned(self, nbytes):
+        # Page-aligned, like cudaHostAlloc's memory (O_DIRECT reads into it need that).
         self.pinned_sizes.append(nbytes)
-        return torch.full((nbytes,), POISON, dtype=torch.uint8)
+        raw = torch.full((nbytes + PAGE_SIZE + self.misalign,), POISON, dtype=torch.uint8)
+        at = -raw.data_ptr() % PAGE_SIZE + self.misalign
+        return raw[at : at + nbytes]
+
+    misalign = 0  # bytes past a page boundary (a test of staging that is not page-aligned)
 
 
 @pytest.fixture(params=["cpu", "staged"])
@@ -1003,37 +1013,211 @@ def test_warm_and_cold_split_follows_the_page_cache(qwen_mid, path_kind):
     assert stats.warm_bytes == info.spec.nbytes and stats.cold_bytes == info.spec.nbytes, stats
 
 
+def _is_direct(fd: int) -> bool:
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+
+def _direct_allowed(path) -> bool:
+    """Whether this filesystem opens ``path`` with O_DIRECT (else the reader stays buffered)."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        return False
+    return True
+
+
+def _address(buf) -> int:
+    anchor = ctypes.c_char.from_buffer(buf)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor
+
+
+class _Reads:
+    """Every preadv (file, O_DIRECT?, offset, bytes asked, first buffer's address), in call
+    order, through a wrapper of os.preadv."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.log: list[tuple[str, bool, int, int, int]] = []
+        self.lock = threading.Lock()
+        real = os.preadv
+
+        def preadv(fd, buffers, offset, *flags):
+            entry = (
+                os.path.realpath(f"/proc/self/fd/{fd}"),
+                _is_direct(fd),
+                offset,
+                sum(len(b) for b in buffers),
+                _address(buffers[0]),
+            )
+            with self.lock:
+                self.log.append(entry)
+            return real(fd, buffers, offset, *flags)
+
+        monkeypatch.setattr(os, "preadv", preadv)
+
+    def direct(self) -> list[tuple[str, bool, int, int, int]]:
+        return [r for r in self.log if r[1]]
+
+
+def _all_cold(monkeypatch) -> None:
+    """Every read counts as cold (as if no page were in the page cache)."""
+    monkeypatch.setattr(ShardFile, "resident", lambda self, extents, samples: [False] * len(extents))
+
+
+@pytest.mark.parametrize("mode", ["direct", "buffered"])
+@pytest.mark.parametrize("chunk_bytes", [4096, 5000, 1 << 20])
+@pytest.mark.parametrize("cold_threads", [1, 3])
+def test_cold_reads_bit_exact_on_odd_ranges(deepseek, monkeypatch, path_kind, mode, chunk_bytes, cold_threads):
+    """Cold reads (forced) of tensors at offsets and of sizes that are not multiples of a page,
+    cut into many reads, by one or several cold readers, O_DIRECT (where this filesystem allows
+    it) or buffered (cold_direct=False), through both paths, give exactly the bytes; by
+    O_DIRECT, every read is of whole pages at a page-aligned offset into a page-aligned buffer,
+    and reads no more than the needed bytes plus the padding to pages (partial reads stay
+    partial)."""
+    _settings(monkeypatch, chunk_bytes=chunk_bytes, cold_threads=cold_threads, cold_direct=mode == "direct")
+    _all_cold(monkeypatch)
+    info = deepseek
+    entries = [e for f in info.files for e in parse_header(f).tensors.values()]
+    assert any(e.offset % PAGE_SIZE for e in entries) and any(e.nbytes % PAGE_SIZE for e in entries)
+    targets = [*_every_expert(info)[1::2], (1, 4, _poisoned(info.spec))]
+    reads = _Reads(monkeypatch)
+    with info.checkpoint() as ckpt:
+        stats = ckpt.read_into(info.spec, targets)
+    _check_targets(info, targets)
+    assert stats.cold_bytes == stats.nbytes == len(targets) * info.spec.nbytes and stats.warm_bytes == 0
+    assert stats.cold_reads >= stats.nbytes // chunk_bytes
+    direct = reads.direct()
+    if mode == "buffered" or not _direct_allowed(info.files[0]):
+        assert not direct
+        assert sum(r[3] for r in reads.log) == stats.nbytes
+        return
+    assert len(direct) == len(reads.log) == stats.cold_reads  # every cold read, each in one preadv
+    for _, _, off, n, addr in direct:
+        assert off % PAGE_SIZE == 0 and n % PAGE_SIZE == 0 and addr % PAGE_SIZE == 0, (off, n, addr)
+    assert stats.nbytes <= sum(r[3] for r in direct) <= stats.nbytes + 2 * PAGE_SIZE * stats.cold_reads
+
+
+@pytest.mark.parametrize("where", ["open", "read", "unaligned staging"])
+def test_cold_reads_fall_back_when_o_direct_is_refused(qwen_mid, monkeypatch, path_kind, where):
+    """Where O_DIRECT is refused, by the open (EINVAL: tmpfs on older kernels) or by the first
+    read (EINVAL: a logical block larger than a page), or the staging is not page-aligned, cold
+    reads are buffered preadvs of exactly the needed bytes, bit-exact, this call and the next."""
+    if where == "unaligned staging" and path_kind == "cpu":
+        pytest.skip("no staging on the CPU path")
+    _settings(monkeypatch, chunk_bytes=64 << 10, cold_threads=3)
+    _all_cold(monkeypatch)
+    info = qwen_mid
+    tried = []
+    if where == "open":
+        real_open = os.open
+
+        def refusing_open(path, flags, *args, **kw):
+            if flags & os.O_DIRECT:
+                tried.append(path)
+                raise OSError(errno.EINVAL, "Invalid argument (fake)")
+            return real_open(path, flags, *args, **kw)
+
+        monkeypatch.setattr(os, "open", refusing_open)
+    elif where == "unaligned staging":
+        monkeypatch.setattr(ckmod._DEVICE_OPS, "misalign", 64, raising=False)
+    reads = _Reads(monkeypatch)
+    if where == "read":
+        logged = os.preadv
+
+        def refusing_read(fd, buffers, offset, *flags):
+            if _is_direct(fd):
+                tried.append(fd)
+                raise OSError(errno.EINVAL, "Invalid argument (fake)")
+            return logged(fd, buffers, offset, *flags)
+
+        monkeypatch.setattr(os, "preadv", refusing_read)
+    with info.checkpoint() as ckpt:
+        for pairs in ([(0, 5), (0, 1), (0, 2)], [(0, 0), (0, 4), (0, 5)]):
+            reads.log.clear()
+            targets = [(la, e, _poisoned(info.spec)) for la, e in pairs]
+            stats = ckpt.read_into(info.spec, targets)
+            _check_targets(info, targets)
+            assert stats.cold_bytes == stats.nbytes
+            assert not reads.direct() and sum(r[3] for r in reads.log) == stats.nbytes
+    if where == "open" or (where == "read" and _direct_allowed(info.files[0])):
+        assert tried
+
+
+@pytest.mark.parametrize("when", ["before the read", "during the read"])
+def test_truncated_shard_raises_on_cold_reads(qwen_copy, monkeypatch, path_kind, when):
+    """A shard truncated after its header was parsed, before a cold read starts or while its
+    O_DIRECT reads are running (to an odd size, so that one read comes short in the middle of a
+    page), raises CheckpointError naming the shard: the size check when the read starts, or the
+    short read (never SIGBUS, never the bytes past the end taken as read)."""
+    _settings(monkeypatch, chunk_bytes=4096, cold_threads=1)
+    _all_cold(monkeypatch)
+    info = qwen_copy
+    targets = _every_expert(info)
+    with info.checkpoint() as ckpt:
+        if when == "before the read":
+            shard = info.files[1]
+            os.truncate(shard, shard.stat().st_size // 2 + 123)
+            with pytest.raises(CheckpointError, match=f"{shard}: the file changed"):
+                ckpt.read_into(info.spec, targets)
+            assert all(_all_poisoned(d) for _, _, d in targets)
+            return
+        if not _direct_allowed(info.files[0]):
+            pytest.skip("this filesystem refuses O_DIRECT")
+        real = os.preadv
+        cut = []
+
+        def preadv(fd, buffers, offset, *flags):
+            got = real(fd, buffers, offset, *flags)
+            if not cut and _is_direct(fd):
+                path = os.path.realpath(f"/proc/self/fd/{fd}")
+                cut.append(path)
+                os.truncate(path, os.stat(path).st_size // 2 + 123)
+            return got
+
+        monkeypatch.setattr(os, "preadv", preadv)
+        with pytest.raises(CheckpointError, match="unexpected end of file") as ei:
+            ckpt.read_into(info.spec, targets)
+    assert cut and cut[0] in str(ei.value)
+
+
 @pytest.mark.timeout(60)
-def test_cold_reads_go_in_file_order_behind_a_bounded_readahead(qwen_mid, monkeypatch, path_kind):
+def test_cold_reads_go_in_file_order_around_the_page_cache(qwen_mid, monkeypatch, path_kind):
     """With experts 1 and 4 in the page cache and the others not, every byte lands where it
-    belongs; warm reads are never hinted; cold reads (one cold reader) go strictly in file order;
-    each WILLNEED hint is for a cold read and never runs more than the readahead (plus a read)
-    ahead of the reader; ReadStats splits the bytes accordingly."""
-    chunk, readahead = 128 << 10, 384 << 10
-    _settings(monkeypatch, chunk_bytes=chunk, readahead_bytes=readahead, threads=3, cold_threads=1)
+    belongs; warm reads are buffered (the page cache's copy), cold reads go by O_DIRECT where
+    this filesystem allows it and, with one cold reader, strictly in file order; no read is
+    hinted (no WILLNEED); ReadStats splits the bytes accordingly."""
+    chunk = 128 << 10
+    _settings(monkeypatch, chunk_bytes=chunk, threads=3, cold_threads=1)
     info = qwen_mid
     warm_experts = {1, 4}
     _cache_only(info, warm_experts)
-    warm_ranges = [r for e in warm_experts for r in _expert_ranges(info, 0, e)]
-    log: list[tuple[str, str, int, int]] = []
-    lock = threading.Lock()
-    real_preadv, real_fadvise = os.preadv, os.posix_fadvise
+    # The warm experts' pages (what _cache_only brought in), adjacent ranges merged: a warm read
+    # may span two tensors, and start in a page shared with a cold neighbour.
+    warm_ranges: list[tuple[str, int, int]] = []
+    pages = sorted(
+        (p, a // PAGE_SIZE * PAGE_SIZE, -(-b // PAGE_SIZE) * PAGE_SIZE)
+        for e in warm_experts
+        for p, a, b in _expert_ranges(info, 0, e)
+    )
+    for p, a, b in pages:
+        if warm_ranges and warm_ranges[-1][0] == p and warm_ranges[-1][2] >= a:
+            warm_ranges[-1] = (p, warm_ranges[-1][1], max(b, warm_ranges[-1][2]))
+        else:
+            warm_ranges.append((p, a, b))
+    hints = []
+    real_fadvise = os.posix_fadvise
 
     def is_warm(path: str, lo: int, hi: int) -> bool:
         return any(p == path and a <= lo and hi <= b for p, a, b in warm_ranges)
 
-    def preadv(fd, buffers, offset, *flags):
-        with lock:
-            log.append(("read", os.path.realpath(f"/proc/self/fd/{fd}"), offset, sum(len(b) for b in buffers)))
-        return real_preadv(fd, buffers, offset, *flags)
-
     def posix_fadvise(fd, offset, nbytes, advice):
         if advice == os.POSIX_FADV_WILLNEED:
-            with lock:
-                log.append(("hint", os.path.realpath(f"/proc/self/fd/{fd}"), offset, nbytes))
+            hints.append((fd, offset, nbytes))
         return real_fadvise(fd, offset, nbytes, advice)
 
-    monkeypatch.setattr(os, "preadv", preadv)
+    reads = _Reads(monkeypatch)
     monkeypatch.setattr(os, "posix_fadvise", posix_fadvise)
     pairs = [(0, e) for e in (5, 0, 2, 1, 3, 4, 5)]
     targets = [(la, e, _poisoned(info.spec)) for la, e in pairs]
@@ -1045,33 +1229,21 @@ def test_cold_reads_go_in_file_order_behind_a_bounded_readahead(qwen_mid, monkey
     assert abs(stats.warm_bytes - 2 * info.spec.nbytes) <= slack, stats
     assert abs(stats.cold_bytes - 5 * info.spec.nbytes) <= slack, stats  # expert 5 twice
     assert stats.cold_reads > 1 and stats.warm_reads > 0
-    hints = [(p, o, n) for kind, p, o, n in log if kind == "hint"]
-    # (Whether any hint is issued at all is a race with the reader, which the prefetcher skips.)
-    assert all(not is_warm(p, o, o + n) for p, o, n in hints)
-    cold = [(p, o, n) for kind, p, o, n in log if kind == "read" and not is_warm(p, o, o + n)]
+    assert not hints
+    warm = [r for r in reads.log if is_warm(r[0], r[2], r[2] + r[3])]
+    cold = [(p, o, n) for p, _, o, n, _ in reads.log if not is_warm(p, o, o + n)]
+    assert warm and not any(r[1] for r in warm)
     assert cold == sorted(cold), "cold reads out of file order"
-    # The readahead bound: when hint j is issued, r cold reads have started, the prefetcher
-    # allows hints while the bytes of reads [claimed, j] <= readahead, and claimed <= r + 1.
-    cum = [0]
-    for _, _, n in cold:
-        cum.append(cum[-1] + n)
-    r = j = 0
-    for kind, p, o, n in log:
-        if kind == "read" and not is_warm(p, o, o + n):
-            r += 1
-        elif kind == "hint":
-            while cold[j] != (p, o, n):
-                j += 1
-            assert cum[j + 1] - cum[max(0, r - 1)] <= readahead + 2 * chunk, (r, j)
-            j += 1
+    if _direct_allowed(info.files[0]):
+        assert len(reads.direct()) == stats.cold_reads
 
 
 @pytest.mark.timeout(60)
 def test_read_error_stops_every_reader(qwen_mid, monkeypatch, path_kind):
-    """An I/O error in one read, with warm readers, cold readers and the prefetcher running, raises
+    """An I/O error in one read, with warm readers and cold (O_DIRECT) readers running, raises
     CheckpointError naming the file (not a raw OSError), without hanging, and the checkpoint
     reads normally afterwards."""
-    _settings(monkeypatch, chunk_bytes=64 << 10, readahead_bytes=64 << 10)
+    _settings(monkeypatch, chunk_bytes=64 << 10)
     info = qwen_mid
     _cache_only(info, [0, 2, 4])
     real = os.preadv
