@@ -475,10 +475,10 @@ class RebalanceJob:
             entry = torch.cuda.Event()
             entry.record()
         arena = store._arena(call.staging_bytes)
-        if arena is None:
-            most = max((n[store.rank] for n in plan.need), default=0)
-            total = sum(n[store.rank] for n in plan.need)
-            arena = allocate_staging(min(call.staging_bytes, total) if total else most, store.device, store.rank)
+        if arena is None:  # the staging the layers need at most, or all of it for blocking rounds
+            total = sum(n[store.rank] for n, big in zip(plan.need, plan.blocking) if not big)
+            size = call.staging_bytes if any(plan.blocking) else min(call.staging_bytes, total)
+            arena = allocate_staging(size, store.device, store.rank)
         # Every layer's copies validated and on the device at once (one pinned buffer, one copy):
         # launches[layer] = (its pack entry or -1, first and end of its switch entries).
         entries: list = []
