@@ -63,7 +63,7 @@ def scenario(rank, world, info, root_base, shared_root, elastic, rpn, seed, devi
         plan_module.CHUNK_MIN_SLOTS, plan_module.CHUNK_MAX_LAYERS = 0, 1
     root = root_base if shared_root else root_base / f"rank{rank}"
     L, E = info.num_layers, info.num_experts
-    S = {2: 8, 3: 4, 4: 3}[world]
+    S = {2: 6, 3: 3, 4: 2}[world]  # with E = 6: the fewest slots whose survivors hold every expert
     R = world
     gen = torch.Generator().manual_seed(seed)
     # forces several rounds (and parks for cycles); chunks need 4 records in half the staging
@@ -143,12 +143,12 @@ def scenario(rank, world, info, root_base, shared_root, elastic, rpn, seed, devi
 
 @pytest.fixture(scope="module")
 def ds_ckpt(tmp_path_factory):
-    return cf.write_deepseek(tmp_path_factory.mktemp("ds"), H=256, I=128, num_layers=2, num_experts=8)
+    return cf.write_deepseek(tmp_path_factory.mktemp("ds"), H=256, I=128, num_layers=2, num_experts=6)
 
 
 @pytest.fixture(scope="module")
 def qwen_ckpt(tmp_path_factory):
-    return cf.write_qwen(tmp_path_factory.mktemp("qwen"), H=128, I=64, num_layers=3, num_experts=8)
+    return cf.write_qwen(tmp_path_factory.mktemp("qwen"), H=128, I=64, num_layers=3, num_experts=6)
 
 
 @pytest.mark.timeout(240)
