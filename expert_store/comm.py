@@ -468,9 +468,13 @@ class Gather:
         batches = [[op for peer_ops in per_peer for op in peer_ops]] if comm._nccl else per_peer  # NCCL: one batch
         for batch in batches:
             with suppress(PeerTimeoutError):
-                works += comm._post(batch, f"{what} (broadcast)")
-        with suppress(PeerTimeoutError):
-            comm._wait(works, f"{what} (broadcast)")
+                works.append(comm._post(batch, f"{what} (broadcast)"))
+        # Each peer's sends waited for on their own: a wait that stopped at the lost peer's failure
+        # would return while the others' sends were still in flight (seen: a survivor never got
+        # the table before this rank moved on and exited).
+        for peer_works in works:
+            with suppress(PeerTimeoutError):
+                comm._wait(peer_works, f"{what} (broadcast)")
         comm._sync_messages(what)
         if other_view:
             raise AgreementError(
@@ -488,9 +492,11 @@ class Gather:
         if peer is None:
             return
         hdr = torch.tensor(comm._header(Kind.TABLE, 0, -2 - peer), dtype=torch.int64).to(self.buf.device)
-        ops = [(True, hdr, p, self.hdr_tag) for p in self.live[1:] if p != peer]
-        with suppress(StoreError):  # best effort: a peer that does not take it raises at its own deadline
-            comm._wait(comm._post(ops, f"{self.what} (lost rank {peer})"), f"{self.what} (lost rank {peer})")
+        what = f"{self.what} (lost rank {peer})"
+        for p in self.live[1:]:
+            if p != peer:
+                with suppress(StoreError):  # best effort: a peer that does not take it raises at its deadline
+                    comm._wait(comm._post([(True, hdr, p, self.hdr_tag)], what), what)
 
     def _follow(self) -> torch.Tensor:
         comm, live, what = self.comm, self.live, self.what
