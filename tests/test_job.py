@@ -28,7 +28,7 @@ CUDA = torch.cuda.is_available()
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
-    return cf.write_qwen(tmp_path_factory.mktemp("qwen"), H=32, I=16, num_layers=4, num_experts=6)
+    return cf.write_qwen(tmp_path_factory.mktemp("qwen"), H=32, I=16, num_layers=3, num_experts=6)
 
 
 def _padded(p: es.Placement) -> torch.Tensor:
