@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import platform
 import random
@@ -62,10 +61,11 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 _ROOT = Path(__file__).resolve().parent.parent
 for _p in (_ROOT, _ROOT / "tests", _ROOT / "tools"):
@@ -73,44 +73,47 @@ for _p in (_ROOT, _ROOT / "tests", _ROOT / "tools"):
         sys.path.insert(0, str(_p))
 
 import ckpt_factory as cf  # noqa: E402
-import numpy as np  # noqa: E402
 import safetensors  # noqa: E402
 import torch  # noqa: E402
+from read_ceilings import (  # noqa: E402
+    Maps,
+    direct_reader,
+    file_ranges,
+    fs_type,
+    host_copy,
+    local_dir,
+    pinned_h2d,
+    sequential_reader,
+)
 from safetensors import safe_open  # noqa: E402
 
 from expert_store.checkpoint import Checkpoint, ReadStats  # noqa: E402
 from expert_store.layout import ResidentSlabs, SlabLayout  # noqa: E402
 from expert_store.safetensors_file import parse_header  # noqa: E402
 
-CHUNK = 16 << 20
-
-
 # -- baselines ----------------------------------------------------------------------
 
 
 def safetensors_cuda_reader(info: cf.CheckpointInfo, targets) -> Callable[[], None]:
     """safe_open(device="cuda") per shard, get_tensor per checkpoint tensor, copy into the slot."""
-    plan = _plan(info, targets)
-
-    def run() -> None:
-        for shard, items in plan.items():
-            with safe_open(str(shard), framework="pt", device="cuda") as f:
-                for name, dst in items:
-                    dst.copy_(f.get_tensor(name))
-        torch.cuda.synchronize()
-
-    return run
+    return _safetensors_reader(info, targets, "cuda")
 
 
 def safetensors_cpu_then_cuda_reader(info: cf.CheckpointInfo, targets) -> Callable[[], None]:
     """safe_open(device="cpu"), get_tensor, then a (pageable) .to("cuda") copy into the slot."""
+    return _safetensors_reader(info, targets, "cpu")
+
+
+def _safetensors_reader(info: cf.CheckpointInfo, targets, device: str) -> Callable[[], None]:
     plan = _plan(info, targets)
+    to_slot = device == "cpu"  # a CPU tensor goes to the slot's device by .to() before the copy
 
     def run() -> None:
         for shard, items in plan.items():
-            with safe_open(str(shard), framework="pt", device="cpu") as f:
+            with safe_open(str(shard), framework="pt", device=device) as f:
                 for name, dst in items:
-                    dst.copy_(f.get_tensor(name).to(dst.device))
+                    src = f.get_tensor(name)
+                    dst.copy_(src.to(dst.device) if to_slot else src)
         torch.cuda.synchronize()
 
     return run
@@ -135,54 +138,6 @@ def _plan(info: cf.CheckpointInfo, targets) -> dict[Path, list[tuple[str, torch.
                 plan.setdefault(where[name], []).append((name, dests[t.name][row : row + shape[0]]))
                 row += shape[0]
     return plan
-
-
-def sequential_reader(files: list[Path], nbytes: int, *, threads: int = 1, chunk: int = CHUNK) -> Callable[[], None]:
-    """Read ``nbytes`` consecutive bytes from the start of ``files`` (in order) into a pageable buffer:
-    one thread with ``chunk`` readinto (plain), or ``threads`` threads with ``chunk`` preadv."""
-    buf = np.ones(nbytes, dtype=np.uint8)  # ones: the pages exist before timing
-    ranges = []  # (file, file offset, buffer offset, n)
-    left, pos = nbytes, 0
-    for f in files:
-        take = min(left, f.stat().st_size)
-        for off in range(0, take, chunk):
-            ranges.append((f, off, pos + off, min(chunk, take - off)))
-        pos += take
-        left -= take
-        if not left:
-            break
-
-    def plain() -> None:
-        for f in {r[0]: None for r in ranges}:
-            with open(f, "rb", buffering=0) as fh:
-                for rf, off, boff, n in ranges:
-                    if rf == f:
-                        fh.seek(off)
-                        fh.readinto(memoryview(buf[boff : boff + n]))
-
-    def pooled() -> None:
-        fds = {f: os.open(f, os.O_RDONLY) for f in {r[0] for r in ranges}}
-        it = iter(ranges)
-        lock = threading.Lock()
-
-        def work() -> None:
-            while True:
-                with lock:
-                    r = next(it, None)
-                if r is None:
-                    return
-                f, off, boff, n = r
-                os.preadv(fds[f], [memoryview(buf[boff : boff + n])], off)
-
-        pool = [threading.Thread(target=work) for _ in range(threads)]
-        for t in pool:
-            t.start()
-        for t in pool:
-            t.join()
-        for fd in fds.values():
-            os.close(fd)
-
-    return plain if threads == 1 else pooled
 
 
 def fastsafetensors_reader(info: cf.CheckpointInfo, targets, *, only_needed: bool) -> Callable[[], None] | None:
@@ -221,55 +176,6 @@ def fastsafetensors_reader(info: cf.CheckpointInfo, targets, *, only_needed: boo
     return run
 
 
-def direct_reader(files: list[Path], nbytes: int, *, threads: int = 8, chunk: int = CHUNK) -> Callable[[], None]:
-    """``nbytes`` consecutive bytes from the start of ``files`` read with ``O_DIRECT`` (no page
-    cache) by ``threads`` readers, ``chunk`` per read (queue depth ``threads``), each into its own
-    page-aligned buffer. Raises OSError where the filesystem refuses O_DIRECT."""
-    ranges = []  # (file, offset, n rounded up to 4 KiB)
-    left = nbytes
-    for f in files:
-        take = min(left, f.stat().st_size)
-        ranges += [(f, off, -(-min(chunk, take - off) // 4096) * 4096) for off in range(0, take, chunk)]
-        left -= take
-        if not left:
-            break
-    fds = {f: os.open(f, os.O_RDONLY | getattr(os, "O_DIRECT", 0)) for f in {r[0] for r in ranges}}
-    bufs = [mmap.mmap(-1, chunk) for _ in range(threads)]  # anonymous maps are page-aligned
-
-    def run() -> None:
-        it = iter(ranges)
-        lock = threading.Lock()
-
-        def work(i: int) -> None:
-            view = memoryview(bufs[i])
-            while True:
-                with lock:
-                    r = next(it, None)
-                if r is None:
-                    return
-                f, off, n = r
-                os.preadv(fds[f], [view[:n]], off)
-
-        pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-        for t in pool:
-            t.start()
-        for t in pool:
-            t.join()
-
-    return run
-
-
-def pinned_h2d(nbytes: int) -> Callable[[], None]:
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-
-    def run() -> None:
-        dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize()
-
-    return run
-
-
 # -- measuring ----------------------------------------------------------------------
 
 # A row opens what it needs (a Checkpoint) and returns (run, close): cold runs open a
@@ -277,6 +183,7 @@ def pinned_h2d(nbytes: int) -> Callable[[], None]:
 # with nothing open.
 Factory = Callable[[], tuple[Callable[[], None], Callable[[], None]]]
 COLD_LIMIT = 0.01  # residency above this before a cold run: the run was not cold
+T = TypeVar("T")
 
 
 def plain(fn: Callable[[], None]) -> Factory:
@@ -323,25 +230,73 @@ def measure_cold_once(factory: Factory, files: list[Path]) -> tuple[float, float
         close()
 
 
-def _fs_type(path: Path) -> str:
-    best, kind = "", "?"
+def guarded(
+    res: dict, label: str, measure: Callable[[], T], slabs: ResidentSlabs, check: Callable[[], None] | None
+) -> T | None:
+    """``measure()``'s result; with ``check`` (the row writes the slots), the slots filled with 0xA5
+    before it and ``check()`` after, so that a row that writes nothing fails the check. A failure
+    is kept in ``res["error"]`` and printed after ``label``: then None (one row failing must not
+    hide the others)."""
     try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                _, mnt, fstype, *_ = line.split()
-                if str(path).startswith(mnt) and len(mnt) > len(best):
-                    best, kind = mnt, fstype
-    except OSError:
-        pass
-    return kind
+        if check is not None:
+            slabs.storage.fill_(0xA5)
+        out = measure()
+        if check is not None:
+            check()
+    except Exception as e:
+        res["error"] = f"{type(e).__name__}: {e}"
+        print(f"{label} FAILED: {res['error']}", flush=True)
+        return None
+    return out
 
 
-def _local_dir(requested: str | None) -> Path:
-    """A directory on a disk-backed filesystem (tmpfs pages cannot be evicted, so cold would mean nothing)."""
-    if requested:
-        return Path(requested)
-    tmp = Path(tempfile.gettempdir())
-    return tmp if _fs_type(tmp) not in ("tmpfs", "ramfs") else Path.cwd()
+def cold_rounds(
+    results: dict,
+    rows: list[tuple[object, str, Factory, Callable[[], None] | None]],
+    files: list[Path],
+    slabs: ResidentSlabs,
+    args,
+    t_start: float,
+    record: Callable[[object, float, float], None],
+    note: Callable[[], str] = lambda: "",
+) -> int:
+    """The cold runs: ``rows`` (key in ``results``, label, factory, check as in ``guarded``) taken
+    round-robin, one run each per round, so that a drifting disk (slow right after the checkpoint
+    was written, for one) hits every row alike and every row gets the same number of runs; at most
+    ``args.repeats`` rounds, a round started only if it can end (as long as the last one took) by
+    ``args.budget`` seconds after ``t_start``. A row with an error is skipped; ``record(key,
+    seconds, residency before the run)`` after each run; a line per round, ending in ``note()``.
+    Returns the rounds run."""
+    rounds, t_round = 0, 0.0
+    print(f"cold, round-robin over {len(rows)} rows, up to {args.repeats} rounds:")
+    while rounds < args.repeats and time.perf_counter() - t_start + t_round < args.budget:
+        t0 = time.perf_counter()
+        for key, label, factory, check in rows:
+            res = results[key]
+            if "error" in res:
+                continue
+            got = guarded(res, label, partial(measure_cold_once, factory, files), slabs, check)
+            if got is not None:
+                record(key, *got)
+        rounds += 1
+        t_round = time.perf_counter() - t0
+        print(f"  round {rounds}: {t_round:.1f} s{note()}", flush=True)
+    return rounds
+
+
+def finish(t_start: float, name: str, **fields) -> None:
+    """Prints the total time; writes ``fields`` after the device and versions to $OUT/``name`` if
+    OUT is set."""
+    print(f"total {time.perf_counter() - t_start:.0f} s")
+    out = os.environ.get("OUT")
+    if out:
+        doc = {
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "safetensors": safetensors.__version__,
+            **fields,
+        }
+        Path(out, name).write_text(json.dumps(doc, indent=2))
 
 
 def _u8(t: torch.Tensor) -> torch.Tensor:
@@ -367,18 +322,17 @@ TODAY = {
 WARM_TARGET, COLD_TARGET = 0.75, 0.90  # of the pinned H2D copy; of the best plain read
 
 
-def host_copy_factory(diag, files: list[Path], nbytes: int, threads: int, method: str) -> Factory:
-    """The page cache -> pinned copy of tools/diagnose_reads_gpu.py (4 MiB reads into a ring of 2
-    pinned buffers per thread); its maps and descriptors closed after each measurement (a mapped
-    page cannot be evicted)."""
+def host_copy_factory(files: list[Path], nbytes: int, threads: int, method: str) -> Factory:
+    """The page cache -> pinned copy that tools/diagnose_reads_gpu.py measures too (4 MiB reads
+    into a ring of 2 pinned buffers per thread); its maps and descriptors closed after each
+    measurement (a mapped page cannot be evicted)."""
 
     def factory():
-        maps = diag._Maps(files) if method == "memcpy_map" else None
-        fn = diag.host_copy(diag.file_ranges(files, nbytes, 4 << 20), threads, 4 << 20, method, diag.Dev(True), maps)
+        maps = Maps(files) if method == "memcpy_map" else None
+        fn = host_copy(file_ranges(files, nbytes, 4 << 20), threads, 4 << 20, method, maps)
 
         def close() -> None:
-            for fd in fn.fds.values():
-                os.close(fd)
+            fn.close()
             if maps is not None:
                 maps.close()
 
@@ -396,11 +350,9 @@ def table_main(args) -> int:
     evicted before each run and its residency checked (mincore); rows round-robin per round. The
     es rows are checked bit-exact against safe_open's tensors. Prints the issue's table with its
     figures beside this run's, then the targets; JSON to $OUT/bench_checkpoint_table.json."""
-    import diagnose_reads_gpu as diag
-
     t_start = time.perf_counter()
     n = args.experts
-    work = Path(tempfile.mkdtemp(prefix="es-bench-table-", dir=_local_dir(args.dir)))
+    work = Path(tempfile.mkdtemp(prefix="es-bench-table-", dir=local_dir(args.dir)))
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | safetensors {safetensors.__version__}")
     try:
         import fastsafetensors
@@ -409,7 +361,7 @@ def table_main(args) -> int:
     except ImportError:
         fst_version = None
     print(f"fastsafetensors {fst_version or 'not installed (its rows skipped)'} | cpus {os.cpu_count()}")
-    print(f"checkpoint dir: {work} ({_fs_type(work)})")
+    print(f"checkpoint dir: {work} ({fs_type(work)})")
     try:
         info = cf.write_deepseek(
             work, H=7168, I=2048, num_layers=1, num_experts=n, num_shards=args.shards, extras=False
@@ -502,9 +454,7 @@ def table_main(args) -> int:
                 print(f"  O_DIRECT refused here ({e}); its row skipped")
             for t, method in ((8, "memcpy_map"), (16, "preadv"), (16, "memcpy_map"), (8, "preadv")):
                 lab = f"page cache -> pinned, {t} thr {method}, 4 MiB"
-                r.append(
-                    (f"pc_{method}_{t}", lab, host_copy_factory(diag, files, nbytes, t, method), True, False, False)
-                )
+                r.append((f"pc_{method}_{t}", lab, host_copy_factory(files, nbytes, t, method), True, False, False))
             rows[k] = r
 
         results: dict[tuple[int, str], dict] = {}
@@ -515,16 +465,15 @@ def table_main(args) -> int:
                 res = results[(k, col)] = {"label": lab, "bytes": nbytes, "cold_runs": [], "resident": 0.0}
                 if not do_warm:
                     continue
-                try:
-                    if checked:
-                        slabs.storage.fill_(0xA5)
-                    reps = args.repeats if col not in ("fst", "fst_filter") else max(1, args.repeats - 1)
-                    sec = measure_warm(factory, repeats=reps)
-                    if checked:
-                        check(k, lab + " warm")
-                except Exception as e:
-                    res["error"] = f"{type(e).__name__}: {e}"
-                    print(f"  {k:4d} {lab:50s} FAILED: {res['error']}", flush=True)
+                reps = args.repeats if col not in ("fst", "fst_filter") else max(1, args.repeats - 1)
+                sec = guarded(
+                    res,
+                    f"  {k:4d} {lab:50s}",
+                    partial(measure_warm, factory, repeats=reps),
+                    slabs,
+                    partial(check, k, lab + " warm") if checked else None,
+                )
+                if sec is None:
                     continue
                 res["warm_gbps"] = nbytes / sec / 1e9
                 print(f"  {k:4d} {lab:50s} {res['warm_gbps']:8.2f} GB/s", flush=True)
@@ -539,37 +488,27 @@ def table_main(args) -> int:
                                 "resident": 0.0,
                                 "from_whole_file_load": True,
                             }
+
         # Cold: round-robin; the whole-file fastsafetensors load is run once per round (all n).
-        cold = [(k, col, lab, fac, chk) for k in sizes for col, lab, fac, _, c, chk in rows[k] if c]
-        rounds, t_round = 0, 0.0
-        print(f"cold, round-robin over {len(cold)} rows, up to {args.repeats} rounds:")
-        while rounds < args.repeats and time.perf_counter() - t_start + t_round < args.budget:
-            t0 = time.perf_counter()
-            for k, col, lab, factory, checked in cold:
-                res = results[(k, col)]
-                if "error" in res:
-                    continue
-                try:
-                    if checked:
-                        slabs.storage.fill_(0xA5)
-                    sec, resident = measure_cold_once(factory, files)
-                    if checked:
-                        check(k, lab + " cold")
-                except Exception as e:
-                    res["error"] = f"{type(e).__name__}: {e}"
-                    print(f"  {k:4d} {lab:50s} FAILED: {res['error']}", flush=True)
-                    continue
-                res["cold_runs"].append(res["bytes"] / sec / 1e9)
-                res["resident"] = max(res["resident"], resident)
-                if col == "fst":
-                    for k2 in sizes:
-                        if k2 != k:
-                            other = results[(k2, "fst")]
-                            other["cold_runs"].append(other["bytes"] / sec / 1e9)
-                            other["resident"] = max(other["resident"], resident)
-            rounds += 1
-            t_round = time.perf_counter() - t0
-            print(f"  round {rounds}: {t_round:.1f} s", flush=True)
+        def record(key: tuple[int, str], sec: float, resident: float) -> None:
+            k, col = key
+            res = results[key]
+            res["cold_runs"].append(res["bytes"] / sec / 1e9)
+            res["resident"] = max(res["resident"], resident)
+            if col == "fst":
+                for k2 in sizes:
+                    if k2 != k:
+                        other = results[(k2, "fst")]
+                        other["cold_runs"].append(other["bytes"] / sec / 1e9)
+                        other["resident"] = max(other["resident"], resident)
+
+        cold = [
+            ((k, col), f"  {k:4d} {lab:50s}", fac, partial(check, k, lab + " cold") if chk else None)
+            for k in sizes
+            for col, lab, fac, _, c, chk in rows[k]
+            if c
+        ]
+        rounds = cold_rounds(results, cold, files, slabs, args, t_start, record)
         for res in results.values():
             runs = res.get("cold_runs") or []
             res["cold_gbps"] = statistics.median(runs) if runs else None
@@ -644,23 +583,18 @@ def table_main(args) -> int:
             print(f"  {key:10s} " + ", ".join(parts) + ("  MET" if ok else "  missed"))
         if any(r.get("cold_runs") and not r["cold_valid"] for r in results.values()):
             print(f"WARNING: some rows had > {COLD_LIMIT:.0%} of the files resident before a cold run (shown as -)")
-        print(f"total {time.perf_counter() - t_start:.0f} s")
-        out = os.environ.get("OUT")
-        if out:
-            doc = {
-                "device": torch.cuda.get_device_name(),
-                "torch": torch.__version__,
-                "safetensors": safetensors.__version__,
-                "fastsafetensors": fst_version,
-                "cpus": os.cpu_count(),
-                "experts": n,
-                "expert_bytes": info.spec.nbytes,
-                "cold_rounds": rounds,
-                "results": {f"{k}/{c}": v for (k, c), v in results.items()},
-                "summary": summary,
-                "today": {f"{m}/{k}": v for (m, k), v in TODAY.items()},
-            }
-            Path(out, "bench_checkpoint_table.json").write_text(json.dumps(doc, indent=2))
+        finish(
+            t_start,
+            "bench_checkpoint_table.json",
+            fastsafetensors=fst_version,
+            cpus=os.cpu_count(),
+            experts=n,
+            expert_bytes=info.spec.nbytes,
+            cold_rounds=rounds,
+            results={f"{k}/{c}": v for (k, c), v in results.items()},
+            summary=summary,
+            today={f"{m}/{k}": v for (m, k), v in TODAY.items()},
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
@@ -687,11 +621,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         return table_main(args)
 
-    base = _local_dir(args.dir)
+    base = local_dir(args.dir)
     work = Path(tempfile.mkdtemp(prefix="es-bench-ckpt-", dir=base))
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | safetensors {safetensors.__version__}")
     print(f"python {platform.python_version()} | kernel {platform.release()} | cpus {os.cpu_count()}")
-    print(f"checkpoint dir: {work} ({_fs_type(work)})")
+    print(f"checkpoint dir: {work} ({fs_type(work)})")
     t_start = time.perf_counter()
     try:
         t0 = time.perf_counter()
@@ -788,57 +722,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nreading {args.read} of {args.experts} experts = {nbytes / 1e9:.3f} GB")
         print(f"warm, median of {args.repeats}:")
         for name, factory, slots, _ in rows:
-            try:
-                if slots:
-                    slabs.storage.fill_(0xA5)
-                warm = measure_warm(factory, repeats=args.repeats)
-                if slots:
-                    check(name + " (warm)")
-            except Exception as e:  # one row failing must not hide the others
-                results[name] = {"error": f"{type(e).__name__}: {e}"}
-                print(f"  {name:52s} FAILED: {type(e).__name__}: {e}", flush=True)
+            res = results[name] = {}
+            warm = guarded(
+                res,
+                f"  {name:52s}",
+                partial(measure_warm, factory, repeats=args.repeats),
+                slabs,
+                partial(check, name + " (warm)") if slots else None,
+            )
+            if warm is None:
                 continue
-            results[name] = {"warm_gbps": nbytes / warm / 1e9, "cold_runs": [], "resident_before_cold": 0.0}
+            res |= {"warm_gbps": nbytes / warm / 1e9, "cold_runs": [], "resident_before_cold": 0.0}
             extra = ""
             if isinstance(stats.get(name), ReadStats):
                 st_ = stats[name]
                 extra = f"  ({st_.warm_reads} warm + {st_.cold_reads} cold reads)"
             print(f"  {name:52s} {nbytes / warm / 1e9:8.2f} GB/s{extra}", flush=True)
 
-        # Cold: round-robin over the rows, one run each per round, so that a drifting disk
-        # (slow right after the checkpoint was written, for one) hits every row alike, and every
-        # row gets the same number of runs: a round starts only if it fits in --budget.
-        cold_rows = [r for r in rows if r[3] and "error" not in results[r[0]]]
-        rounds, t_round = 0, 0.0
-        print(f"cold, round-robin over {len(cold_rows)} rows, up to {args.repeats} rounds:")
-        while rounds < args.repeats and time.perf_counter() - t_start + t_round < args.budget:
-            t0 = time.perf_counter()
-            for name, factory, slots, _ in cold_rows:
-                r = results[name]
-                if "error" in r:
-                    continue
-                try:
-                    if slots:
-                        slabs.storage.fill_(0xA5)
-                    seconds, resident = measure_cold_once(factory, files)
-                    if slots:
-                        check(name + " (cold)")
-                except Exception as e:
-                    r["error"] = f"{type(e).__name__}: {e}"
-                    print(f"  {name:52s} FAILED: {type(e).__name__}: {e}", flush=True)
-                    continue
-                r["cold_runs"].append(nbytes / seconds / 1e9)
-                r["resident_before_cold"] = max(r["resident_before_cold"], resident)
-                st_ = stats.get(name)
-                if isinstance(st_, ReadStats):
-                    r["cold_bytes_fraction"] = st_.cold_bytes / max(1, st_.cold_bytes + st_.warm_bytes)
-            rounds += 1
-            t_round = time.perf_counter() - t0
+        # Cold: round-robin over the rows that did not fail warm (see cold_rounds).
+        def record(name: str, seconds: float, resident: float) -> None:
+            r = results[name]
+            r["cold_runs"].append(nbytes / seconds / 1e9)
+            r["resident_before_cold"] = max(r["resident_before_cold"], resident)
+            st_ = stats.get(name)
+            if isinstance(st_, ReadStats):
+                r["cold_bytes_fraction"] = st_.cold_bytes / max(1, st_.cold_bytes + st_.warm_bytes)
+
+        def seq_note() -> str:
             seq_runs = results["plain sequential read, same bytes"].get("cold_runs", [])
-            print(
-                f"  round {rounds}: {t_round:.1f} s; plain sequential read {seq_runs[-1] if seq_runs else 0:.2f} GB/s",
-                flush=True,
-            )
+            return f"; plain sequential read {seq_runs[-1] if seq_runs else 0:.2f} GB/s"
+
+        cold_rows = [
+            (name, f"  {name:52s}", factory, partial(check, name + " (cold)") if slots else None)
+            for name, factory, slots, cold in rows
+            if cold and "error" not in results[name]
+        ]
+        rounds = cold_rounds(results, cold_rows, files, slabs, args, t_start, record, seq_note)
         for name, *_ in rows:
             r = results[name]
             if "error" in r:
@@ -903,25 +822,20 @@ def main(argv: list[str] | None = None) -> int:
             print("no reader meets both targets")
         if any(r.get("cold_gbps") is not None and not r["cold_valid"] for r in results.values()):
             print(f"WARNING: some rows had > {COLD_LIMIT:.0%} of the files resident before a cold run (NOT COLD)")
-        print(f"total {time.perf_counter() - t_start:.0f} s")
-        out = os.environ.get("OUT")
-        if out:
-            doc = {
-                "device": torch.cuda.get_device_name(),
-                "torch": torch.__version__,
-                "safetensors": safetensors.__version__,
-                "cpus": os.cpu_count(),
-                "style": args.style,
-                "experts": args.experts,
-                "read": args.read,
-                "bytes": nbytes,
-                "default_row": DEFAULT_ROW,
-                "cold_rounds": rounds,
-                "results": results,
-                "ratios": ratios,
-                "pinned_h2d_gbps": h2d_gbps,
-            }
-            Path(out, "bench_checkpoint.json").write_text(json.dumps(doc, indent=2))
+        finish(
+            t_start,
+            "bench_checkpoint.json",
+            cpus=os.cpu_count(),
+            style=args.style,
+            experts=args.experts,
+            read=args.read,
+            bytes=nbytes,
+            default_row=DEFAULT_ROW,
+            cold_rounds=rounds,
+            results=results,
+            ratios=ratios,
+            pinned_h2d_gbps=h2d_gbps,
+        )
     finally:
         if args.keep:
             print(f"kept {work}")

@@ -39,11 +39,9 @@ Prints short tables; writes everything to ``$OUT/diagnose_reads.json`` if ``OUT`
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import itertools
 import json
-import mmap
 import os
 import platform
 import random
@@ -57,16 +55,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent
-for _p in (_ROOT, _ROOT / "tests"):
+for _p in (_ROOT, _ROOT / "tests", _ROOT / "tools"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
 import ckpt_factory as cf  # noqa: E402
 import torch  # noqa: E402
+from read_ceilings import Maps, file_ranges, host_copy, local_dir, pinned_h2d, run_pool  # noqa: E402
 
 import expert_store.checkpoint as ckmod  # noqa: E402
 from expert_store.layout import ResidentSlabs, SlabLayout  # noqa: E402
-from expert_store.safetensors_file import _MAP_FAILED, _libc  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -192,35 +190,14 @@ def gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9 if seconds > 0 else float("nan")
 
 
-def file_ranges(files: list[Path], cap: int, chunk: int) -> list[tuple[Path, int, int]]:
-    """(file, offset, n) chunks covering the first ``cap`` bytes of the files, in order."""
-    out, left = [], cap
-    for f in files:
-        size = f.stat().st_size
-        for off in range(0, size, chunk):
-            n = min(chunk, size - off, left)
-            if n <= 0:
-                return out
-            out.append((f, off, n))
-            left -= n
-    return out
-
-
-def _run_threads(work: Callable[[int], None], threads: int) -> None:
-    ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-
-
 # -- 1. ceilings ----------------------------------------------------------------------
 
 
 def h2d_ceilings(dev: Dev, repeats: int, nbytes: int) -> dict[str, float]:
-    src, dst = dev.pinned(nbytes), dev.empty(nbytes)
+    copy = pinned_h2d(nbytes)
+    src, dst = copy.src, copy.dst
     src.fill_(1)
-    out = {"pinned_h2d_1copy": gbps(nbytes, median_s(lambda: dst.copy_(src, non_blocking=True), dev, repeats))}
+    out = {"pinned_h2d_1copy": gbps(nbytes, median_s(copy, dev, repeats))}
     for chunk in (4 * MiB, 16 * MiB):
 
         def chunked(chunk=chunk) -> None:
@@ -230,76 +207,12 @@ def h2d_ceilings(dev: Dev, repeats: int, nbytes: int) -> dict[str, float]:
         out[f"pinned_h2d_{chunk // MiB}MiB_copies"] = gbps(nbytes, median_s(chunked, dev, repeats))
     pageable = torch.ones(nbytes, dtype=torch.uint8)
     out["pageable_h2d_1copy"] = gbps(nbytes, median_s(lambda: dst.copy_(pageable, non_blocking=True), dev, repeats))
-    src = dst = pageable = None
+    copy = src = dst = pageable = None
     dev.free_host_cache()
     return out
 
 
 # -- 2. page cache -> pinned ----------------------------------------------------------
-
-
-class _Maps:
-    """Read-only maps of the files (addresses for memmove), pre-faulted by a first pass."""
-
-    def __init__(self, files: list[Path]) -> None:
-        self.fds, self.addr, self.size = {}, {}, {}
-        for f in files:
-            fd = os.open(f, os.O_RDONLY)
-            size = os.fstat(fd).st_size
-            a = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-            if a is None or a == _MAP_FAILED:
-                raise OSError(f"cannot map {f}")
-            self.fds[f], self.addr[f], self.size[f] = fd, a, size
-
-    def close(self) -> None:
-        for f, a in self.addr.items():
-            _libc.munmap(a, self.size[f])
-            os.close(self.fds[f])
-
-
-def host_copy(
-    ranges: list[tuple[Path, int, int]],
-    threads: int,
-    chunk: int,
-    method: str,
-    dev: Dev,
-    maps: _Maps | None,
-    piece: int | None = None,
-) -> Callable[[], None]:
-    """``threads`` readers take ``ranges`` in order, each into its own ring of 2 pinned buffers of
-    ``chunk`` bytes; ``piece`` (preadv only): each range read by preadvs of at most that size."""
-    ring = dev.pinned(threads * 2 * chunk)
-    ring_np = ring.numpy()
-    base = ring.data_ptr()
-    fds = {f: os.open(f, os.O_RDONLY) for f in {r[0] for r in ranges}}
-    step = piece or chunk
-
-    def run() -> None:
-        it = iter(ranges)
-        lock = threading.Lock()
-
-        def work(i: int) -> None:
-            k = 0
-            while True:
-                with lock:
-                    r = next(it, None)
-                if r is None:
-                    return
-                f, off, n = r
-                lo = (2 * i + k) * chunk
-                if method == "preadv":
-                    for at in range(0, n, step):
-                        m = min(step, n - at)
-                        os.preadv(fds[f], [memoryview(ring_np[lo + at : lo + at + m])], off + at)
-                else:
-                    ctypes.memmove(base + lo, maps.addr[f] + off, n)
-                k ^= 1
-
-        _run_threads(work, threads)
-
-    run.fds = fds  # type: ignore[attr-defined]
-    run.ring = ring  # type: ignore[attr-defined]
-    return run
 
 
 # (method, buffer MiB, piece MiB or None): the rows of the page-cache table. "preadv 4 in 16":
@@ -320,7 +233,7 @@ def host_row_name(method: str, buf: int, piece: int | None) -> str:
 
 def page_cache_to_pinned(files, dev, repeats, cap, thread_counts, smoke: bool = False) -> list[dict]:
     rows = []
-    maps = _Maps(files)
+    maps = Maps(files)
     try:
         for method, buf, piece in HOST_ROWS:
             # --smoke: the same rows in KiB
@@ -328,10 +241,9 @@ def page_cache_to_pinned(files, dev, repeats, cap, thread_counts, smoke: bool = 
             ranges = file_ranges(files, cap, chunk)
             nbytes = sum(r[2] for r in ranges)
             for t in thread_counts:
-                fn = host_copy(ranges, t, chunk, method, dev, maps, piece=step)
+                fn = host_copy(ranges, t, chunk, method, maps, pinned=dev.cuda, piece=step)
                 s = median_s(fn, dev, repeats)
-                for fd in fn.fds.values():
-                    os.close(fd)
+                fn.close()
                 rows.append(
                     {
                         "method": method,
@@ -417,18 +329,11 @@ def lean_pipeline(files, dev, repeats, cap, threads: int, chunk: int, bufs: int,
     stream = dev.stream()
 
     def run() -> None:
-        it = iter(range(len(ranges)))
-        lock = threading.Lock()
-
-        def work(i: int) -> None:
+        def work(i: int, queue) -> None:
             evs = [None] * bufs
             k = 0
             with dev.use(stream):
-                while True:
-                    with lock:
-                        j = next(it, None)
-                    if j is None:
-                        break
+                for j in queue:
                     f, off, n = ranges[j]
                     if evs[k] is not None:
                         evs[k].synchronize()
@@ -442,7 +347,7 @@ def lean_pipeline(files, dev, repeats, cap, threads: int, chunk: int, bufs: int,
                 if e is not None:
                     e.synchronize()
 
-        _run_threads(work, threads)
+        run_pool(range(len(ranges)), threads, work)
 
     try:
         s = median_s(run, dev, repeats)
@@ -722,21 +627,6 @@ def adopt_line(over: dict | None) -> str:
 # -- main ---------------------------------------------------------------------------------
 
 
-def _local_dir(requested: str | None) -> Path:
-    if requested:
-        return Path(requested)
-    tmp = Path(tempfile.gettempdir())
-    try:
-        with open("/proc/mounts") as f:
-            mounts = [line.split()[1:3] for line in f]
-        best = max((m for m in mounts if str(tmp).startswith(m[0])), key=lambda m: len(m[0]))
-        if best[1] in ("tmpfs", "ramfs"):
-            return Path.cwd()
-    except (OSError, ValueError):
-        pass
-    return tmp
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experts", type=int, default=128, help="experts in the checkpoint (one layer)")
@@ -768,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"device: {doc['device']} | torch {torch.__version__} | cpus {os.cpu_count()} | kernel {doc['kernel']}")
     t_start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="es-diag-reads-", dir=_local_dir(args.dir)))
+    work = Path(tempfile.mkdtemp(prefix="es-diag-reads-", dir=local_dir(args.dir)))
     try:
         t0 = time.perf_counter()
         n_exp = args.experts if not args.smoke else 16
