@@ -10,7 +10,8 @@ order with one shared load, so the moves and the accounting are those of ``rebal
   this rank's region of the staging arena for it, uint8 [n * record_bytes]::
 
       [ local moves | sent to peer q (ascending q) | received from q | checkpoint reads
-        | relays sent (copies of reads, by peer) | relays received (by reader) ]
+        | relays sent (copies of reads, by peer) | relays received (by reader)
+        | sources of duplicates that keep their expert ]
 
   packed from the live slots (only read: the forward passes keep using them), exchanged with
   the peers (one exchange per layer, on the job's own process group and, on a GPU, its own
@@ -24,10 +25,10 @@ order with one shared load, so the moves and the accounting are those of ``rebal
   readiness (layers staged, or the failure) to the lowest live rank, which sends the table back;
   the *next* step reads that table, already arrived while the forward pass ran, and switches
   the layers every rank had ready, up to ``layers_per_step`` (layers that change nothing on any
-  rank switch for free). Switching a layer is one prepared unpack of its staged records into
-  its slots (and its local duplicate copies), and an in-place device copy of its routing rows:
-  no host-to-device copy, nothing that waits for the device. Every live rank switches the same
-  layers at the same step.
+  rank switch for free). Switching a layer is one launch, bound when its staging completed (the
+  unpack of its staged records into its slots; a duplicate of an arriving expert unpacks the
+  same record), and one in-place device copy of its routing rows: no host-to-device copy,
+  nothing that waits for the device. Every live rank switches the same layers at the same step.
 
 A failure (a peer that does not answer within the store's ``timeout_s``, a corrupt record, a
 failed checkpoint read) ends the job at the same step on every live rank: the layers switched
@@ -43,6 +44,7 @@ the next call's agreement detects (the ranks raise AgreementError and must reope
 from __future__ import annotations
 
 import atexit
+import collections
 import struct
 import threading
 import time
@@ -77,6 +79,10 @@ class _LayerPart:
         self.io = _RoundIO(rank, Round(parks=[], moves=plan.moves))
         self.reads = [d for d in plan.disk_reads if d.rank == rank]
         self.posts = [c for c in plan.post_copies if c.rank == rank]
+        # a post copy whose source slot keeps its expert is packed with the local moves; the
+        # others duplicate a record the switch unpacks anyway (see _layer_entries)
+        filled = _filled_slots(plan)[rank]
+        self.post_packs = [c for c in self.posts if c.src_slot not in filled]
         self.relay_out: dict[int, list] = {}  # peer -> relays of experts this rank reads for it
         self.relay_in: dict[int, list] = {}  # reader -> relays it sends this rank
         for x in plan.relays:
@@ -90,13 +96,24 @@ class _LayerPart:
         self.first_relay = self.io.n_total + len(self.reads)  # [.. reads | relays sent | relays received]
         self.n_relay_out = sum(map(len, self.relay_out.values()))
         self.n_records = self.first_relay + self.n_relay_out + sum(map(len, self.relay_in.values()))
-        # post copies go through the layer's region once it is unpacked
-        self.buffer_records = max(self.n_records, len(self.posts))
+        self.buffer_records = self.n_records + len(self.post_packs)  # [.. | post copies' sources]
+
+
+def _filled_slots(plan: RebalancePlan) -> dict[int, set[int]]:
+    """rank -> the slots its switch of the layer fills from staged records (moves, reads, relays)."""
+    filled: dict[int, set[int]] = {}
+    for m in plan.moves:
+        filled.setdefault(m.dst_rank, set()).add(m.dst_slot)
+    for d in plan.disk_reads:
+        filled.setdefault(d.rank, set()).add(d.slot)
+    for x in plan.relays:
+        filled.setdefault(x.dst_rank, set()).add(x.dst_slot)
+    return collections.defaultdict(set, filled)
 
 
 def _records_per_rank(plan: RebalancePlan, R: int) -> list[int]:
     """Records of the layer's staging region on each rank (see :class:`_LayerPart`)."""
-    n, posts = [0] * R, [0] * R
+    n = [0] * R
     for m in plan.moves:
         n[m.src_rank] += 1
         if not m.is_local:
@@ -106,17 +123,23 @@ def _records_per_rank(plan: RebalancePlan, R: int) -> list[int]:
     for x in plan.relays:  # a copy of the read record to send, and the record received
         n[x.src_rank] += 1
         n[x.dst_rank] += 1
-    for c in plan.post_copies:
-        posts[c.rank] += 1
-    return [max(a, b) for a, b in zip(n, posts)]
+    filled = _filled_slots(plan)
+    for c in plan.post_copies:  # a source that keeps its expert is staged (_LayerPart.post_packs)
+        n[c.rank] += c.src_slot not in filled[c.rank]
+    return n
 
 
 def _layer_entries(part: _LayerPart, layer: int) -> tuple[list, bool]:
     """The prepared copies of one layer (region records as in the module docstring): the pack of
-    what this rank sends or moves (when any), then its switch: the unpack of everything staged
-    and the post copies' pack and unpack (after the unpack: their sources hold the new expert)."""
+    what this rank sends, moves or duplicates from a slot that keeps its expert (when any), then
+    its switch, one unpack of everything staged. A duplicate (post copy) of an expert that
+    arrives in the layer takes the record its first slot is unpacked from: the unpack writes it
+    twice, and a switch is one launch."""
     io, entries = part.io, []
     layers, slots, pos, _, _ = io.pack_lists()
+    layers += [layer] * len(part.post_packs)
+    slots += [c.src_slot for c in part.post_packs]
+    pos += list(range(part.n_records, part.buffer_records))
     if layers:
         entries.append(("pack", layers, slots, pos))
     u_layers, u_slots, u_pos = io.unpack_lists()
@@ -127,11 +150,13 @@ def _layer_entries(part: _LayerPart, layer: int) -> tuple[list, bool]:
     u_layers += [layer] * len(relayed)
     u_slots += [x.dst_slot for x in relayed]
     u_pos += list(range(part.first_relay + part.n_relay_out, part.n_records))
+    record_of = dict(zip(u_slots, u_pos))  # every item is of this layer
+    record_of.update((c.src_slot, part.n_records + i) for i, c in enumerate(part.post_packs))
+    u_layers += [layer] * len(part.posts)
+    u_slots += [c.dst_slot for c in part.posts]
+    u_pos += [record_of[c.src_slot] for c in part.posts]
     if u_layers:
         entries.append(("unpack", u_layers, u_slots, u_pos))
-    if part.posts:
-        entries.append(("pack", [layer] * len(part.posts), [c.src_slot for c in part.posts], None))
-        entries.append(("unpack", [layer] * len(part.posts), [c.dst_slot for c in part.posts], None))
     return entries, bool(layers)
 
 
@@ -191,10 +216,14 @@ def _stop_staging() -> None:
 
 
 class _Staged:
-    """One staged layer: its region of the arena."""
+    """One staged layer: its region of the arena; once staged, ``switch`` (its bound unpack, or
+    None when this rank's slots of the layer do not change) and ``freed`` (CUDA: the event the
+    switch records, after which the region may be reused)."""
 
     def __init__(self, start: int, nbytes: int) -> None:
         self.start, self.nbytes = start, nbytes
+        self.switch = None
+        self.freed = None
 
 
 class _Stager:
@@ -220,6 +249,7 @@ class _Stager:
         self.held = [0] * store.world_size  # every rank's staging held by unswitched staged layers
         self.peak = 0
         self.freed = None  # CUDA: an event after the last switch's use of the arena
+        self.waiting = False  # the thread waits in cv for a switch (set and cleared with cv held)
         cuda = store.device.type == "cuda"
         # Priority 0 is CUDA's lowest: the engine's streams (default priority 0 or higher) go first.
         self.stream = torch.cuda.Stream(store.device, priority=0) if cuda else None
@@ -252,8 +282,10 @@ class _Stager:
                     if start is None:
                         return
                     fault = self._stage(layer, start)
-                    if fault is None and layer + 1 == L:
-                        self._prepare_manifest()  # before the last layer is reported ready
+                    if fault is None:
+                        self._bind(layer)
+                        if layer + 1 == L:
+                            self._prepare_manifest()  # before the last layer is reported ready
                     with self.cv:
                         if fault is not None:
                             self.fault = fault
@@ -274,6 +306,17 @@ class _Stager:
                 if self.stop:  # the job ended while this thread still waited for a peer
                     self.comm.close()
 
+    def _bind(self, layer: int) -> None:
+        """Bind ``layer``'s switch to its region now, off the stepping thread (what a step then
+        does for the layer is one launch and one event record)."""
+        with self.cv:
+            st = self.staged[layer]
+        sw = self.job.launches[layer][1]
+        if sw >= 0:
+            st.switch = self.job.copies.launcher(sw, self.arena[st.start : st.start + st.nbytes])
+        if self.stream is not None and st.nbytes:
+            st.freed = torch.cuda.Event()
+
     def _prepare_manifest(self) -> None:
         """Every layer staged: write and fsync the new version's manifest now (its bytes are known
         from the start), so that the step that switches the last layer only publishes it."""
@@ -291,8 +334,17 @@ class _Stager:
     def _wait_switched(self, n: int) -> bool:
         """Wait until layers 0..n-1 are switched; False when the job stops first."""
         with self.cv:
-            self.cv.wait_for(lambda: self.stop or self.switched >= n)
+            while not (self.stop or self.switched >= n):
+                self._wait()
             return not self.stop
+
+    def _wait(self) -> None:
+        """Wait for a switch or the stop (``cv`` held); ``waiting`` tells the stepping thread to wake it."""
+        self.waiting = True
+        try:
+            self.cv.wait()
+        finally:
+            self.waiting = False
 
     def _reserve(self, layer: int) -> int | None:
         """Wait until ``layer`` may be staged (the window of every rank, then a contiguous region
@@ -312,7 +364,7 @@ class _Stager:
                         self.peak = max(self.peak, sum(s.nbytes for s in self.staged.values()))
                         freed = self.freed
                         break
-                self.cv.wait()
+                self._wait()
         if freed is not None:
             self.stream.wait_event(freed)  # the region may have held a layer the engine's stream just unpacked
         return start
@@ -335,7 +387,7 @@ class _Stager:
         part = job.plan.parts[layer]
         io, rb, spec = part.io, store.spec.record_bytes, store.spec
         region = self.arena[start : start + part.buffer_records * rb]
-        pack, _, _ = job.launches[layer]
+        pack = job.launches[layer][0]
         if pack >= 0:
             job.copies.launch(pack, region)  # 1. from live slots (only read before the switch)
         # 2. the layer's exchange with its peers, while 3. the checkpoint is read
@@ -378,40 +430,51 @@ class _Stager:
         return None
 
     # ------------------------------------------------------------------ the stepping thread
-    def status(self) -> StepReady:
+    def status(self, step: int) -> StepReady:
+        """This rank's readiness at ``step``: layers staged, or the failure."""
         with self.cv:
-            if self.fault is not None:
-                return self.fault
-            return StepReady(0, self.ready, StepStatus.READY)
+            fault, ready = self.fault, self.ready
+        if fault is not None:
+            return fault._replace(step=step)
+        return StepReady(step, ready, StepStatus.READY)
 
     def switch(self, layer: int) -> None:
-        """Launch ``layer``'s switch copies on the current stream (its staging is complete)."""
-        with self.cv:
-            st = self.staged[layer]
-        _, first, end = self.job.launches[layer]
-        region = self.arena[st.start : st.start + st.nbytes]
-        for i in range(first, end):
-            self.job.copies.launch(i, region)
+        """Switch ``layer`` on the current stream (its staging is complete): its bound unpack,
+        then the event after which its region may be reused. Every live rank calls it for the
+        layer at the same step; the thread does not touch the region again before that event."""
+        st = self.staged.get(layer)  # a blocking layer has none; the thread adds entries, never removes them
+        if st is None:
+            return
+        if st.switch is not None:
+            st.switch()
+        if st.freed is not None:
+            st.freed.record()
 
     def release(self, layer: int) -> None:
         """``layer`` switched: its region (and its place in every rank's window) is free once the
-        stepping thread's stream is past the switch."""
+        stepping thread's stream is past the switch (its ``freed`` event)."""
         freed = None
-        if self.stream is not None:
-            freed = torch.cuda.Event()
+        if layer not in self.staged and self.stream is not None:
+            freed = torch.cuda.Event()  # a layer switched by blocking rounds used the arena on this stream
             freed.record()
         with self.cv:
-            if self.staged.pop(layer, None) is not None:
+            st = self.staged.pop(layer, None)
+            if st is not None:
                 self.held = [h - n for h, n in zip(self.held, self.job.plan.need[layer])]
-            self.switched = layer + 1
+                freed = st.freed
             if freed is not None:
                 self.freed = freed
+            self.switched = layer + 1
 
     def wake(self) -> None:
         """Let the thread use the staging that switches freed: called at the end of a step, so that
-        its Python work runs under the next forward pass, not while the step holds the GIL."""
-        with self.cv:
-            self.cv.notify_all()
+        its Python work runs under the next forward pass, not while the step holds the GIL. Only a
+        waiting thread is woken (``waiting`` is read without the lock: the thread sets it with
+        ``cv`` held before it waits, and release() changed the state it waits on with ``cv`` held,
+        so a thread that is not waiting now sees that state when it next checks)."""
+        if self.waiting:
+            with self.cv:
+                self.cv.notify_all()
 
     def wait_progress(self, reported: int, timeout: float) -> None:
         """Block until more layers than ``reported`` are staged, staging failed or ``timeout`` passed."""
@@ -457,8 +520,8 @@ class RebalanceJob:
         self._created = rows[0].clock_ns / 1e9  # the leader's clock: every rank commits the same bytes
         self._nonces = b"".join(struct.pack("<q", a.nonce) for a in rows)
         self._old = store._manifest
-        self._phy2log = store.placement.phy2log.clone()  # int64 [L, P]: what the slots hold, layer by layer
-        self._placement: Placement | None = store.placement  # of _phy2log (None: not built yet)
+        self._old_placement = store.placement
+        self._placement, self._placement_at = self._old_placement, 0  # built for _placement_at switched layers
         self._switched = 0  # layers 0.._switched-1 hold the new placement
         self._steps = 0
         self.blocking_switched: list[int] = []  # layers switched by blocking rounds (staging too small)
@@ -468,8 +531,9 @@ class RebalanceJob:
         self._t_start = t_start
         self._report: RebalanceReport | None = None
         self._error: str | None = None
-        # device copies of the new placement's routing rows: a switch copies its layer's in place
-        self._routes = None if store._routing is None else store._routing_rows(call.new)
+        # per layer, the store's routing rows and the new placement's on the device: a switch
+        # copies the second into the first (made once routing() has been called)
+        self._routes = None if store._routing is None else self._route_pairs()
         entry = None
         if store.device.type == "cuda":
             entry = torch.cuda.Event()
@@ -480,13 +544,13 @@ class RebalanceJob:
             size = call.staging_bytes if any(plan.blocking) else min(call.staging_bytes, total)
             arena = allocate_staging(size, store.device, store.rank)
         # Every layer's copies validated and on the device at once (one pinned buffer, one copy):
-        # launches[layer] = (its pack entry or -1, first and end of its switch entries).
+        # launches[layer] = (its pack entry, its switch's unpack entry; -1: none).
         entries: list = []
-        self.launches: list[tuple[int, int, int]] = []
+        self.launches: list[tuple[int, int]] = []
         for layer, part in enumerate(plan.parts):
             mine, packs = _layer_entries(part, layer)
             at = len(entries)
-            self.launches.append((at if packs else -1, at + packs, at + len(mine)))
+            self.launches.append((at if packs else -1, at + packs if len(mine) > packs else -1))
             entries += mine
         self.copies = PreparedCopies(store.slabs, store.layout, entries)
         transfers.begin(call_id(b"rebalance-job-transfers", self._nonces))
@@ -518,10 +582,15 @@ class RebalanceJob:
     @property
     def placement(self) -> Placement:
         """The placement the slots hold now (the new one in switched layers, the old one in the others)."""
-        if self._placement is None:
-            self._placement = Placement(
-                self._phy2log.clone(), num_ranks=self.store.world_size, num_experts=self.call.new.num_experts
-            )
+        n = self._switched
+        if self._placement_at != n:  # built here, not at each switch: a step only counts the layer
+            new = self.call.new
+            if n == new.num_layers:
+                self._placement = new
+            else:
+                phy2log = torch.cat([new.phy2log[:n], self._old_placement.phy2log[n:]])
+                self._placement = Placement(phy2log, num_ranks=self.store.world_size, num_experts=new.num_experts)
+            self._placement_at = n
         return self._placement
 
     # ------------------------------------------------------------------ steps
@@ -587,8 +656,7 @@ class RebalanceJob:
                 self._finish()
                 return switched
         t0 = time.perf_counter()
-        mine = self._stager.status()
-        mine = StepReady(self._steps, *(mine.ready, mine.status, mine.layer, mine.expert, mine.source))
+        mine = self._stager.status(self._steps)
         if len(call.live) == 1:
             self._pending = [mine]  # nobody to agree with: the table is this rank's row
         else:
@@ -640,20 +708,22 @@ class RebalanceJob:
     def _switch(self, layer: int) -> None:
         """Unpack ``layer``'s staged records into its slots, run its post copies, and make the store's
         placement and routing say so (on the current stream: nothing here waits for the device)."""
-        store = self.store
         if self.plan.blocking[layer]:
             self._switch_blocking(layer)
-        elif not self.plan.idle[layer]:
+        else:
             self._stager.switch(layer)
         self._stager.release(layer)
-        self._phy2log[layer] = self.call.new.phy2log[layer]
-        self._placement = self.call.new if layer + 1 == store.layout.num_layers else None
         self._switched = layer + 1
-        if store._routing is not None:
-            if self._routes is None:
-                self._routes = store._routing_rows(self.call.new)  # (a first routing() call during the job)
-            for live, new in zip(store._routing, self._routes):
-                live[layer].copy_(new[layer])
+        routes = self._routes
+        if routes is None and self.store._routing is not None:
+            routes = self._routes = self._route_pairs()
+        if routes is not None:
+            torch._foreach_copy_(*routes[layer])  # log2phy and logcnt rows: one call (one launch on CUDA)
+
+    def _route_pairs(self) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """Per layer ([its rows of the store's log2phy, logcnt], [the new placement's]), on the device."""
+        live, new = self.store._routing, self.store._routing_rows(self.call.new)
+        return [([live[0][la], live[1][la]], [new[0][la], new[1][la]]) for la in range(len(new[1]))]
 
     def _switch_blocking(self, layer: int) -> None:
         """Switch a layer whose staging does not fit by the rounds of a blocking rebalance of that

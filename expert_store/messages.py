@@ -16,6 +16,7 @@ import os
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 import torch
 
@@ -123,9 +124,9 @@ class Completion:
             raise ValueError(f"a completion carries the unknown outcome {w}") from None
 
 
-@dataclass(frozen=True)
-class StepReady:
-    """A rank's state at one step of a rebalance job.
+class StepReady(NamedTuple):
+    """A rank's state at one step of a rebalance job (a named tuple: made at every step, where a
+    frozen dataclass's construction cost several times as much host time).
 
     ``step``: the step number (0, 1, ...); ``ready``: layers 0..ready-1 are switched or
     staged on this rank; on a failure, ``layer`` / ``expert`` / ``source`` name what

@@ -32,8 +32,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -140,6 +139,42 @@ def _resolve_ranks(rank, world_size, group) -> tuple[int, int]:
         world_size = g_size if world_size is None else world_size
     world_size = check_int(world_size, "world_size", low=1)
     return check_int(rank, "rank", low=0, high=world_size - 1), world_size
+
+
+class _CallGuard:
+    """The context of :meth:`ExpertStore._call` (a class, not a generator: ``job.step()`` enters
+    one per forward pass, where a generator context cost several times the host time)."""
+
+    __slots__ = ("during_job", "store", "usable", "what")
+
+    def __init__(self, store: ExpertStore, what: str, usable: bool, during_job: bool) -> None:
+        self.store, self.what, self.usable, self.during_job = store, what, usable, during_job
+
+    def __enter__(self) -> None:
+        store, what = self.store, self.what
+        if store._job is not None and not self.during_job:
+            raise StoreError(
+                f"rank {store.rank}: {what} called while a rebalance job is open on this store; "
+                "finish it first (job.step() until job.done, or job.wait())"
+            )
+        if not store._lock.acquire(blocking=False):
+            raise StoreError(
+                f"rank {store.rank}: {what} called while {store._running} is running on this store; "
+                "a store is used by one thread at a time"
+            )
+        store._running = what
+        try:
+            if store._closed:
+                raise StoreError(f"rank {store.rank}: the store under {store.root} is closed")
+            if self.usable:
+                store._check_usable()
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.store._running = None
+        self.store._lock.release()
 
 
 class ExpertStore:
@@ -395,31 +430,12 @@ class ExpertStore:
         return self
 
     # ---------------------------------------------------------- one call at a time
-    @contextmanager
-    def _call(self, what: str, *, usable: bool = True, during_job: bool = False) -> Iterator[None]:
-        """Guard of every public call: one thread at a time, never on a closed store, and (unless
-        the call shares the refusal with its peers itself) never on an unusable one; while a
-        rebalance job is open, only the calls marked ``during_job`` (read-only ones, the job's own)."""
-        if self._job is not None and not during_job:
-            raise StoreError(
-                f"rank {self.rank}: {what} called while a rebalance job is open on this store; "
-                "finish it first (job.step() until job.done, or job.wait())"
-            )
-        if not self._lock.acquire(blocking=False):
-            raise StoreError(
-                f"rank {self.rank}: {what} called while {self._running} is running on this store; "
-                "a store is used by one thread at a time"
-            )
-        self._running = what
-        try:
-            if self._closed:
-                raise StoreError(f"rank {self.rank}: the store under {self.root} is closed")
-            if usable:
-                self._check_usable()
-            yield
-        finally:
-            self._running = None
-            self._lock.release()
+    def _call(self, what: str, *, usable: bool = True, during_job: bool = False) -> _CallGuard:
+        """Guard of every public call (``with self._call(...)``): one thread at a time, never on a
+        closed store, and (unless the call shares the refusal with its peers itself) never on an
+        unusable one; while a rebalance job is open, only the calls marked ``during_job``
+        (read-only ones, the job's own)."""
+        return _CallGuard(self, what, usable, during_job)
 
     def _check_usable(self) -> None:
         if self._broken is not None:

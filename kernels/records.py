@@ -43,10 +43,11 @@ interpreter if ``TRITON_INTERPRET=1`` at import (the tests), else in the plain-t
 from __future__ import annotations
 
 import ctypes
+import functools
 import operator
 import threading
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -369,25 +370,42 @@ def _run(
     grid = n * plan.chunks
     res_t = plan.table if res is None else res.table  # slab sums read no address: any tensor will do
     slab_t = res_t if slab is None else slab
-    aligned = (res is None or res.alignment == 16) and slab_t.data_ptr() % 16 == 0
-    args = plan.args[aligned]
+    aligned, fixed = _direct_args(plan, res, slab_t, out, idx.data_ptr() + 8 * start)
     sums = plan.kernel is _checksum_kernel
     hooks = _hooks_installed()
     direct = launch_path(triton.__version__, slab_t.device.type, hooks) == "direct"
     compiled = plan.compiled.get(aligned) if direct else None
     if compiled is not None:
-        ptrs = (res_t.data_ptr(), slab_t.data_ptr(), *((out.data_ptr(),) if sums else ()))
-        compiled.run(
-            grid, 1, 1, _raw_stream(slab_t.device.index), compiled.function, compiled.packed_metadata, None, None,
-            None, *ptrs, idx.data_ptr() + 8 * start, plan.table_ptr, *args,
-        )  # fmt: skip
+        _direct(compiled, grid, _raw_stream(slab_t.device.index), fixed)
         return
     tensors = (res_t, slab_t if slab is None else _words(slab, plan.dtype), *((out,) if sums else ()))
     idx_arg = idx[start : start + 3 * n]
     with _INTERPRETER_LOCK or nullcontext():
-        compiled = plan.kernel[(grid,)](*tensors, idx_arg, plan.table, *args, num_warps=plan.num_warps)
+        compiled = plan.kernel[(grid,)](*tensors, idx_arg, plan.table, *plan.args[aligned], num_warps=plan.num_warps)
     if direct and isinstance(compiled, CompiledKernel):
         plan.compiled[aligned] = compiled
+
+
+def _direct_args(
+    plan: _Plan, res: ResidentSlabs | None, slab_t: torch.Tensor, out: torch.Tensor | None, idx_ptr: int
+) -> tuple[bool, tuple]:
+    """(aligned, the launcher's arguments after the stream) of a direct launch: raw addresses of
+    the address table, the records (any tensor for resident sums), the sums (for sums) and the
+    index rows, then the plan's chunk table and constants."""
+    res_t = plan.table if res is None else res.table
+    aligned = (res is None or res.alignment == 16) and slab_t.data_ptr() % 16 == 0
+    sums = plan.kernel is _checksum_kernel
+    ptrs = (res_t.data_ptr(), slab_t.data_ptr(), *((out.data_ptr(),) if sums else ()))
+    return aligned, (*ptrs, idx_ptr, plan.table_ptr, *plan.args[aligned])
+
+
+def _direct(compiled: CompiledKernel, grid: int, stream: int, fixed: tuple) -> None:
+    """Launch ``compiled`` over ``grid`` programs on ``stream`` through its launcher (see :func:`launch_path`)."""
+    compiled.run(grid, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *fixed)
+
+
+def _nothing() -> None:
+    """An entry of no items."""
 
 
 def _device_guard(device: torch.device):
@@ -783,6 +801,36 @@ class PreparedCopies:
             if device.type == "cuda" and _raw_stream(device.index) != self._stream:
                 torch.cuda.current_stream(device).wait_event(self._copied)  # the rows were copied on another stream
             _run(plan, n, self.slabs, buffer, None, self._idx, first)
+
+    def launcher(self, i: int, buffer: torch.Tensor) -> Callable[[], None]:
+        """Entry i with ``buffer`` checked now: each call of the function returned runs it on the
+        current stream, as :meth:`launch` does, for about the cost of the launch alone (the
+        addresses and arguments are resolved here). A rebalance job binds a layer's switch once
+        its staging is complete and calls it between two forward passes, where the host time
+        counts: a launch through :meth:`launch` measured 110-150 us of host time on the H200
+        host, most of it checks and argument building. ``buffer`` must stay allocated."""
+        plan, first, n, need = self._entries[check_index(i, "i", len(self._entries), where="PreparedCopies.launcher")]
+        device = self.slabs.device
+        buffer = _check_bytes("buffer", buffer, self.layout.spec, f"PreparedCopies entry {i}", device, need)
+        if not n:
+            return _nothing
+        if plan.reference or launch_path(triton.__version__, device.type, False) != "direct":
+            return functools.partial(self.launch, i, buffer)
+        aligned, fixed = _direct_args(plan, self.slabs, buffer, None, self._idx.data_ptr() + 8 * first)
+        grid, index, waited = n * plan.chunks, device.index, {self._stream}
+
+        def run() -> None:
+            compiled = plan.compiled.get(aligned)
+            if compiled is None or _hooks_installed() or torch.cuda.current_device() != index:
+                self.launch(i, buffer)  # the first launch compiles; hooks and other devices take the checked path
+                return
+            stream = _raw_stream(index)
+            if stream not in waited:
+                torch.cuda.current_stream(device).wait_event(self._copied)  # the rows were copied on another stream
+                waited.add(stream)
+            _direct(compiled, grid, stream, fixed)
+
+        return run
 
 
 def resident_checksums(

@@ -602,6 +602,21 @@ def test_prepared_copies_equal_the_launchers(make_spec, device):
         pack_records(want, layout, layers, slots, out=exp, records=records)
         prepared.launch(i, got)
         assert torch.equal(got, exp)
+        # a bound launcher moves the same bytes, call after call (on CUDA: the first call compiles,
+        # the next ones take the direct launch with the addresses bound)
+        got.fill_(0xA5)  # poisoned as exp was: padding inside records is not written
+        run = prepared.launcher(i, got)
+        for _ in range(2):
+            run()
+            assert torch.equal(got, exp)
+            got.fill_(0xA5)
+    storage.copy_(pattern(layout.total_bytes, 1, device))
+    run = prepared.launcher(1, slab)
+    for _ in range(2):
+        run()
+        assert torch.equal(storage, want)
+    prepared.launcher(3, slab)()  # nothing to do
+    assert torch.equal(storage, want)
 
 
 BAD_PREPARED = [
@@ -647,6 +662,10 @@ def test_prepared_copies_check_the_launch():
         prepared.launch(0, torch.zeros(4 * rb, dtype=torch.int16))
     with pytest.raises(StoreError, match=re.escape("PreparedCopies.launch: i must be in 0..0, got 1")):
         prepared.launch(1, torch.zeros(4 * rb, dtype=torch.uint8))
+    with pytest.raises(StoreError, match=re.escape(f"entry 0: buffer must hold at least 4 records ({4 * rb} bytes")):
+        prepared.launcher(0, torch.zeros(3 * rb, dtype=torch.uint8))
+    with pytest.raises(StoreError, match=re.escape("PreparedCopies.launcher: i must be in 0..0, got 1")):
+        prepared.launcher(1, torch.zeros(4 * rb, dtype=torch.uint8))
     assert torch.equal(storage, before)
 
 
