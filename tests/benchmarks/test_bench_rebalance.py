@@ -213,22 +213,36 @@ def nccl_4gb(tmp_path_factory):
     return _two_rank(tmp_path_factory.mktemp("nccl4g"), "nccl", H=7168, I=2048, E=192, staging=[(4 << 30, 1 << 30)])
 
 
+def _gate_rate(benchmark, what: str, nb: int, ours: tuple[str, float], ref: tuple[str, str, float], *, target, **more):
+    """Gate ``nb`` bytes moved in ``ours`` (figure key, seconds) against the same bytes in ``ref``
+    (figure key, ceiling's name, seconds), both in the same run: the ratio of the times, figure
+    and ceiling in GB/s, both rates recorded under their keys, then ``more``."""
+    (key, s), (ref_key, ref_name, ref_s) = ours, ref
+    untimed(benchmark)
+    gate(
+        benchmark,
+        what,
+        ratio=ref_s / s,
+        target=target,
+        device="cuda",
+        figure=f"{nb / s / 1e9:.0f} GB/s",
+        ceiling=f"{ref_name} {nb / ref_s / 1e9:.0f} GB/s",
+        **{key: round(nb / s / 1e9, 1), ref_key: round(nb / ref_s / 1e9, 1)},
+        **more,
+    )
+
+
 @pytest.mark.multigpu
 @needs_two_gpus
 def test_gate_nccl_exchange(benchmark, nccl_64):
     """Exchange phase >= 90 % of one slab each way over the same pair, same run."""
-    v, nb = nccl_64[QWEN_64], nccl_64["bytes_one_way"]
-    untimed(benchmark)
-    gate(
+    _gate_rate(
         benchmark,
         "NCCL exchange (64 x 9.4 MB each way) vs one slab",
-        ratio=nccl_64["slab_s"] / v["exchange_s"],
+        nccl_64["bytes_one_way"],
+        ("exchange_GBps", nccl_64[QWEN_64]["exchange_s"]),
+        ("slab_GBps", "one slab", nccl_64["slab_s"]),
         target=0.90,
-        device="cuda",
-        figure=f"{nb / v['exchange_s'] / 1e9:.0f} GB/s",
-        ceiling=f"one slab {nb / nccl_64['slab_s'] / 1e9:.0f} GB/s",
-        exchange_GBps=round(nb / v["exchange_s"] / 1e9, 1),
-        slab_GBps=round(nb / nccl_64["slab_s"] / 1e9, 1),
     )
 
 
@@ -236,18 +250,13 @@ def test_gate_nccl_exchange(benchmark, nccl_64):
 @needs_two_gpus
 def test_gate_nccl_vs_per_tensor(benchmark, nccl_64):
     """Exchange phase >= 2.5x one message per expert tensor (what engines do today), same run."""
-    v, nb = nccl_64[QWEN_64], nccl_64["bytes_one_way"]
-    untimed(benchmark)
-    gate(
+    _gate_rate(
         benchmark,
         "NCCL exchange vs one message per tensor",
-        ratio=nccl_64["per_tensor_s"] / v["exchange_s"],
+        nccl_64["bytes_one_way"],
+        ("exchange_GBps", nccl_64[QWEN_64]["exchange_s"]),
+        ("per_tensor_GBps", "per tensor", nccl_64["per_tensor_s"]),
         target=2.5,
-        device="cuda",
-        figure=f"{nb / v['exchange_s'] / 1e9:.0f} GB/s",
-        ceiling=f"per tensor {nb / nccl_64['per_tensor_s'] / 1e9:.0f} GB/s",
-        exchange_GBps=round(nb / v["exchange_s"] / 1e9, 1),
-        per_tensor_GBps=round(nb / nccl_64["per_tensor_s"] / 1e9, 1),
     )
 
 
@@ -278,16 +287,12 @@ def test_gate_nccl_whole_call_4gb(benchmark, nccl_4gb):
     """Whole call >= 85 % of one slab each way for >= 4 GB per rank each way."""
     (key,) = [k for k in nccl_4gb if k.startswith("staging_")]
     v, nb = nccl_4gb[key], nccl_4gb["bytes_one_way"]
-    untimed(benchmark)
-    gate(
+    _gate_rate(
         benchmark,
         f"NCCL whole call, {nb / 1e9:.1f} GB each way, vs one slab",
-        ratio=nccl_4gb["slab_s"] / v["rebalance_s"],
+        nb,
+        ("call_GBps", v["rebalance_s"]),
+        ("slab_GBps", "one slab", nccl_4gb["slab_s"]),
         target=0.85,
-        device="cuda",
-        figure=f"{nb / v['rebalance_s'] / 1e9:.0f} GB/s",
-        ceiling=f"one slab {nb / nccl_4gb['slab_s'] / 1e9:.0f} GB/s",
-        call_GBps=round(nb / v["rebalance_s"] / 1e9, 1),
-        slab_GBps=round(nb / nccl_4gb["slab_s"] / 1e9, 1),
         rounds=v["rounds"],
     )
