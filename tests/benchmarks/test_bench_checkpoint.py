@@ -86,6 +86,29 @@ def test_bench_read_into_cpu_warm(benchmark, tmp_path):
     _report(benchmark, "read_into CPU warm", nbytes, ours, {"preadv_same_bytes": seq})
 
 
+def _gate_read(
+    benchmark, what: str, nbytes: int, ours: float, ceiling: tuple[str, float], *, target, digits, rates, **more
+):
+    """Gate a read of ``nbytes`` in ``ours`` seconds against ``ceiling`` (its name, its seconds for
+    the same bytes, in the same run): the ratio of the times, figure and ceiling in GB/s to
+    ``digits`` places; records the read's rate, then ``rates`` ({figure key: seconds for the same
+    bytes}) as GB/s, then ``more``, then the bytes."""
+    name, ceiling_s = ceiling
+    gate(
+        benchmark,
+        what,
+        ratio=ceiling_s / ours,
+        target=target,
+        figure=f"{nbytes / ours / 1e9:.{digits}f} GB/s",
+        ceiling=f"{name} {nbytes / ceiling_s / 1e9:.{digits}f} GB/s",
+        device="cuda",
+        GBps=round(nbytes / ours / 1e9, 2),
+        **{key: round(nbytes / s / 1e9, 2) for key, s in rates.items()},
+        **more,
+        bytes=nbytes,
+    )
+
+
 @pytest.fixture(scope="module")
 def gpu_setup(tmp_path_factory):
     if not torch.cuda.is_available():
@@ -141,18 +164,15 @@ def test_gate_read_into_cuda_warm(benchmark, gpu_setup):
     ours = _median_seconds(run)
     h2d_s, st_s = _median_seconds(h2d), _median_seconds(st)
     benchmark.pedantic(run, rounds=3, iterations=1)
-    gate(
+    _gate_read(
         benchmark,
         "checkpoint warm read into GPU slots vs pinned H2D copy",
-        ratio=h2d_s / ours,
+        nbytes,
+        ours,
+        ("pinned H2D copy", h2d_s),
         target=WARM_TARGET,
-        figure=f"{nbytes / ours / 1e9:.1f} GB/s",
-        ceiling=f"pinned H2D copy {nbytes / h2d_s / 1e9:.1f} GB/s",
-        device="cuda",
-        GBps=round(nbytes / ours / 1e9, 2),
-        pinned_h2d_GBps=round(nbytes / h2d_s / 1e9, 2),
-        safe_open_cuda_GBps=round(nbytes / st_s / 1e9, 2),
-        bytes=nbytes,
+        digits=1,
+        rates={"pinned_h2d_GBps": h2d_s, "safe_open_cuda_GBps": st_s},
     )
 
 
@@ -190,20 +210,20 @@ def test_gate_read_into_cuda_cold(benchmark, gpu_setup):
         pytest.skip(f"a cold run started with {max(seen):.1%} of the files resident (not cold)")
     best = min(seq_s, par_s, direct_s)
     cold_fraction = last[0].cold_bytes / max(1, last[0].nbytes)  # every byte should have been classified cold
-    gate(
+    _gate_read(
         benchmark,
         "checkpoint cold read into GPU slots vs best plain read",
-        ratio=best / ours,
+        nbytes,
+        ours,
+        ("best plain read", best),
         target=COLD_TARGET,
-        figure=f"{nbytes / ours / 1e9:.2f} GB/s",
-        ceiling=f"best plain read {nbytes / best / 1e9:.2f} GB/s",
-        device="cuda",
-        GBps=round(nbytes / ours / 1e9, 2),
-        sequential_GBps=round(nbytes / seq_s / 1e9, 2),
-        parallel_8_GBps=round(nbytes / par_s / 1e9, 2),
-        direct_8_GBps=round(nbytes / direct_s / 1e9, 2),
-        safe_open_cuda_GBps=round(nbytes / st_s / 1e9, 2),
+        digits=2,
+        rates={
+            "sequential_GBps": seq_s,
+            "parallel_8_GBps": par_s,
+            "direct_8_GBps": direct_s,
+            "safe_open_cuda_GBps": st_s,
+        },
         resident_before_cold=round(max(seen), 4),
         cold_bytes_fraction=round(cold_fraction, 4),
-        bytes=nbytes,
     )
