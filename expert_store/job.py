@@ -527,7 +527,7 @@ class RebalanceJob:
         self.blocking_switched: list[int] = []  # layers switched by blocking rounds (staging too small)
         self._answered = 0  # steps whose table every rank got (the same count on every rank: manifests match)
         self._pending = None  # the previous step's readiness gather, in flight
-        self._phases = dict(phases)
+        self._phases = {**phases, "steps": 0.0, "switch": 0.0}  # "steps": all of step(), "switch" within it
         self._t_start = t_start
         self._report: RebalanceReport | None = None
         self._error: str | None = None
@@ -553,6 +553,10 @@ class RebalanceJob:
             self.launches.append((at if packs else -1, at + packs if len(mine) > packs else -1))
             entries += mine
         self.copies = PreparedCopies(store.slabs, store.layout, entries)
+        if len(arena):
+            self.copies.compile(arena)  # not at the first switch, between two forward passes
+        if self._routes is not None:  # the copy kernel loaded now, for the same reason
+            torch._foreach_copy_([t.clone() for t in self._routes[0][0]], self._routes[0][0])
         transfers.begin(call_id(b"rebalance-job-transfers", self._nonces))
         self._stager = _Stager(self, transfers, arena, entry)
         _RUNNING.add(self._stager)
@@ -627,27 +631,27 @@ class RebalanceJob:
         store, call = self.store, self.call
         L = store.layout.num_layers
         switched: list[int] = []
+        t0 = time.perf_counter()
         if self._pending is not None:
-            t0 = time.perf_counter()
             rows = self._answer()
-            self._add("agree", t0)
             bad = [(r, a) for r, a in zip(call.live, rows) if a.status != StepStatus.READY]
             upto = min(min(a.ready for a in rows), L)
             if bad:
                 upto = min(upto, min(a.layer for _, a in bad))
-            t0 = time.perf_counter()
-            try:
-                budget = call.job_layers
-                while self._switched < upto and (budget > 0 or self.plan.idle[self._switched]):
-                    budget -= not self.plan.idle[self._switched]
-                    switched.append(self._switched)
-                    self._switch(self._switched)
-            except BaseException as e:
-                store._broken = f"rebalance job failed while switching layer {self._switched}: {e}"
-                self._error = store._broken
-                self._release()
-                raise
-            self._add("switch", t0)
+            if self._switched < upto:
+                t1 = time.perf_counter()
+                try:
+                    budget, idle = call.job_layers, self.plan.idle
+                    while self._switched < upto and (budget > 0 or idle[self._switched]):
+                        budget -= not idle[self._switched]
+                        switched.append(self._switched)
+                        self._switch(self._switched)
+                except BaseException as e:
+                    store._broken = f"rebalance job failed while switching layer {self._switched}: {e}"
+                    self._error = store._broken
+                    self._release()
+                    raise
+                self._phases["switch"] += time.perf_counter() - t1
             if bad:
                 error = self._failure(bad)
                 self._end(error)
@@ -655,7 +659,6 @@ class RebalanceJob:
             if self._switched == L:
                 self._finish()
                 return switched
-        t0 = time.perf_counter()
         mine = self._stager.status(self._steps)
         if len(call.live) == 1:
             self._pending = [mine]  # nobody to agree with: the table is this rank's row
@@ -671,7 +674,7 @@ class RebalanceJob:
         self._steps += 1
         if switched:
             self._stager.wake()
-        self._add("report", t0)
+        self._phases["steps"] += time.perf_counter() - t0  # inside step(), switches included
         return switched
 
     def _answer(self) -> list[StepReady]:
@@ -700,9 +703,6 @@ class RebalanceJob:
             self._end(error)
             raise error from e
         return rows
-
-    def _add(self, phase: str, t0: float) -> None:
-        self._phases[phase] = self._phases.get(phase, 0.0) + time.perf_counter() - t0
 
     # ------------------------------------------------------------------ switching
     def _switch(self, layer: int) -> None:
