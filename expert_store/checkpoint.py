@@ -43,7 +43,7 @@ import string
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -122,6 +122,11 @@ class _ReadSettings:
 
 
 _SETTINGS = _ReadSettings()
+# Reads while the engine serves (read_into(background=True)) use at most BACKGROUND_THREADS warm
+# readers. Each reader's Python and page-cache copies slow the serving thread: inside job.step()
+# of a DeepSeek-V3 elastic recovery on the H200 host, 0.36 ms a switched layer with 16 readers
+# against 0.28 with local moves only; Qwen3 0.95 against 0.24 (tools/bench_job_gpu.py, 2026-12-02).
+BACKGROUND_THREADS = 4
 # Diagnostics only (tools/diagnose_reads_gpu.py): None, or an object with ``plan(nbuf=, buf_bytes=,
 # warm=, cold=, readers=)`` (once per call), ``copies_begin(streams) -> mark`` (before a staged read's
 # copies are queued) and ``read(job, buffer, t_start, t_buffer, t_read, t_queued, mark)`` after each
@@ -490,7 +495,7 @@ class Checkpoint:
         """
         found = self._expert_entries(layer, expert)
         out = {name: torch.empty(shape, dtype=dtype) for name, (dtype, shape, _) in found.items()}
-        self._execute([(found[name][2], t) for name, t in out.items()], _SETTINGS.staging_bytes)
+        self._execute([(found[name][2], t) for name, t in out.items()], _SETTINGS.staging_bytes, _SETTINGS)
         return out
 
     def read_into(
@@ -499,6 +504,7 @@ class Checkpoint:
         targets: Sequence[tuple[int, int, Mapping[str, torch.Tensor]]],
         *,
         staging_bytes: int | None = None,
+        background: bool = False,
     ) -> ReadStats:
         """Read experts straight into caller tensors; returns what was read, a :class:`ReadStats`.
 
@@ -509,6 +515,9 @@ class Checkpoint:
                 slot of a resident slab: ``ResidentSlabs.slot_tensors(layer, slot)``).
             staging_bytes: pinned host staging in total, for CUDA destinations
                 (default 512 MiB; less than a page counts as one page).
+            background: the read runs while the engine serves (a rebalance job's staging): fewer
+                reader threads, so that their host work and memory traffic slow the engine's
+                own thread less, at a lower read rate.
 
         Everything (names, shards, dtypes, shapes, destinations) is checked before the first byte
         is written; a failure then leaves the destinations untouched. An I/O error or a changed
@@ -547,13 +556,18 @@ class Checkpoint:
                 if dst.device.type not in ("cpu", "cuda"):
                     raise CheckpointError(f"{what} is on {dst.device}; only cpu and cuda are supported")
                 copies.append((entries, dst))
-        return self._execute(copies, staging_bytes)
+        s = _SETTINGS
+        if background:
+            s = replace(s, threads=min(s.threads, BACKGROUND_THREADS))
+        return self._execute(copies, staging_bytes, s)
 
     # -- the mover ----------------------------------------------------------
-    def _execute(self, copies: list[tuple[list[tuple[str, TensorEntry]], torch.Tensor]], staging: int) -> ReadStats:
+    def _execute(
+        self, copies: list[tuple[list[tuple[str, TensorEntry]], torch.Tensor]], staging: int, s: _ReadSettings
+    ) -> ReadStats:
         """Fill each destination tensor of ``copies`` with its checkpoint tensors ((path, entry),
-        concatenated on dim 0). Everything has been validated by the caller."""
-        s, ops, page = _SETTINGS, _DEVICE_OPS, PAGE_SIZE
+        concatenated on dim 0), with the settings ``s``. Everything has been validated by the caller."""
+        ops, page = _DEVICE_OPS, PAGE_SIZE
         # parts: (path, file offset, nbytes, destination index, byte offset in it); dests: flat bytes.
         parts: list[tuple[str, int, int, int, int]] = []
         dests: list[torch.Tensor] = []

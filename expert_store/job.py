@@ -397,7 +397,7 @@ class _Stager:
         if part.reads:
             targets = [(layer, d.expert, _record(region, spec, io.n_total + i)) for i, d in enumerate(part.reads)]
             try:
-                store.checkpoint.read_into(spec, targets)
+                store.checkpoint.read_into(spec, targets, background=True)
             except StoreError as e:
                 failure = StepReady(0, layer, StepStatus.FAILED, layer, part.reads[0].expert, _CHECKPOINT)
                 self.fault_text = str(e)

@@ -226,6 +226,16 @@ def test_read_into_poisoned_destinations(style, request, path_kind):
         stats.nbytes = 0
 
 
+def test_read_into_background_same_bytes(deepseek, monkeypatch):
+    """A background read (fewer readers, for reads while the engine serves) writes the same bytes."""
+    _settings(monkeypatch, chunk_bytes=5000, threads=8, cold_threads=2)
+    targets = _every_expert(deepseek)[::2]
+    with deepseek.checkpoint() as ckpt:
+        stats = ckpt.read_into(deepseek.spec, targets, background=True)
+    _check_targets(deepseek, targets)
+    assert stats.nbytes == len(targets) * deepseek.spec.nbytes
+
+
 @pytest.mark.parametrize("chunk_bytes", [4096, 5000, 1 << 20])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_reads_cut_into_chunks(deepseek, monkeypatch, path_kind, chunk_bytes, threads):
