@@ -86,12 +86,10 @@ class _ReadSettings:
     # files 1.83; 16 of 128: 1.76 / 1.59 / 1.87 / 1.82. 8 is the benchmark's best row (the one to
     # match); more were not measured. (8 readers with every range hinted at once measured 0.64
     # GB/s earlier; without hints, 8 threads read 1.86 buffered.) I/O-bound: not capped by cores.
+    # Cold reads go by O_DIRECT where the filesystem allows it (else buffered preadv): the fastest
+    # plain read of the same bytes in that run (2.02 vs 1.86 GB/s buffered, 8 x 16 MiB), and no
+    # page cache filled with bytes that are read once.
     cold_threads: int = 8
-    # Cold reads with O_DIRECT where the filesystem allows it (else buffered preadv): the
-    # fastest plain read of the same bytes in that run (2.02 vs 1.86 GB/s buffered, 8 x 16 MiB),
-    # and no page cache filled with bytes that are read once. False: buffered (kept so that a
-    # diagnosis can compare the two in one run).
-    cold_direct: bool = True
     # Pinned staging of one call at most (default of read_into's staging_bytes): room for
     # buffers_per_thread buffers of chunk_bytes per warm reader (16 x 2 x 16 MiB).
     staging_bytes: int = 512 << 20
@@ -604,7 +602,7 @@ class Checkpoint:
             warm, cold = [j for j in jobs if j.warm], [j for j in jobs if not j.warm]
             n_warm, n_cold = min(s.threads, len(warm)), min(s.cold_threads, len(cold))
             # Files whose cold reads go by O_DIRECT (opened here, before any reader starts).
-            direct = {path for path in sorted({j.path for j in cold}) if s.cold_direct and files[path].open_direct()}
+            direct = {path for path in sorted({j.path for j in cold}) if files[path].open_direct()}
             # Cold CPU destinations read by O_DIRECT go through page-aligned bounce buffers (the
             # destinations are not aligned), one per cold reader, sized to the largest such read.
             bounce: queue.Queue[Any] = queue.Queue()
