@@ -52,6 +52,7 @@ __all__ = [
     "ChunkedRun",
     "ExecutionStats",
     "RebalanceRun",
+    "RoundIO",
     "RoundRunner",
     "copy_slots",
     "exchange_views",
@@ -67,7 +68,7 @@ class ExecutionStats:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-class _RoundIO:
+class RoundIO:
     """This rank's records of one round, in buffer order."""
 
     def __init__(self, rank: int, rnd: Round) -> None:
@@ -114,7 +115,7 @@ class _RoundIO:
         return [m.layer for m in ms], [m.dst_slot for m in ms], pos
 
 
-def _buffers(ios: list[_RoundIO], rb: int, staging_bytes: int) -> tuple[int, int, int]:
+def _buffers(ios: list[RoundIO], rb: int, staging_bytes: int) -> tuple[int, int, int]:
     """(bytes per buffer, buffers, park records) of a rank's non-empty rounds ``ios``."""
     cap = max(max(io.n_total for io in ios), 1) * rb
     n_parks = max((p.park + 1 for io in ios for p in io.parks), default=0)
@@ -136,12 +137,12 @@ def planned_staging_peak(
     relay rounds (:func:`~expert_store.plan.relay_rounds` of the merged plan) holds at once on
     ``rank``, without running it: its ``RebalanceReport.staging_peak`` when no staging is reserved
     (:meth:`ExpertStore.reserve_staging`)."""
-    ios = [io for io in (_RoundIO(rank, r) for r in relays) if not io.empty]
+    ios = [io for io in (RoundIO(rank, r) for r in relays) if not io.empty]
     cap, nbuf, _ = _buffers(ios, record_bytes, staging_bytes) if ios else (0, 0, 0)
     relay = nbuf * cap  # the relay rounds run alone, once every chunk is off the device
     peaks = []
     for _, rounds, staging in chunks:
-        ios = [io for io in (_RoundIO(rank, r) for r in rounds) if not io.empty]
+        ios = [io for io in (RoundIO(rank, r) for r in rounds) if not io.empty]
         cap, nbuf, n_parks = _buffers(ios, record_bytes, staging) if ios else (0, 0, 0)
         peaks.append(nbuf * cap + n_parks * record_bytes)
     # ChunkedRun: several chunks share an arena of two halves; two runners hold staging at a time.
@@ -177,7 +178,7 @@ class RoundRunner:
         from (nothing is allocated then); None: allocate them."""
         self.rank, self.slabs, self.comm = rank, slabs, comm
         self.rb = slabs.spec.record_bytes
-        ios = [_RoundIO(rank, r) for r in rounds]
+        ios = [RoundIO(rank, r) for r in rounds]
         self.ios = [io for io in ios if not io.empty]
         # Message sequence numbers are the plan's round numbers (this rank skips its empty rounds).
         self.seqs = [first_seq + i for i, io in enumerate(ios) if not io.empty]

@@ -853,7 +853,7 @@ def _check_checkpoint_bytes(m: Manifest, path_override: str | None) -> dict[str,
     except StoreError as e:
         out["errors"].append(f"cannot open the checkpoint: {e}")
         return out
-    views = {t.name: record[o : o + t.nbytes].view(t.dtype).view(t.shape) for t, o in zip(spec, spec.record_offsets)}
+    views = spec.record_views(record)
     with ckpt:
         for layer, e in product(range(m.num_layers), range(m.num_experts)):
             try:

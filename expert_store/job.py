@@ -58,7 +58,7 @@ from expert_store.kernels import PreparedCopies, slab_checksums
 
 from .comm import Comm, Kind, call_id
 from .errors import AgreementError, IntegrityError, ManifestError, PeerTimeoutError, StoreError
-from .execute import RebalanceRun, _RoundIO, allocate_staging, exchange_views
+from .execute import RebalanceRun, RoundIO, allocate_staging, exchange_views
 from .messages import Completion, Outcome, StepReady, StepStatus
 from .placement import Placement
 from .plan import RebalancePlan, Round, merge_plans, plan_rebalance, round_budget, schedule_rounds
@@ -76,7 +76,7 @@ class _LayerPart:
     """This rank's records of one layer, in staging order (see the module docstring)."""
 
     def __init__(self, plan: RebalancePlan, rank: int) -> None:
-        self.io = _RoundIO(rank, Round(parks=[], moves=plan.moves))
+        self.io = RoundIO(rank, Round(parks=[], moves=plan.moves))
         self.reads = [d for d in plan.disk_reads if d.rank == rank]
         self.posts = [c for c in plan.post_copies if c.rank == rank]
         # a post copy whose source slot keeps its expert is packed with the local moves; the
@@ -395,7 +395,7 @@ class _Stager:
         ex = self.comm.start_exchange(sends, recvs, seq=layer)
         failure = None
         if part.reads:
-            targets = [(layer, d.expert, _record(region, spec, io.n_total + i)) for i, d in enumerate(part.reads)]
+            targets = [(layer, d.expert, spec.record_views(region, io.n_total + i)) for i, d in enumerate(part.reads)]
             try:
                 store.checkpoint.read_into(spec, targets, background=True)
             except StoreError as e:
@@ -492,15 +492,6 @@ class _Stager:
             self.comm.close()
             return True
         return False
-
-
-def _record(buf: torch.Tensor, spec, i: int) -> dict[str, torch.Tensor]:
-    """{spec name: view} of record ``i`` of ``buf`` (what a checkpoint read fills)."""
-    base = i * spec.record_bytes
-    return {
-        t.name: buf[base + off : base + off + t.nbytes].view(t.dtype).view(t.shape)
-        for t, off in zip(spec.tensors, spec.record_offsets)
-    }
 
 
 class RebalanceJob:

@@ -158,6 +158,15 @@ class ExpertSpec:
     def __len__(self) -> int:
         return len(self.tensors)
 
+    def record_views(self, buf: torch.Tensor, i: int = 0) -> dict[str, torch.Tensor]:
+        """{name: view} of the tensors of record ``i`` of ``buf`` (uint8 [>= (i + 1) * record_bytes],
+        contiguous), in their dtypes and shapes: destinations a checkpoint read can fill."""
+        base = i * self.record_bytes
+        return {
+            t.name: buf[base + off : base + off + t.nbytes].view(t.dtype).view(t.shape)
+            for t, off in zip(self.tensors, self.record_offsets)
+        }
+
     # -- identity -----------------------------------------------------------
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ExpertSpec) and self.tensors == other.tensors
