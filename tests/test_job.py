@@ -146,9 +146,9 @@ def test_job_layer_larger_than_staging_switches_by_blocking_rounds(tmp_path, qwe
 # ----------------------------------------------------------------------------- gloo
 
 
-def job_scenario(rank, world, info, root_base, seed, device="cpu"):
+def job_scenario(rank, world, info, root_base, seed, device="cpu", full=True):
     L, E = info.num_layers, info.num_experts
-    S = {2: 5, 3: 4}[world]
+    S = {2: 5, 3: 4, 4: 2}[world]
     root = root_base / f"rank{rank}"
     gen = torch.Generator().manual_seed(seed)
     kw = dict(rank=rank, world_size=world, timeout_s=COMM_TIMEOUT_S, device=device)
@@ -159,6 +159,9 @@ def job_scenario(rank, world, info, root_base, seed, device="cpu"):
     rep = _run_job(store, info, p1)
     want = expected_accounting(p0, p1, rank=rank, expert_bytes=info.spec.nbytes, old_alive=alive, alive=alive, fresh=())
     assert (rep.bytes_p2p, rep.bytes_local, rep.bytes_disk, rep.missing) == want
+    if not full:
+        assert_slots_exact(es.ExpertStore.open(root, checkpoint=info.checkpoint(), **kw), info, what="reopened")
+        return rep.bytes_p2p
     # two layers a step, staging for about one layer: the job stages what fits
     p2 = random_placement(gen, L=L, E=E, R=world, S=S)
     _run_job(store, info, p2, layers_per_step=2, staging_bytes=2 * S * info.spec.record_bytes)
@@ -191,6 +194,14 @@ def test_job_gloo(tmp_path, qwen, world):
     """Layer-by-layer jobs on gloo: exact slots and routing at every step, exact accounting, the
     committed version reopens exact; disagreeing ranks all raise before anything moves."""
     got = run_ranks(job_scenario, world, qwen, tmp_path / "store", 11 + world, timeout_s=200)
+    assert any(b > 0 for b in got)
+
+
+@pytest.mark.timeout(200)
+def test_job_gloo_four_ranks(tmp_path, qwen):
+    """Four ranks (two slots each): one job, exact slots and routing at every step, exact
+    accounting, the committed version reopens exact on every rank."""
+    got = run_ranks(job_scenario, 4, qwen, tmp_path / "store", 17, "cpu", False, timeout_s=160)
     assert any(b > 0 for b in got)
 
 
