@@ -23,7 +23,7 @@ from expert_store.comm import DEFAULT_TIMEOUT_S
 from expert_store.errors import StoreError
 from expert_store.spec import ExpertSpec
 
-from . import DEFAULT_STAGING_BYTES, Runner, agree, byte_rows, digest_parts, open_comm, plan_layer
+from .moves import DEFAULT_STAGING_BYTES, Runner, agree, byte_rows, digest_parts, open_comm, plan_layer
 
 __all__ = ["read_missing", "update_expert_weights_single_layer"]
 

@@ -25,7 +25,7 @@ from expert_store.comm import DEFAULT_TIMEOUT_S, Comm, call_id
 from expert_store.errors import StoreError
 from expert_store.kernels import gather_pieces, scatter_pieces
 
-from . import DEFAULT_STAGING_BYTES, Runner, agree, byte_rows, digest_parts, open_comm, plan_layer
+from .moves import DEFAULT_STAGING_BYTES, Runner, agree, byte_rows, digest_parts, open_comm, plan_layer
 
 __all__ = ["PackedEplbCommunicator", "rearrange_expert_weights_inplace"]
 
