@@ -158,10 +158,14 @@ def worker(rank, world, info, root, cfg):
 
 
 def _links(old, new, *, world, spec, old_alive, alive, fresh):
-    plan = plan_rebalance(old, new, expert_bytes=spec.nbytes, old_alive=old_alive, alive=alive, fresh=fresh)
+    """Bytes per (src, dst) link of the plan the store runs: moves between ranks, and relays of
+    missing experts from the rank that reads one to the others needing it."""
+    plan = plan_rebalance(
+        old, new, expert_bytes=spec.nbytes, old_alive=old_alive, alive=alive, fresh=fresh, relay_missing=True
+    )
     links: dict[tuple[int, int], int] = {}
-    for m in plan.moves:
-        if not m.is_local:
+    for m in [*plan.moves, *plan.relays]:
+        if m.src_rank != m.dst_rank:
             links[(m.src_rank, m.dst_rank)] = links.get((m.src_rank, m.dst_rank), 0) + spec.nbytes
     return links
 
