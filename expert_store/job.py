@@ -231,8 +231,11 @@ class _Stager:
 
     State shared with the stepping thread is guarded by ``cv``: ``ready`` (layers 0..ready-1
     staged), ``fault`` (the StepReady of a failure, and its text), ``switched`` (set by the
-    stepping thread), ``stop``. The arena is used as a ring: layers are staged and switched in
-    order, so the regions in use are always one contiguous run (wrapping once)."""
+    stepping thread), ``stop``. ``state`` is the row a step reports, made by this thread when
+    ``ready`` or ``fault`` changes and read by the stepping thread without the lock (one
+    attribute read: the step's host time is that of cache-cold Python, see :meth:`publish`). The
+    arena is used as a ring: layers are staged and switched in order, so the regions in use are
+    always one contiguous run (wrapping once)."""
 
     def __init__(self, job: RebalanceJob, comm: Comm, arena: torch.Tensor, entry) -> None:
         store = job.store
@@ -243,6 +246,7 @@ class _Stager:
         self.stop = False
         self.fault: StepReady | None = None
         self.fault_text = ""
+        self.state = StepReady(0, 0, StepStatus.READY)
         self.prepared = None  # the new version's manifest, written once every layer is staged
         self.manifest_error = ""
         self.staged: dict[int, _Staged] = {}  # layer -> its region (staged, not yet switched)
@@ -273,8 +277,7 @@ class _Stager:
                         if layer + 1 == L:
                             self._prepare_manifest()
                         with self.cv:
-                            self.ready = layer + 1
-                            self.cv.notify_all()
+                            self.publish(ready=layer + 1)
                         if not self._wait_switched(layer + 1):
                             return
                         continue
@@ -288,23 +291,30 @@ class _Stager:
                             self._prepare_manifest()  # before the last layer is reported ready
                     with self.cv:
                         if fault is not None:
-                            self.fault = fault
-                            self.cv.notify_all()
+                            self.publish(fault=fault)
                             return
-                        self.ready = layer + 1
-                        self.cv.notify_all()
+                        self.publish(ready=layer + 1)
         except BaseException as e:  # reported through the next step, never raised in this thread
             status, source = StepStatus.FAILED, _NONE
             if isinstance(e, PeerTimeoutError):
                 status, source = StepStatus.PEER_LOST, getattr(e, "peer", _NONE)
             with self.cv:
-                self.fault = StepReady(0, layer, status, layer, -1, source)
                 self.fault_text = self.fault_text or f"{type(e).__name__}: {e}"
-                self.cv.notify_all()
+                self.publish(fault=StepReady(0, layer, status, layer, -1, source))
         finally:
             with self.cv:
                 if self.stop:  # the job ended while this thread still waited for a peer
                     self.comm.close()
+
+    def publish(self, *, ready: int | None = None, fault: StepReady | None = None) -> None:
+        """With ``cv`` held: layers 0..ready-1 staged, or staging failed; wakes the waiters. The
+        row a step reports is made here, once per change, not in every step."""
+        if fault is not None:
+            self.fault = fault
+        else:
+            self.ready = ready
+        self.state = self.fault if self.fault is not None else StepReady(0, self.ready, StepStatus.READY)
+        self.cv.notify_all()
 
     def _bind(self, layer: int) -> None:
         """Bind ``layer``'s switch to its region now, off the stepping thread (what a step then
@@ -430,14 +440,6 @@ class _Stager:
         return None
 
     # ------------------------------------------------------------------ the stepping thread
-    def status(self, step: int) -> StepReady:
-        """This rank's readiness at ``step``: layers staged, or the failure."""
-        with self.cv:
-            fault, ready = self.fault, self.ready
-        if fault is not None:
-            return fault._replace(step=step)
-        return StepReady(step, ready, StepStatus.READY)
-
     def switch(self, layer: int) -> None:
         """Switch ``layer`` on the current stream (its staging is complete): its bound unpack,
         then the event after which its region may be reused. Every live rank calls it for the
@@ -515,6 +517,7 @@ class RebalanceJob:
         self._placement, self._placement_at = self._old_placement, 0  # built for _placement_at switched layers
         self._switched = 0  # layers 0.._switched-1 hold the new placement
         self._steps = 0
+        self._guard = store._call("RebalanceJob.step", during_job=True)  # entered at every step
         self.blocking_switched: list[int] = []  # layers switched by blocking rounds (staging too small)
         self._answered = 0  # steps whose table every rank got (the same count on every rank: manifests match)
         self._pending = None  # the previous step's readiness gather, in flight
@@ -598,9 +601,10 @@ class RebalanceJob:
         ``timeout_s``, IntegrityError when a staged record does not match its checksum (on every
         rank, naming the rank that got it), after committing the layers switched before (see the
         class)."""
-        with self.store._call("RebalanceJob.step", during_job=True):
-            self._check_open()
-            if self.done:
+        with self._guard:
+            if self._error is not None or threading.get_ident() != self._thread:
+                self._check_open()  # raises
+            if self._report is not None:
                 return []
             return self._step()
 
@@ -625,10 +629,12 @@ class RebalanceJob:
         t0 = time.perf_counter()
         if self._pending is not None:
             rows = self._answer()
-            bad = [(r, a) for r, a in zip(call.live, rows) if a.status != StepStatus.READY]
-            upto = min(min(a.ready for a in rows), L)
-            if bad:
-                upto = min(upto, min(a.layer for _, a in bad))
+            upto, bad = L, None  # one pass over the table (a step runs cache-cold: every line costs)
+            for r, a in zip(call.live, rows):
+                if a.status != StepStatus.READY:
+                    bad = [*(bad or ()), (r, a)]
+                    upto = min(upto, a.layer)
+                upto = min(upto, a.ready)
             if self._switched < upto:
                 t1 = time.perf_counter()
                 try:
@@ -650,10 +656,11 @@ class RebalanceJob:
             if self._switched == L:
                 self._finish()
                 return switched
-        mine = self._stager.status(self._steps)
+        mine = self._stager.state  # one attribute read, no lock (see _Stager)
         if len(call.live) == 1:
-            self._pending = [mine]  # nobody to agree with: the table is this rank's row
+            self._pending = [mine]  # nobody to agree with: the table is this rank's row (its step unread)
         else:
+            mine = mine._replace(step=self._steps)
             comm = store._comm
             comm.begin(call_id(b"rebalance-job", self._nonces, struct.pack("<q", self._steps)))
             try:

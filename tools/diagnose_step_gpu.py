@@ -43,7 +43,6 @@ _PARTS = [
     ("switch", "expert_store.job", "RebalanceJob", "_switch"),
     ("launches", "expert_store.job", "_Stager", "switch"),
     ("release", "expert_store.job", "_Stager", "release"),
-    ("status", "expert_store.job", "_Stager", "status"),
     ("wake", "expert_store.job", "_Stager", "wake"),
     ("gather", "expert_store.comm", "Comm", "start_gather"),
     ("launch1", "expert_store.kernels", "PreparedCopies", "launch"),
