@@ -75,13 +75,13 @@ _NONE = -2
 class _LayerPart:
     """This rank's records of one layer, in staging order (see the module docstring)."""
 
-    def __init__(self, plan: RebalancePlan, rank: int) -> None:
+    def __init__(self, plan: RebalancePlan, rank: int, filled: set[int]) -> None:
         self.io = RoundIO(rank, Round(parks=[], moves=plan.moves))
         self.reads = [d for d in plan.disk_reads if d.rank == rank]
         self.posts = [c for c in plan.post_copies if c.rank == rank]
-        # a post copy whose source slot keeps its expert is packed with the local moves; the
-        # others duplicate a record the switch unpacks anyway (see _layer_entries)
-        filled = _filled_slots(plan)[rank]
+        # a post copy whose source slot keeps its expert (not in ``filled``, this rank's slots
+        # that the switch writes) is packed with the local moves; the others duplicate a record
+        # the switch unpacks anyway (see _layer_entries)
         self.post_packs = [c for c in self.posts if c.src_slot not in filled]
         self.relay_out: dict[int, list] = {}  # peer -> relays of experts this rank reads for it
         self.relay_in: dict[int, list] = {}  # reader -> relays it sends this rank
@@ -99,19 +99,19 @@ class _LayerPart:
         self.buffer_records = self.n_records + len(self.post_packs)  # [.. | post copies' sources]
 
 
-def _filled_slots(plan: RebalancePlan) -> dict[int, set[int]]:
+def _filled_slots(plan: RebalancePlan) -> collections.defaultdict[int, set[int]]:
     """rank -> the slots its switch of the layer fills from staged records (moves, reads, relays)."""
-    filled: dict[int, set[int]] = {}
+    filled: collections.defaultdict[int, set[int]] = collections.defaultdict(set)
     for m in plan.moves:
-        filled.setdefault(m.dst_rank, set()).add(m.dst_slot)
+        filled[m.dst_rank].add(m.dst_slot)
     for d in plan.disk_reads:
-        filled.setdefault(d.rank, set()).add(d.slot)
+        filled[d.rank].add(d.slot)
     for x in plan.relays:
-        filled.setdefault(x.dst_rank, set()).add(x.dst_slot)
-    return collections.defaultdict(set, filled)
+        filled[x.dst_rank].add(x.dst_slot)
+    return filled
 
 
-def _records_per_rank(plan: RebalancePlan, R: int) -> list[int]:
+def _records_per_rank(plan: RebalancePlan, R: int, filled: dict[int, set[int]]) -> list[int]:
     """Records of the layer's staging region on each rank (see :class:`_LayerPart`)."""
     n = [0] * R
     for m in plan.moves:
@@ -123,7 +123,6 @@ def _records_per_rank(plan: RebalancePlan, R: int) -> list[int]:
     for x in plan.relays:  # a copy of the read record to send, and the record received
         n[x.src_rank] += 1
         n[x.dst_rank] += 1
-    filled = _filled_slots(plan)
     for c in plan.post_copies:  # a source that keeps its expert is staged (_LayerPart.post_packs)
         n[c.rank] += c.src_slot not in filled[c.rank]
     return n
@@ -165,8 +164,9 @@ class JobPlan:
 
     def __init__(self, plans: list[RebalancePlan], rank: int, R: int, record_bytes: int) -> None:
         self.plans = plans
-        self.parts = [_LayerPart(p, rank) for p in plans]
-        self.need = [[n * record_bytes for n in _records_per_rank(p, R)] for p in plans]  # [L][R] bytes
+        filled = [_filled_slots(p) for p in plans]
+        self.parts = [_LayerPart(p, rank, f[rank]) for p, f in zip(plans, filled)]
+        self.need = [[n * record_bytes for n in _records_per_rank(p, R, f)] for p, f in zip(plans, filled)]  # [L][R]
         # layers in which no rank moves, reads or copies anything: they switch without a cost
         self.idle = [not (p.moves or p.disk_reads or p.post_copies) for p in plans]
         self.merged = merge_plans(plans)

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +55,9 @@ def _random(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tens
     return words.view(torch.uint8)[:nbytes].view(dtype).view(shape)
 
 
-def _parts(spec: ExpertSpec, names: dict[str, list[str] | str]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+def checkpoint_parts(
+    spec: ExpertSpec, names: dict[str, list[str] | str]
+) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """(template, shape, dtype) of each checkpoint tensor of one expert: a spec tensor named by a
     list of templates is stored as that many equal slices along dim 0 (gate and up -> w13)."""
     out = []
@@ -66,12 +68,18 @@ def _parts(spec: ExpertSpec, names: dict[str, list[str] | str]) -> list[tuple[st
     return out
 
 
-def _write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...], torch.dtype, int, bool]], progress) -> None:
-    """A safetensors file of random tensors (name, shape, dtype, seed, expert), each made and written in
-    turn; ``progress(nbytes)`` after each expert tensor."""
+def write_shard(
+    path: Path,
+    tensors: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+    data: Callable[[int], torch.Tensor],
+    written: Callable[[int, int], None] | None = None,
+) -> None:
+    """A safetensors file of ``tensors`` (name, shape, dtype), the bytes of tensor i made by
+    ``data(i)`` (a CPU tensor of that shape and dtype) and written in turn, so that a large shard
+    never stands in memory at once; ``written(i, nbytes)`` after each."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for name, shape, dtype, *_ in tensors:
+    for name, shape, dtype in tensors:
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -80,11 +88,23 @@ def _write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...], torch.dty
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for _, shape, dtype, seed, expert in tensors:
-            data = _random(shape, dtype, seed).view(-1).view(torch.uint8)
-            f.write(data.numpy())
-            if progress is not None and expert:
-                progress(data.numel())
+        for i in range(len(tensors)):
+            raw = data(i).reshape(-1).view(torch.uint8)
+            f.write(raw.numpy())
+            if written is not None:
+                written(i, raw.numel())
+
+
+def _write_random_shard(
+    path: Path, tensors: list[tuple[str, tuple[int, ...], torch.dtype, int, bool]], progress
+) -> None:
+    """A shard of random tensors (name, shape, dtype, seed, expert); ``progress(nbytes)`` after each expert tensor."""
+
+    def written(i: int, nbytes: int) -> None:
+        if progress is not None and tensors[i][4]:
+            progress(nbytes)
+
+    write_shard(path, [t[:3] for t in tensors], lambda i: _random(*tensors[i][1:4]), written)
 
 
 def write_synthetic_checkpoint(
@@ -103,7 +123,7 @@ def write_synthetic_checkpoint(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     layers = list(range(model.first_moe_layer, model.first_moe_layer + num_layers))
-    parts = _parts(spec, names)
+    parts = checkpoint_parts(spec, names)
     shards: list[list] = [[] for _ in range(num_shards)]
     files = [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
     shards[0].append(("model.embed_tokens.weight", (256, H), torch.bfloat16, 1, False))
@@ -115,7 +135,7 @@ def write_synthetic_checkpoint(
                 seed = (layer * 100_003 + e) * 16 + j
                 shard.append((template.format(layer=layer, expert=e), shape, dtype, seed, True))
     for f, tensors in zip(files, shards):
-        _write_shard(root / f, tensors, progress)
+        _write_random_shard(root / f, tensors, progress)
     weight_map = {t[0]: f for f, tensors in zip(files, shards) for t in tensors}
     total = num_layers * E * spec.nbytes
     (root / "model.safetensors.index.json").write_text(

@@ -393,10 +393,15 @@ def _direct_args(
     the address table, the records (any tensor for resident sums), the sums (for sums) and the
     index rows, then the plan's chunk table and constants."""
     res_t = plan.table if res is None else res.table
-    aligned = (res is None or res.alignment == 16) and slab_t.data_ptr() % 16 == 0
+    aligned = _aligned(res, slab_t)
     sums = plan.kernel is _checksum_kernel
     ptrs = (res_t.data_ptr(), slab_t.data_ptr(), *((out.data_ptr(),) if sums else ()))
     return aligned, (*ptrs, idx_ptr, plan.table_ptr, *plan.args[aligned])
+
+
+def _aligned(res: ResidentSlabs | None, slab_t: torch.Tensor) -> bool:
+    """Whether a launch may take the 16-byte-access kernel: every resident address and the records 16-aligned."""
+    return (res is None or res.alignment == 16) and slab_t.data_ptr() % 16 == 0
 
 
 def _direct(compiled: CompiledKernel, grid: int, stream: int, fixed: tuple) -> None:
@@ -812,9 +817,9 @@ class PreparedCopies:
         if device.type != "cuda" or launch_path(triton.__version__, device.type, False) != "direct":
             return
         buffer = _check_bytes("buffer", buffer, self.layout.spec, "PreparedCopies.compile", device)
+        aligned = _aligned(self.slabs, buffer)
         with _device_guard(device):
             for plan, _, n, _ in self._entries:
-                aligned, _ = _direct_args(plan, self.slabs, buffer, None, self._idx.data_ptr())
                 if n and aligned not in plan.compiled:
                     tensors = (self.slabs.table, _words(buffer, plan.dtype))
                     compiled = plan.kernel.warmup(

@@ -48,7 +48,6 @@ import json
 import math
 import os
 import shutil
-import struct
 import sys
 import tempfile
 import time
@@ -61,14 +60,13 @@ import torch.nn.functional as F
 import expert_store as es
 from expert_store.launch import run_ranks
 from expert_store.presets import NAMINGS
-from expert_store.safetensors_file import SAFETENSORS_DTYPES
 from expert_store.store import DEFAULT_STAGING_BYTES
+from expert_store.synthetic import checkpoint_parts, write_shard
 
 BLOCK = 128  # DeepSeek-V3's fp8 weight block
 TARGET_SWITCH_MS = 0.3  # inside step(), per DeepSeek-V3 layer switched (DESIGN section 6)
 TARGET_IDLE_MS = 0.05  # inside step() when nothing switches
 TARGET_SLOWDOWN = 1.10  # median step time during the job / before
-_ST_NAME = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 # ----------------------------------------------------------------------------- model sizes
@@ -162,36 +160,19 @@ class _LayerGen:
 
 
 def _ckpt_tensors(shape: Shape, layer: int) -> list[tuple[str, tuple[int, ...], torch.dtype, int, int]]:
-    """(name, shape, dtype, tensor index, expert) of checkpoint layer ``layer``'s expert tensors: a
-    spec tensor named by several templates is stored as that many slices along dim 0 (gate + up ->
-    w13)."""
-    out = []
-    names = shape.names()
-    for e in range(shape.E):
-        j = 0
-        for t in shape.spec().tensors:
-            templates = [names[t.name]] if isinstance(names[t.name], str) else list(names[t.name])
-            rows = t.shape[0] // len(templates)
-            for template in templates:
-                out.append((template.format(layer=layer, expert=e), (rows, *t.shape[1:]), t.dtype, j, e))
-                j += 1
-    return out
+    """(name, shape, dtype, tensor index, expert) of checkpoint layer ``layer``'s expert tensors (a
+    spec tensor named by several templates is stored as that many slices along dim 0: gate + up -> w13)."""
+    parts = checkpoint_parts(shape.spec(), shape.names())
+    return [
+        (template.format(layer=layer, expert=e), shp, dtype, j, e)
+        for e in range(shape.E)
+        for j, (template, shp, dtype) in enumerate(parts)
+    ]
 
 
 def _write_shard(path: Path, layer: int, tensors) -> None:
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shp, dtype, *_ in tensors:
-        n = math.prod(shp) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": _ST_NAME[dtype], "shape": list(shp), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
     gen = _LayerGen(layer)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for _, shp, dtype, j, e in tensors:
-            f.write(gen.tensor(j, e, shp, dtype).reshape(-1).view(torch.uint8).numpy())
+    write_shard(path, [t[:3] for t in tensors], lambda i: gen.tensor(*tensors[i][3:], *tensors[i][1:3]))
 
 
 def write_checkpoint(root: Path, shape: Shape) -> Path:

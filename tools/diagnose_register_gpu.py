@@ -28,12 +28,15 @@ import json
 import mmap
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from read_ceilings import run_threads
 
 READ_ONLY = 8  # cudaHostRegisterReadOnly
 MiB = 1 << 20
@@ -92,11 +95,7 @@ def preadv_path(path: Path, dst: torch.Tensor, threads: int, buf: int = 16 * MiB
 
     torch.cuda.synchronize()
     t = time.perf_counter()
-    ts = [threading.Thread(target=worker) for _ in range(threads)]
-    for th in ts:
-        th.start()
-    for th in ts:
-        th.join()
+    run_threads(lambda _: worker(), threads)
     torch.cuda.synchronize()
     os.close(fd)
     return _rate(size, time.perf_counter() - t)
@@ -153,11 +152,7 @@ def register_path(m: Mapped, dst: torch.Tensor, threads: int, chunk: int, lock_s
 
     torch.cuda.synchronize()
     t = time.perf_counter()
-    ts = [threading.Thread(target=worker) for _ in range(threads)]
-    for th in ts:
-        th.start()
-    for th in ts:
-        th.join()
+    run_threads(lambda _: worker(), threads)
     torch.cuda.synchronize()
     if errors:
         raise RuntimeError(errors[0])
